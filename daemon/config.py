@@ -1,0 +1,449 @@
+"""The YAML config: schema (pydantic), loading, validation with field-named problems.
+
+Every model forbids unknown keys so a typo (`setle: 2s`) is an error, not a silent
+default. Relative paths are resolved against the folder holding the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+
+DEFAULT_LOCATIONS = ("ingestd.yaml", "/etc/ingestd/config.yaml")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`2s`, `500ms`, `10m`, `1h`, `1d`, or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 2s, 10m or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise ValueError(f"must not be negative (got {value!r})")
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration; use e.g. 500ms, 2s, 10m, 1h or seconds")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError("expected a duration such as 2s, 10m or a number of seconds")
+    if seconds < 0:
+        raise ValueError(f"must not be negative (got {value!r})")
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"},
+            ],
+            "description": "a duration: 500ms, 2s, 10m, 1h, 1d or a number of seconds",
+        }
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MaxDelete:
+    """Largest deletion one pass may apply: a share of the watch's items, or a count."""
+
+    share: float | None = None
+    count: int | None = None
+
+    def allows(self, deletions: int, total: int) -> bool:
+        if deletions == 0:
+            return True
+        if self.count is not None:
+            return deletions <= self.count
+        assert self.share is not None
+        return total > 0 and deletions / total <= self.share
+
+    def __str__(self) -> str:
+        return f"{self.share * 100:g}%" if self.share is not None else str(self.count)
+
+
+def parse_max_delete(value: Any) -> MaxDelete:
+    if isinstance(value, MaxDelete):
+        return value
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage such as 50%") from None
+        if not 0 <= pct <= 100:
+            raise ValueError(f"must be between 0% and 100% (got {value!r})")
+        return MaxDelete(share=pct / 100)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return MaxDelete(count=value)
+    raise ValueError("use a share such as 50% or a number of items such as 100")
+
+
+MaxDeleteField = Annotated[
+    MaxDelete,
+    BeforeValidator(parse_max_delete),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\d+(\.\d+)?%$"},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "refuse a pass that would delete more than this share (50%) "
+            "or number (100) of the watch's items",
+        }
+    ),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class LogConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class LocalBackend(_Strict):
+    kind: Literal["local"]
+    path: Path = Path("var/datasets")
+
+    @field_validator("path", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path, info: ValidationInfo) -> Path:
+        return _resolve_path(v, info)
+
+
+Backend = LocalBackend
+AVAILABLE_BACKENDS = ("local",)
+
+
+class MetadataConfig(_Strict):
+    static: dict[str, Any] = Field(default_factory=dict)
+    path_pattern: str | None = Field(
+        default=None,
+        description='binds named folders of the relative path, e.g. "{camera}/{date}/*"',
+    )
+    sidecar: str | None = Field(
+        default=None, description='JSON beside the file: "{name}.json" or "{stem}.json"'
+    )
+
+    @field_validator("static")
+    @classmethod
+    def _static_scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            if not isinstance(key, str):
+                raise ValueError(f"key {key!r} must be a string")
+            if value is not None and not isinstance(value, str | int | float | bool):
+                raise ValueError(f"{key}: values must be strings, numbers or booleans")
+        return v
+
+    @field_validator("path_pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.startswith("/") or not v.strip():
+            raise ValueError("must be a relative pattern such as {camera}/{date}/*")
+        names = re.findall(r"\{([^{}]*)\}", v)
+        for n in names:
+            if not n.isidentifier():
+                raise ValueError(f"{{{n}}} is not a valid field name")
+        if len(names) != len(set(names)):
+            raise ValueError("a field name appears twice")
+        return v
+
+    @field_validator("sidecar")
+    @classmethod
+    def _sidecar(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "/" in v or not ("{name}" in v or "{stem}" in v):
+            raise ValueError(
+                'must name a file beside the item, e.g. "{name}.json" or "{stem}.json"'
+            )
+        rest = v.replace("{name}", "").replace("{stem}", "")
+        if "{" in rest or "}" in rest:
+            raise ValueError("only {name} and {stem} may be used")
+        return v
+
+
+_WATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_BUCKET_SCHEMES = ("s3://", "gs://", "az://", "abfs://", "gcs://")
+
+
+def _normalise_dataset_path(v: str) -> str:
+    if not v.startswith("/"):
+        v = "/" + v
+    parts = [p for p in v.split("/") if p]
+    for p in parts:
+        if p in (".", ".."):
+            raise ValueError("must not contain . or .. segments")
+    return "/" + "/".join(parts)
+
+
+class Watch(_Strict):
+    name: str = Field(description="unique; the key for status and reload diffs")
+    source: Path = Field(description="a local folder (relative to this file)")
+    dataset: str
+    path: str = "/"
+    preserve_folders: bool = True
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    follow_symlinks: bool = False
+    settle: Duration = 2.0
+    rescan: Duration = 600.0
+    on_delete: Literal["keep", "delete"] = "keep"
+    max_delete: MaxDeleteField = MaxDelete(share=0.5)
+    metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _WATCH_NAME.match(v):
+            raise ValueError(
+                "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _no_buckets(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.startswith(_BUCKET_SCHEMES):
+            raise ValueError(
+                f"{v!r}: bucket sources are not available in this version; use a local folder"
+            )
+        return v
+
+    @field_validator("source", mode="after")
+    @classmethod
+    def _source_exists(cls, v: Path, info: ValidationInfo) -> Path:
+        v = _resolve_path(v, info)
+        if not (info.context or {}).get("check_paths", True):
+            return v
+        if not v.exists():
+            raise ValueError(f"folder {v} does not exist; create it or fix the path")
+        if not v.is_dir():
+            raise ValueError(f"{v} is not a folder")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", "..") or "\x00" in v or len(v) > 128:
+            raise ValueError("must be a non-empty name without '/' (at most 128 characters)")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _normalise_dataset_path(v)
+
+    @field_validator("rescan")
+    @classmethod
+    def _rescan(cls, v: float) -> float:
+        if v < 1:
+            raise ValueError("must be at least 1s")
+        return v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p or p.strip() != p:
+                raise ValueError(f"{p!r} is not a usable pattern")
+        return v
+
+
+class Config(_Strict):
+    state_dir: Path = Path("var/state")
+    log: LogConfig = Field(default_factory=LogConfig)
+    workers: int = Field(default=8, ge=1, le=256)
+    backend: Backend = Field(default_factory=lambda: LocalBackend(kind="local"))
+    watches: list[Watch] = Field(default_factory=list)
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _state(cls, v: Path, info: ValidationInfo) -> Path:
+        return _resolve_path(v, info)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_kind(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            kind = v.get("kind")
+            if kind is None:
+                raise ValueError(f"needs a kind ({', '.join(AVAILABLE_BACKENDS)})")
+            if kind not in AVAILABLE_BACKENDS:
+                raise ValueError(
+                    f"kind {kind!r} is not available in this version "
+                    f"(available: {', '.join(AVAILABLE_BACKENDS)})"
+                )
+        return v
+
+    def watch(self, name: str) -> Watch:
+        for w in self.watches:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+
+def _resolve_path(v: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    v = Path(os.path.expanduser(v))
+    if not v.is_absolute() and base is not None:
+        v = Path(base) / v
+    return Path(os.path.normpath(v))
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    field: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.error}" if self.field else self.error
+
+
+class ConfigError(Exception):
+    def __init__(self, path: Path | None, problems: Sequence[Problem]) -> None:
+        self.path = path
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def find_config(explicit: str | None) -> Path:
+    """-c, then $INGESTD_CONFIG, then ./ingestd.yaml, then /etc/ingestd/config.yaml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("INGESTD_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_LOCATIONS:
+        if Path(candidate).exists():
+            return Path(candidate)
+    raise ConfigError(
+        None,
+        [
+            Problem(
+                "",
+                "no config file: pass -c FILE, set INGESTD_CONFIG, or create ./ingestd.yaml "
+                "or /etc/ingestd/config.yaml",
+            )
+        ],
+    )
+
+
+def _field_name(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before", "function-wrap") or "[" in part:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _problems(err: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    for e in err.errors(include_url=False):
+        field = _field_name(e["loc"])
+        msg = e["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `ingestd schema` lists the keys)"
+        elif e["type"] == "missing":
+            msg = "required"
+        problems.append(Problem(field, msg))
+    return problems
+
+
+def parse_config(data: Any, base_dir: Path, *, check_paths: bool = True) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(None, [Problem("", "the config must be a mapping of keys to values")])
+    problems = _duplicate_names(data.get("watches"))
+    try:
+        config = Config.model_validate(
+            data, context={"base_dir": base_dir, "check_paths": check_paths}
+        )
+    except ValidationError as e:
+        problems = _problems(e) + problems
+    if problems:
+        raise ConfigError(None, problems)
+    return config
+
+
+def _duplicate_names(watches: Any) -> list[Problem]:
+    # Checked on the raw list so a duplicate is reported even when other fields fail.
+    if not isinstance(watches, list):
+        return []
+    seen: dict[str, int] = {}
+    problems = []
+    for i, w in enumerate(watches):
+        name = w.get("name") if isinstance(w, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in seen:
+            problems.append(
+                Problem(f"watches[{i}].name", f"{name!r} is already used by watches[{seen[name]}]")
+            )
+        seen.setdefault(name, i)
+    return problems
+
+
+def load_config(path: Path, *, check_paths: bool = True) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, [Problem("", f"{path}: no such file")]) from None
+    except OSError as e:
+        raise ConfigError(path, [Problem("", f"{path}: cannot read: {e.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, [Problem("", f"{where}: YAML syntax error: {problem}")]) from None
+    try:
+        return parse_config(data, path.resolve().parent, check_paths=check_paths)
+    except ConfigError as e:
+        raise ConfigError(path, e.problems) from None
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Config.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ingestd config"
+    return schema

@@ -1,0 +1,28 @@
+"""Failure kinds that cross layers: the sync step decides what to do by their class."""
+
+from __future__ import annotations
+
+
+class SyncError(Exception):
+    """Base of errors a sink or the prepare step raises about one item."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RetriableError(SyncError):
+    """Try again later: network trouble, 429, 5xx, a busy disk."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class PermanentError(SyncError):
+    """Will fail the same way until the input changes or an operator runs `ingestd retry`."""
+
+
+class SourceChangedError(SyncError):
+    """The file changed while it was read: the half-read version is discarded and the
+    item waits for the file to settle again. Not counted as a failed attempt."""

@@ -1,0 +1,180 @@
+"""The shared vocabulary: entries a source reports and the items a plan produces.
+
+This module sits at the bottom of the import graph (it imports nothing from the
+package) so that sources, plan, ledger, sync and sinks can all speak the same types
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SlotType = Literal["image", "video", "frames", "dicom", "file"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One file as a source reports it. `relpath` uses `/` and is relative to the watch root."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def name(self) -> str:
+        return self.relpath.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> str:
+        """The folder holding the entry, relative to the watch root ('' for the root)."""
+        return self.relpath.rsplit("/", 1)[0] if "/" in self.relpath else ""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedFile:
+    """A source file that a slot is made of: where to read it and what it looked like."""
+
+    name: str  # the file name shown in the dataset
+    relpath: str  # source path relative to the watch root
+    size: int
+    mtime_ns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "relpath": self.relpath,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlannedFile:
+        return cls(d["name"], d["relpath"], int(d["size"]), int(d["mtime_ns"]))
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSlot:
+    name: str
+    type: SlotType
+    files: tuple[PlannedFile, ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. fps hints, timestamps
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "files": [f.to_json() for f in self.files],
+        }
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlannedSlot:
+        return cls(
+            d["name"],
+            d["type"],
+            tuple(PlannedFile.from_json(f) for f in d["files"]),
+            dict(d.get("extra") or {}),
+        )
+
+
+def item_key(path: str, name: str) -> str:
+    """The dataset-wide identity of an item: its folder joined with its name."""
+    return f"{path.rstrip('/')}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPlan:
+    """What a set of entries should become in the dataset (the output of plan/)."""
+
+    source_id: str  # what the watch tracks this item by: the file's or the group folder's relpath
+    path: str  # folder inside the dataset, always starting with '/'
+    name: str
+    slots: tuple[PlannedSlot, ...]
+    metadata: dict[str, Any]
+    fingerprint: str  # changes whenever any input of the item changes
+
+    @property
+    def key(self) -> str:
+        return item_key(self.path, self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source_id": self.source_id,
+            "path": self.path,
+            "name": self.name,
+            "slots": [s.to_json() for s in self.slots],
+            "metadata": self.metadata,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ItemPlan:
+        return cls(
+            d["source_id"],
+            d["path"],
+            d["name"],
+            tuple(PlannedSlot.from_json(s) for s in d["slots"]),
+            dict(d["metadata"]),
+            d["fingerprint"],
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+# --- what a sink receives -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FilePayload:
+    """One file of a slot, ready to send: a local path to (re)open on every attempt."""
+
+    name: str
+    local_path: str  # absolute path; the sink opens it itself, once per attempt
+    size: int
+    digest: str  # "sha256:<hex>" of the content as hashed by the prepare step
+
+    def manifest(self) -> dict[str, Any]:
+        return {"name": self.name, "digest": self.digest, "size": self.size}
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPayload:
+    name: str
+    type: SlotType
+    files: tuple[FilePayload, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def manifest(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "files": [f.manifest() for f in self.files],
+        }
+        d.update(self.extra)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPayload:
+    path: str
+    name: str
+    slots: tuple[SlotPayload, ...]
+    metadata: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return item_key(self.path, self.name)
+
+    def manifest(self) -> dict[str, Any]:
+        """The content identity of the item: equal manifests mean nothing to send."""
+        return {
+            "path": self.path,
+            "name": self.name,
+            "slots": [s.manifest() for s in self.slots],
+            "metadata": self.metadata,
+        }

@@ -1,0 +1,45 @@
+"""The sink interface: what the sync step needs from any backend.
+
+Kept deliberately narrow (httpx-transport style): ensure a dataset exists, put an item,
+delete an item, close. Optional abilities are declared in `Capabilities` so the sync
+step can test for them instead of guessing (rclone-backend style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from daemon.model import ItemPayload
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    remote_urls: bool = False  # can register an object URL without moving bytes
+    metadata_update: bool = False  # can change metadata without re-sending slots
+    delete: bool = False  # can delete an item
+    video_fps: bool = False  # takes a video with an fps hint and samples it itself
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    backend_id: str  # the backend's identity for the item (for later deletes/lookups)
+    version: int  # the backend's version of the item after the put (1 when created)
+    changed: bool  # False when the backend already held exactly this item
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """One backend. Implementations raise daemon.errors.RetriableError for transient
+    trouble, PermanentError when the backend rejects the item, and SourceChangedError
+    when a file's bytes did not match the digest the prepare step computed."""
+
+    capabilities: Capabilities
+
+    async def ensure_dataset(self, dataset: str) -> None: ...
+
+    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult: ...
+
+    async def delete_item(self, dataset: str, path: str, name: str) -> None: ...
+
+    async def close(self) -> None: ...
