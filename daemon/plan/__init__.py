@@ -1,0 +1,7 @@
+"""Entries → item plans. Pure functions of the entries and the watch's rules: no I/O,
+no clock, no logging, so every rule can be tested exhaustively.
+
+- layout.py: one file → one item (dataset folder, name, slot, fingerprint)
+- metadata.py: static values, path-pattern fields, sidecars, type consistency
+- fingerprint.py: the canonical digest of a plan
+"""

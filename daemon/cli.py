@@ -1,0 +1,237 @@
+"""Command line: argument parsing only; the work happens in app, ledger and store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from daemon.config import Config, ConfigError, find_config, json_schema, load_config
+from daemon.ledger import LEDGER_FILE, Ledger
+from daemon.service import AlreadyRunning, running_pid
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $INGESTD_CONFIG, ./ingestd.yaml, /etc/ingestd/config.yaml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingestd",
+        description="Keep labeling-platform datasets in step with drop folders.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _config_arg(p)
+    p = sub.add_parser("sync", help="one pass: scan every watch and sync everything")
+    _config_arg(p)
+    p.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
+    p = sub.add_parser("check", help="validate the config")
+    _config_arg(p)
+    sub.add_parser("schema", help="print the config's JSON Schema")
+    p = sub.add_parser("status", help="per watch: synced, pending, failed, last errors")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("items", help="list a dataset's items in the configured store")
+    p.add_argument("dataset")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("retry", help="queue failed items again")
+    _config_arg(p)
+    p.add_argument("watch", nargs="?")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        where = f"{e.path}: " if e.path else ""
+        for problem in e.problems:
+            print(f"{where}{problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AlreadyRunning as e:
+        pid = f" (pid {e.pid})" if e.pid else ""
+        print(f"ingestd is already running on this state_dir{pid}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace, *, check_paths: bool = True) -> tuple[Config, Path]:
+    path = find_config(args.config)
+    return load_config(path, check_paths=check_paths), path
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    if cmd == "check":
+        config, path = _load(args)
+        print(f"{path}: ok ({len(config.watches)} watches, backend {config.backend.kind})")
+        return EXIT_OK
+    if cmd == "run":
+        return _run(args)
+    if cmd == "sync":
+        return _sync(args)
+    if cmd == "status":
+        return _status(args)
+    if cmd == "items":
+        return _items(args)
+    if cmd == "retry":
+        return _retry(args)
+    raise AssertionError(cmd)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from daemon import logs
+    from daemon.app import App
+
+    config, path = _load(args)
+    logs.setup(config.log.level, config.log.format)
+    return asyncio.run(App(config, path).run())
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from daemon import logs
+    from daemon.app import App, Progress
+
+    config, path = _load(args)
+    logs.setup(config.log.level, config.log.format)
+    app = App(config, path)
+    if args.dry_run:
+        lines = asyncio.run(app.dry_run())
+        for line in lines:
+            print(line)
+        if not lines:
+            print("nothing to do")
+        return EXIT_OK
+    return asyncio.run(app.sync_once(Progress(tty=sys.stderr.isatty())))
+
+
+def _status_data(config: Config, path: Path) -> dict[str, Any]:
+    pid = running_pid(config.state_dir)
+    ledger_path = config.state_dir / LEDGER_FILE
+    watches = []
+    if ledger_path.exists():
+        ledger = Ledger(config.state_dir, readonly=True)
+        try:
+            counts = ledger.counts()
+            problems = ledger.watch_problems()
+            for w in config.watches:
+                c = counts.get(w.name)
+                watches.append(
+                    {
+                        "name": w.name,
+                        "dataset": w.dataset,
+                        "synced": c.synced if c else 0,
+                        "pending": c.pending if c else 0,
+                        "failed": c.failed if c else 0,
+                        "last_errors": ledger.last_errors(w.name),
+                        "problem": problems.get(w.name),
+                    }
+                )
+        finally:
+            ledger.close()
+    else:
+        watches = [
+            {
+                "name": w.name,
+                "dataset": w.dataset,
+                "synced": 0,
+                "pending": 0,
+                "failed": 0,
+                "last_errors": [],
+                "problem": None,
+            }
+            for w in config.watches
+        ]
+    return {
+        "daemon": {"running": pid is not None, "pid": pid},
+        "config": {"path": str(path), "rejected": []},
+        "watches": watches,
+    }
+
+
+def _status(args: argparse.Namespace) -> int:
+    config, path = _load(args, check_paths=False)
+    data = _status_data(config, path)
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    d = data["daemon"]
+    print("daemon: " + (f"running (pid {d['pid']})" if d["running"] else "not running"))
+    print(f"config: {data['config']['path']}")
+    for w in data["watches"]:
+        print(
+            f"{w['name']} → {w['dataset']}: {w['synced']} synced, {w['pending']} pending, "
+            f"{w['failed']} failed"
+        )
+        if w["problem"]:
+            print(f"  problem: {w['problem']}")
+        for e in w["last_errors"]:
+            print(f"  {e['item']!r}: {e['error']}")
+    return EXIT_OK
+
+
+def _items(args: argparse.Namespace) -> int:
+    from daemon.store.catalog import Catalog
+
+    config, _ = _load(args, check_paths=False)
+    catalog_path = Path(config.backend.path) / "catalog.sqlite"
+    items: list[dict[str, Any]] = []
+    if catalog_path.exists():
+        catalog = Catalog(catalog_path)
+        try:
+            items = catalog.list_items(args.dataset)
+        finally:
+            catalog.close()
+    if args.json:
+        print(json.dumps(items, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for it in items:
+        files = sum(len(s["files"]) for s in it["slots"])
+        print(f"{it['key']}\tv{it['version']}\t{len(it['slots'])} slots, {files} files")
+    if not items:
+        print(f"no items in dataset {args.dataset!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    config, _ = _load(args, check_paths=False)
+    if args.watch is not None and args.watch not in {w.name for w in config.watches}:
+        names = ", ".join(w.name for w in config.watches)
+        print(f"no watch named {args.watch!r} (watches: {names})", file=sys.stderr)
+        return EXIT_CONFIG
+    if not (config.state_dir / LEDGER_FILE).exists():
+        print("nothing to retry (no ledger yet)")
+        return EXIT_OK
+    ledger = Ledger(config.state_dir)
+    try:
+        n = ledger.retry(args.watch)
+    finally:
+        ledger.close()
+    print(f"queued {n} failed items again")
+    pid = running_pid(config.state_dir)
+    if pid is not None:
+        # The daemon polls the ledger anyway; the signal makes it re-plan failed files now.
+        os.kill(pid, signal.SIGUSR1)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

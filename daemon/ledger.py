@@ -1,0 +1,662 @@
+"""The durable sync state: what each item should be, what was last synced, what failed.
+
+One SQLite file in WAL mode under `state_dir`. After a crash the ledger alone says what
+still needs doing: an item is `pending` until a sink has confirmed it, and nothing
+about progress lives only in memory.
+
+Writes are group-committed: the daemon funnels every write through `AsyncLedger`,
+which runs them on one thread and commits whatever queued up while the previous
+transaction ran as a single transaction. WAL with synchronous=NORMAL survives a
+process crash (SIGKILL) without losing committed transactions; a power cut can lose
+the last few, which only means redoing a few idempotent uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon.model import Entry, ItemPlan
+
+T = TypeVar("T")
+
+LEDGER_FILE = "ledger.sqlite"
+
+# status values
+PENDING = "pending"
+SYNCED = "synced"
+FAILED = "failed"
+DELETED = "deleted"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    watch TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    key TEXT NOT NULL,
+    plan TEXT,
+    desired_fp TEXT,
+    synced_fp TEXT,
+    synced_manifest TEXT,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    error_kind TEXT,
+    backend_id TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (watch, source_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_due ON items(status, next_attempt);
+CREATE INDEX IF NOT EXISTS items_key ON items(dataset, key);
+CREATE TABLE IF NOT EXISTS entries (
+    watch TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    PRIMARY KEY (watch, relpath)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_parent ON entries(watch, parent);
+CREATE TABLE IF NOT EXISTS meta_types (
+    dataset TEXT NOT NULL,
+    key TEXT NOT NULL,
+    type TEXT NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (dataset, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watch_state (
+    watch TEXT PRIMARY KEY,
+    problem TEXT,
+    updated_at REAL NOT NULL
+);
+"""
+
+# entry roles
+ITEM = "item"
+SIDECAR = "sidecar"
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False
+        )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A due item handed to a sync worker."""
+
+    watch: str
+    source_id: str
+    dataset: str
+    key: str
+    plan: ItemPlan | None  # None: the item should no longer exist (delete it)
+    desired_fp: str | None
+    synced_manifest: dict[str, Any] | None
+    attempts: int
+    backend_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchCounts:
+    synced: int = 0
+    pending: int = 0
+    failed: int = 0
+    deleted: int = 0
+
+
+ConflictCheck = Callable[[Mapping[str, Any], Mapping[str, tuple[str, str]]], list[str]]
+TypeOf = Callable[[Any], str | None]
+
+
+class Ledger:
+    """Synchronous ledger operations over one connection. Not thread-safe by itself:
+    the daemon drives it through AsyncLedger's single thread; CLI commands use it
+    directly in their own process."""
+
+    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
+        self.path = Path(state_dir) / LEDGER_FILE
+        self.conn = connect(self.path, readonly=readonly)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions -------------------------------------------------------------------
+
+    def transaction(self, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        """Run ops in one transaction; one op's exception is returned, not raised, so a
+        bad op cannot roll back the others' work."""
+        results: list[Any] = []
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                self.conn.execute("SAVEPOINT op")
+                try:
+                    results.append(op(self.conn))
+                    self.conn.execute("RELEASE op")
+                except Exception as e:
+                    self.conn.execute("ROLLBACK TO op")
+                    self.conn.execute("RELEASE op")
+                    results.append(_Failed(e))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return results
+
+    # -- reads --------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, WatchCounts]:
+        out: dict[str, dict[str, int]] = {}
+        for watch, status, n in self.conn.execute(
+            "SELECT watch, status, count(*) FROM items GROUP BY watch, status"
+        ):
+            out.setdefault(watch, {})[status] = n
+        return {w: WatchCounts(**c) for w, c in out.items()}
+
+    def last_errors(self, watch: str, limit: int = 10) -> list[dict[str, str]]:
+        rows = self.conn.execute(
+            "SELECT key, source_id, last_error FROM items WHERE watch=? AND last_error IS NOT NULL"
+            " AND status IN ('failed', 'pending') ORDER BY status='pending', updated_at DESC"
+            " LIMIT ?",
+            (watch, limit),
+        )
+        return [{"item": key or source_id, "error": err} for key, source_id, err in rows]
+
+    def watch_problems(self) -> dict[str, str]:
+        return dict(
+            self.conn.execute("SELECT watch, problem FROM watch_state WHERE problem IS NOT NULL")
+        )
+
+    def live_count(self, watch: str) -> int:
+        (n,) = self.conn.execute(
+            "SELECT count(*) FROM items WHERE watch=? AND status != 'deleted'", (watch,)
+        ).fetchone()
+        return int(n)
+
+    def known_items(self, watch: str, relpaths: Sequence[str]) -> list[str]:
+        """Those relpaths that are the source files of items."""
+        out: list[str] = []
+        for i in range(0, len(relpaths), 500):
+            chunk = relpaths[i : i + 500]
+            out += [
+                r
+                for (r,) in self.conn.execute(
+                    "SELECT relpath FROM entries WHERE watch=? AND role='item' AND relpath IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    (watch, *chunk),
+                )
+            ]
+        return out
+
+    def entry(self, watch: str, relpath: str) -> tuple[Entry, str] | None:
+        row = self.conn.execute(
+            "SELECT size, mtime_ns, role FROM entries WHERE watch=? AND relpath=?", (watch, relpath)
+        ).fetchone()
+        return (Entry(relpath, row[0], row[1]), row[2]) if row else None
+
+    def sibling_entries(self, watch: str, parent: str) -> list[tuple[Entry, str]]:
+        return [
+            (Entry(r, s, m), role)
+            for r, s, m, role in self.conn.execute(
+                "SELECT relpath, size, mtime_ns, role FROM entries WHERE watch=? AND parent=?",
+                (watch, parent),
+            )
+        ]
+
+    def item_row(self, watch: str, source_id: str) -> dict[str, Any] | None:
+        cur = self.conn.execute(
+            "SELECT * FROM items WHERE watch=? AND source_id=?", (watch, source_id)
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def due(self, now: float, limit: int, exclude: Iterable[tuple[str, str]] = ()) -> list[Claim]:
+        """Pending items whose next attempt is due, oldest first."""
+        skip = set(exclude)
+        out: list[Claim] = []
+        cur = self.conn.execute(
+            "SELECT watch, source_id, dataset, key, plan, desired_fp, synced_manifest, attempts,"
+            " backend_id FROM items WHERE status='pending' AND next_attempt <= ?"
+            " ORDER BY next_attempt LIMIT ?",
+            (now, limit + len(skip)),
+        )
+        for w, sid, ds, key, plan, dfp, sm, att, bid in cur:
+            if (w, sid) in skip:
+                continue
+            out.append(
+                Claim(
+                    w,
+                    sid,
+                    ds,
+                    key,
+                    ItemPlan.from_json(json.loads(plan)) if plan else None,
+                    dfp,
+                    json.loads(sm) if sm else None,
+                    att,
+                    bid,
+                )
+            )
+            if len(out) >= limit:
+                break
+        return out
+
+    def next_due_time(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT min(next_attempt) FROM items WHERE status='pending'"
+        ).fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    def key_owner(
+        self, dataset: str, key: str, watch: str, source_id: str
+    ) -> tuple[str, str] | None:
+        """Another live item that already holds this dataset key, if any."""
+        row = self.conn.execute(
+            "SELECT watch, source_id FROM items WHERE dataset=? AND key=? AND status != 'deleted'"
+            " AND coalesce(error_kind, '') != 'conflict' AND NOT (watch=? AND source_id=?)"
+            " LIMIT 1",
+            (dataset, key, watch, source_id),
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    # -- writes (each is an op for transaction(); also callable directly) -------------------
+
+    @staticmethod
+    def op_apply_plan(
+        watch: str,
+        dataset: str,
+        plan: ItemPlan,
+        entries: Sequence[tuple[Entry, str]],
+        check_types: ConflictCheck,
+        type_of: TypeOf,
+        now: float,
+    ) -> Callable[[sqlite3.Connection], str]:
+        """Record what an item should now be. Returns 'unchanged', 'pending' or 'failed'."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            _put_entries(conn, watch, entries)
+            row = conn.execute(
+                "SELECT desired_fp, status, error_kind FROM items WHERE watch=? AND source_id=?",
+                (watch, plan.source_id),
+            ).fetchone()
+            if row and row[0] == plan.fingerprint and row[1] != DELETED:
+                return "unchanged"
+            error, kind = _plan_problem(conn, watch, dataset, plan, check_types, type_of)
+            status = FAILED if error else PENDING
+            conn.execute(
+                "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
+                " attempts, next_attempt, last_error, error_kind, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+                " ON CONFLICT (watch, source_id) DO UPDATE SET dataset=excluded.dataset,"
+                " key=excluded.key, plan=excluded.plan, desired_fp=excluded.desired_fp,"
+                " status=excluded.status, attempts=0, next_attempt=excluded.next_attempt,"
+                " last_error=excluded.last_error, error_kind=excluded.error_kind,"
+                " updated_at=excluded.updated_at",
+                (
+                    watch,
+                    plan.source_id,
+                    dataset,
+                    plan.key,
+                    plan.dumps(),
+                    plan.fingerprint,
+                    status,
+                    now,
+                    error,
+                    kind,
+                    now,
+                ),
+            )
+            return status
+
+        return op
+
+    @staticmethod
+    def op_plan_failed(
+        watch: str,
+        dataset: str,
+        source_id: str,
+        key: str,
+        fingerprint: str,
+        entries: Sequence[tuple[Entry, str]],
+        reason: str,
+        now: float,
+    ) -> Callable[[sqlite3.Connection], str]:
+        """The files could not be turned into an item (bad sidecar, unreadable header)."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            _put_entries(conn, watch, entries)
+            conn.execute(
+                "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
+                " attempts, next_attempt, last_error, error_kind, updated_at)"
+                " VALUES (?, ?, ?, ?, NULL, ?, 'failed', 1, ?, ?, 'plan', ?)"
+                " ON CONFLICT (watch, source_id) DO UPDATE SET key=excluded.key,"
+                " desired_fp=excluded.desired_fp, status='failed', attempts=attempts+1,"
+                " last_error=excluded.last_error, error_kind='plan', updated_at=excluded.updated_at",
+                (watch, source_id, dataset, key, fingerprint, now, reason, now),
+            )
+            return FAILED
+
+        return op
+
+    @staticmethod
+    def op_put_entries(
+        watch: str, entries: Sequence[tuple[Entry, str]]
+    ) -> Callable[[sqlite3.Connection], None]:
+        return lambda conn: _put_entries(conn, watch, entries)
+
+    @staticmethod
+    def op_gone(
+        watch: str, relpaths: Sequence[str], on_delete: str, now: float
+    ) -> Callable[[sqlite3.Connection], list[str]]:
+        """Files that left the source. Items they were the source of become deleted
+        (on_delete: keep) or pending a delete (on_delete: delete). Returns those
+        relpaths that were sidecars, so their targets can be re-planned."""
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            sidecars = []
+            for relpath in relpaths:
+                row = conn.execute(
+                    "DELETE FROM entries WHERE watch=? AND relpath=? RETURNING role",
+                    (watch, relpath),
+                ).fetchone()
+                if row and row[0] == SIDECAR:
+                    sidecars.append(relpath)
+                    continue
+                if on_delete == "delete":
+                    conn.execute(
+                        "UPDATE items SET plan=NULL, desired_fp=NULL,"
+                        " status=CASE WHEN synced_manifest IS NULL THEN 'deleted' ELSE 'pending' END,"
+                        " attempts=0, next_attempt=?, last_error=NULL, error_kind=NULL, updated_at=?"
+                        " WHERE watch=? AND source_id=? AND status != 'deleted'",
+                        (now, now, watch, relpath),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE items SET plan=NULL, desired_fp=NULL, status='deleted',"
+                        " last_error=NULL, error_kind=NULL, updated_at=?"
+                        " WHERE watch=? AND source_id=?",
+                        (now, watch, relpath),
+                    )
+            return sidecars
+
+        return op
+
+    @staticmethod
+    def op_synced(
+        claim: Claim, manifest: dict[str, Any] | None, backend_id: str | None, now: float
+    ) -> Callable[[sqlite3.Connection], None]:
+        """The sink confirmed the claimed state. If the desired state moved on meanwhile,
+        the item stays pending for another round."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE items SET synced_fp=?, synced_manifest=?, backend_id=?, attempts=0,"
+                " last_error=NULL, error_kind=NULL, updated_at=?,"
+                " status=CASE WHEN desired_fp IS ? THEN"
+                "   (CASE WHEN ? IS NULL THEN 'deleted' ELSE 'synced' END)"
+                " ELSE 'pending' END"
+                " WHERE watch=? AND source_id=?",
+                (
+                    claim.desired_fp,
+                    json.dumps(manifest, sort_keys=True) if manifest is not None else None,
+                    backend_id,
+                    now,
+                    claim.desired_fp,
+                    claim.desired_fp,
+                    claim.watch,
+                    claim.source_id,
+                ),
+            )
+
+        return op
+
+    @staticmethod
+    def op_retry_later(
+        claim: Claim, reason: str | None, at: float, *, count_attempt: bool, now: float
+    ) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE items SET attempts=attempts+?, next_attempt=?, last_error=?,"
+                " error_kind=?, updated_at=? WHERE watch=? AND source_id=? AND status='pending'",
+                (
+                    1 if count_attempt else 0,
+                    at,
+                    reason,
+                    "retry" if reason else None,
+                    now,
+                    claim.watch,
+                    claim.source_id,
+                ),
+            )
+
+        return op
+
+    @staticmethod
+    def op_failed(
+        claim: Claim, reason: str, kind: str, now: float
+    ) -> Callable[[sqlite3.Connection], None]:
+        """Permanent failure of exactly the claimed state; a newer plan stays pending."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE items SET status='failed', attempts=attempts+1, last_error=?,"
+                " error_kind=?, updated_at=? WHERE watch=? AND source_id=? AND desired_fp IS ?",
+                (reason, kind, now, claim.watch, claim.source_id, claim.desired_fp),
+            )
+
+        return op
+
+    @staticmethod
+    def op_set_problem(
+        watch: str, problem: str | None, now: float
+    ) -> Callable[[sqlite3.Connection], bool]:
+        """Watch-level trouble (source folder missing, deletion refused). Returns whether
+        it changed, so callers log once per change rather than once per pass."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT problem FROM watch_state WHERE watch=?", (watch,)).fetchone()
+            if row is not None and row[0] == problem:
+                return False
+            if row is None and problem is None:
+                return False
+            conn.execute(
+                "INSERT INTO watch_state (watch, problem, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (watch) DO UPDATE SET problem=excluded.problem,"
+                " updated_at=excluded.updated_at",
+                (watch, problem, now),
+            )
+            return True
+
+        return op
+
+    def retry(self, watch: str | None = None, now: float | None = None) -> int:
+        """Queue failed items again (ingestd retry). Items that failed before they had a
+        plan (a bad sidecar, say) are forgotten with their entries, so the next scan plans
+        them afresh from the files."""
+        now = time.time() if now is None else now
+        where = "status='failed'" + (" AND watch=?" if watch else "")
+        args: tuple[Any, ...] = (watch,) if watch else ()
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute(
+                "DELETE FROM entries WHERE (watch, relpath) IN"
+                f" (SELECT watch, source_id FROM items WHERE {where} AND plan IS NULL)",
+                args,
+            )
+            n = self.conn.execute(
+                f"DELETE FROM items WHERE {where} AND plan IS NULL", args
+            ).rowcount
+            n += self.conn.execute(
+                "UPDATE items SET status='pending', attempts=0, next_attempt=?, error_kind=NULL,"
+                f" updated_at=? WHERE {where} AND plan IS NOT NULL",
+                (now, now, *args),
+            ).rowcount
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return n
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _put_entries(
+    conn: sqlite3.Connection, watch: str, entries: Sequence[tuple[Entry, str]]
+) -> None:
+    conn.executemany(
+        "INSERT INTO entries (watch, relpath, parent, size, mtime_ns, role) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (watch, relpath) DO UPDATE SET size=excluded.size,"
+        " mtime_ns=excluded.mtime_ns, role=excluded.role",
+        [(watch, e.relpath, e.parent, e.size, e.mtime_ns, role) for e, role in entries],
+    )
+
+
+def _plan_problem(
+    conn: sqlite3.Connection,
+    watch: str,
+    dataset: str,
+    plan: ItemPlan,
+    check_types: ConflictCheck,
+    type_of: TypeOf,
+) -> tuple[str | None, str | None]:
+    owner = conn.execute(
+        "SELECT watch, source_id FROM items WHERE dataset=? AND key=? AND status != 'deleted'"
+        " AND coalesce(error_kind, '') != 'conflict' AND NOT (watch=? AND source_id=?) LIMIT 1",
+        (dataset, plan.key, watch, plan.source_id),
+    ).fetchone()
+    if owner:
+        return key_conflict_reason(plan.key, plan.source_id, owner), "conflict"
+    keys = list(plan.metadata)
+    if keys:
+        known: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            known.update(
+                (k, (t, item))
+                for k, t, item in conn.execute(
+                    "SELECT key, type, item FROM meta_types WHERE dataset=? AND key IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    (dataset, *chunk),
+                )
+                # an item may change the type of a key only it has set so far
+                if item != plan.key
+            )
+        conflicts = check_types(plan.metadata, known)
+        if conflicts:
+            return "; ".join(conflicts), "metadata"
+        conn.executemany(
+            "INSERT INTO meta_types (dataset, key, type, item) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (dataset, key) DO UPDATE SET type=excluded.type"
+            " WHERE meta_types.item = excluded.item",
+            [
+                (dataset, k, t, plan.key)
+                for k, v in plan.metadata.items()
+                if (t := type_of(v)) is not None
+            ],
+        )
+    return None, None
+
+
+def key_conflict_reason(key: str, source_id: str, owner: tuple[str, str]) -> str:
+    return (
+        f"{source_id}: item key {key} is already taken by {owner[1]} (watch {owner[0]}); "
+        "file names must be unique within a dataset folder: rename one of the files, or set "
+        "preserve_folders: true to keep sub-folders apart"
+    )
+
+
+class AsyncLedger:
+    """The daemon's view of the ledger: every call runs on one dedicated thread, and
+    writes submitted while a transaction runs are committed together in the next one."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self._ledger: Ledger | None = None
+        self._state_dir = state_dir
+        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ledger = await loop.run_in_executor(self._executor, Ledger, self._state_dir)
+
+    @property
+    def sync(self) -> Ledger:
+        assert self._ledger is not None, "ledger not opened"
+        return self._ledger
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read (or a non-batched write) on the ledger thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._batch.append((op, fut))
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = loop.create_task(self._flush())
+        return await fut
+
+    async def write_many(self, ops: Sequence[Callable[[sqlite3.Connection], T]]) -> list[T]:
+        return list(await asyncio.gather(*(self.write(op) for op in ops)))
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._batch:
+                batch, self._batch = self._batch, []
+                try:
+                    results = await loop.run_in_executor(
+                        self._executor, self.sync.transaction, [op for op, _ in batch]
+                    )
+                except BaseException as e:  # the whole commit failed (disk full, ...)
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e if isinstance(e, Exception) else RuntimeError(e))
+                    if not isinstance(e, Exception):
+                        raise
+                    continue
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(result, _Failed):
+                        fut.set_exception(result.error)
+                    else:
+                        fut.set_result(result)
+        finally:
+            self._flushing = False
+
+    async def close(self) -> None:
+        while self._flushing or self._batch:
+            await asyncio.sleep(0.01)
+        if self._ledger is not None:
+            await self.call(self._ledger.close)
+        self._executor.shutdown(wait=True)

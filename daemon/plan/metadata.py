@@ -1,0 +1,311 @@
+"""Item metadata: static values, fields bound from the path, and JSON sidecars.
+
+Pure: the caller reads sidecar files and hands their bytes or parsed content in.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Sidecar",
+    "bind_path_pattern",
+    "build_metadata",
+    "compile_path_pattern",
+    "is_sidecar_name",
+    "parse_sidecar",
+    "sidecar_name",
+    "sidecar_targets",
+    "stem",
+    "type_conflicts",
+    "value_type",
+]
+
+# --- path patterns ------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\{([^{}]*)\}|\*+|[{}]|[^{}*]+")
+
+
+@functools.lru_cache(maxsize=256)
+def compile_path_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile a metadata path pattern such as `{camera}/{date}/*`; ValueError when it
+    is malformed. Cached: the same few patterns are applied to every file.
+
+    Segments are separated by `/` and matched against the whole relative path:
+
+    - `{field}` binds a whole segment, or part of one next to literals
+      (`cam-{camera}`, `{date}_{seq}.jpg`); it never binds an empty string.
+    - `*` matches a segment or part of one; `**` (a whole segment) matches zero or more
+      segments, or one or more when it ends the pattern (as `a/**` in .gitignore).
+    - Anything else is literal.
+
+    When a segment is ambiguous (`{date}_{seq}` against `2024_05_01`), fields and `*`
+    take as little as possible from left to right, so the last one takes the rest
+    (`date=2024`, `seq=05_01`), the convention of the `parse` library.
+    """
+    if not pattern or not pattern.strip():
+        raise ValueError("the path pattern is empty")
+    if pattern.startswith("/"):
+        raise ValueError(
+            f"{pattern!r}: must be relative to the watch root, such as {{camera}}/{{date}}/*"
+        )
+    segments = pattern.split("/")
+    if "" in segments:
+        raise ValueError(f"{pattern!r}: has an empty segment (// or a trailing /)")
+    # Collapse `**/**`: same meaning, less backtracking.
+    collapsed: list[str] = []
+    for seg in segments:
+        if not (seg == "**" and collapsed and collapsed[-1] == "**"):
+            collapsed.append(seg)
+    seen: set[str] = set()
+    parts: list[str] = []
+    last = len(collapsed) - 1
+    for k, seg in enumerate(collapsed):
+        if seg == "**":
+            parts.append(r"[^/]+(?:/[^/]+)*" if k == last else r"(?:[^/]+/)*")
+            continue
+        for m in _TOKEN.finditer(seg):
+            text = m.group(0)
+            if m.group(1) is not None:
+                field = m.group(1)
+                if not field.isidentifier():
+                    raise ValueError(f"{pattern!r}: {{{field}}} is not a valid field name")
+                if field in seen:
+                    raise ValueError(f"{pattern!r}: field {{{field}}} appears twice")
+                seen.add(field)
+                parts.append(f"(?P<{field}>[^/]+?)")
+            elif text in ("{", "}"):
+                raise ValueError(f"{pattern!r}: unbalanced {text}")
+            elif text.startswith("*"):
+                if len(text) > 1:
+                    raise ValueError(f"{pattern!r}: ** must be a whole segment, as in a/**/b")
+                parts.append(r"[^/]*?")
+            else:
+                parts.append(re.escape(text))
+        if k != last:
+            parts.append("/")
+    # DOTALL: names may hold newlines, and `[^/]` already matches them.
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def bind_path_pattern(pattern: str, relpath: str) -> dict[str, str] | None:
+    """The fields `pattern` binds in `relpath`, or None when the path does not match.
+
+    `bind_path_pattern("{camera}/{date}/*", "cam1/2024-05-01/a.jpg")` is
+    `{"camera": "cam1", "date": "2024-05-01"}`. Values stay strings: a folder named
+    `007` is a name, not the number 7. See `compile_path_pattern` for the syntax.
+    """
+    m = compile_path_pattern(pattern).fullmatch(relpath)
+    return None if m is None else m.groupdict()
+
+
+# --- sidecars -------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\{(name|stem)\}")
+
+
+def stem(file_name: str) -> str:
+    """The name without its last extension (`a.tar.gz` → `a.tar`). A leading dot starts
+    a hidden name, not an extension (`.env` → `.env`), as in pathlib."""
+    dot = file_name.rfind(".")
+    return file_name[:dot] if dot > 0 else file_name
+
+
+@functools.lru_cache(maxsize=64)
+def _template_shape(template: str) -> tuple[str, str]:
+    """(literal prefix, literal suffix) of a sidecar template; ValueError when unusable."""
+    if "/" in template:
+        raise ValueError(f"sidecar {template!r}: must name a file beside the item, without /")
+    marks = list(_PLACEHOLDER.finditer(template))
+    if not marks:
+        raise ValueError(
+            f'sidecar {template!r}: must contain {{name}} or {{stem}}, e.g. "{{name}}.json"'
+        )
+    rest = _PLACEHOLDER.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"sidecar {template!r}: only {{name}} and {{stem}} may be used")
+    prefix = template[: marks[0].start()]
+    suffix = template[marks[-1].end() :]
+    if not prefix and not suffix:
+        # Every file would then be some other file's sidecar.
+        raise ValueError(
+            f'sidecar {template!r}: needs literal text before or after the placeholder, e.g. "{{name}}.json"'
+        )
+    return prefix, suffix
+
+
+def sidecar_name(template: str, file_name: str) -> str:
+    """The sidecar's file name for `file_name`: `{name}` is the whole name, `{stem}` the
+    name without its last extension (`a.jpg`: `{name}.json` → `a.jpg.json`,
+    `{stem}.json` → `a.json`)."""
+    return _sidecar_for(template, file_name)
+
+
+def _sidecar_for(template: str, file_name: str) -> str:
+    # Separate from sidecar_name because sidecar_targets' parameter shadows that name.
+    _template_shape(template)
+    values = {"name": file_name, "stem": stem(file_name)}
+    # One pass with a function, so a `{stem}` inside a file name is never substituted.
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def is_sidecar_name(template: str, name: str) -> bool:
+    """True when a file called `name` is treated as a sidecar (never as an item).
+
+    The rule is the template's shape, not the presence of a matching file: a name that
+    starts with the template's literal prefix and ends with its literal suffix (with
+    something in between) is a sidecar. With `{name}.json` or `{stem}.json` that is
+    every `*.json` file, even one no item claims. Deciding by name alone keeps the
+    decision stable: a sidecar that lands before its image never briefly becomes an
+    item of its own, and an orphaned one never turns into one when its image goes.
+    """
+    prefix, suffix = _template_shape(template)
+    return (
+        len(name) > len(prefix) + len(suffix) and name.startswith(prefix) and name.endswith(suffix)
+    )
+
+
+def sidecar_targets(template: str, sidecar_name: str, sibling_names: Iterable[str]) -> list[str]:
+    """The sibling files (names in the sidecar's folder) whose sidecar is `sidecar_name`,
+    sorted. With `{name}.json` at most one; with `{stem}.json` every sibling of that
+    stem (`a.json` → `a.jpg`, `a.png`). Sidecars themselves are never targets, so
+    `a.json.json` belongs to no one under `{name}.json`."""
+    prefix, suffix = _template_shape(template)
+    if not is_sidecar_name(template, sidecar_name):
+        return []
+    if template == prefix + "{name}" + suffix:
+        # The common case inverts directly, so a folder of 10k images costs no scan
+        # when the caller passes a set.
+        target = sidecar_name[len(prefix) : len(sidecar_name) - len(suffix)]
+        if is_sidecar_name(template, target):
+            return []
+        found = (
+            target in sibling_names
+            if isinstance(sibling_names, Set)
+            else any(s == target for s in sibling_names)
+        )
+        return [target] if found else []
+    return sorted(
+        {
+            s
+            for s in sibling_names
+            if s != sidecar_name
+            and not is_sidecar_name(template, s)
+            and _sidecar_for(template, s) == sidecar_name
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    """A sidecar file as the caller read it: `data` when it held a JSON object, else
+    `error`, a clause saying what is wrong (`not valid JSON: ... at line 3 column 5`)."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+    data: dict[str, Any] | None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.error is None):
+            raise ValueError("a Sidecar has either data or an error")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"uses {name}, which JSON does not allow")
+
+
+def parse_sidecar(relpath: str, size: int, mtime_ns: int, raw: bytes) -> Sidecar:
+    """Parse a sidecar's bytes into a Sidecar (pure: the caller does the reading)."""
+
+    def failed(error: str) -> Sidecar:
+        return Sidecar(relpath, size, mtime_ns, None, error)
+
+    try:
+        # utf-8-sig: Windows tools often write a BOM, which plain UTF-8 JSON rejects.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return failed(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})")
+    if not text.strip():
+        return failed("empty; it must hold a JSON object")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        return failed(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    except ValueError as e:
+        return failed(str(e))
+    if not isinstance(data, dict):
+        return failed(f"holds a JSON {value_type(data) or 'null'}, not an object ({{...}})")
+    return Sidecar(relpath, size, mtime_ns, data)
+
+
+# --- building and checking metadata ---------------------------------------------------------
+
+
+def build_metadata(
+    static: Mapping[str, Any],
+    path_fields: Mapping[str, Any] | None,
+    sidecar: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Merge the three sources into a new dict. Later sources win per top-level key
+    (static < path pattern < sidecar): the most specific source knows best. Nested
+    objects are replaced, not merged, so a sidecar fully owns any key it sets."""
+    merged: dict[str, Any] = dict(static)
+    if path_fields:
+        merged.update(path_fields)
+    if sidecar:
+        merged.update(sidecar)
+    return merged
+
+
+def value_type(v: Any) -> str | None:
+    """The JSON type of a metadata value: "string", "number" (int or float, not bool),
+    "boolean", "object", "array", or None for null, which constrains nothing."""
+    if v is None:
+        return None
+    if isinstance(v, bool):  # before int: bool is an int subclass
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, Mapping):
+        return "object"
+    if isinstance(v, list | tuple):
+        return "array"
+    raise TypeError(f"{type(v).__name__} is not a JSON value")
+
+
+_ARTICLE = {"string": "a", "number": "a", "boolean": "a", "object": "an", "array": "an"}
+
+
+def _a(type_name: str) -> str:
+    return f"{_ARTICLE.get(type_name, 'a')} {type_name}"
+
+
+def type_conflicts(metadata: Mapping[str, Any], known: Mapping[str, tuple[str, str]]) -> list[str]:
+    """One message per top-level key whose type differs from the dataset's.
+
+    `known` maps key → (type, key of the item that first set it), and must not include
+    the item being checked (otherwise an item could never change a value's type).
+    Null values never conflict. Messages come in `metadata` order.
+    """
+    problems: list[str] = []
+    for key, value in metadata.items():
+        mine = value_type(value)
+        if mine is None or key not in known:
+            continue
+        theirs, other_item = known[key]
+        if mine != theirs:
+            problems.append(
+                f"metadata key {json.dumps(key, ensure_ascii=False)} is {_a(mine)} here "
+                f"but {_a(theirs)} on item {other_item} in this dataset; "
+                f"make it {_a(theirs)} everywhere (or rename the key)"
+            )
+    return problems

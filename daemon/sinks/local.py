@@ -1,0 +1,139 @@
+"""The `local` sink: items go into the embedded store (daemon.store) on this machine.
+
+All store work is blocking file and SQLite I/O, so it runs in a thread pool and the
+event loop only awaits it. An item's blobs are written first (in parallel), then its
+catalog entry, so the catalog never refers to bytes the store does not hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from daemon.errors import PermanentError, RetriableError, SourceChangedError
+from daemon.model import FilePayload, ItemPayload
+from daemon.sinks.base import Capabilities, PutResult
+from daemon.store import DigestMismatch, Store, StoreIOError
+
+T = TypeVar("T")
+
+DEFAULT_THREADS = 8
+
+
+class LocalSink:
+    capabilities = Capabilities(
+        remote_urls=False, metadata_update=True, delete=True, video_fps=False
+    )
+
+    def __init__(self, root: Path, executor: Executor | None = None) -> None:
+        self.root = Path(root)
+        self._own_executor = executor is None
+        self._executor: Executor = executor or ThreadPoolExecutor(
+            DEFAULT_THREADS, thread_name_prefix="ingestd-local-sink"
+        )
+        # Opened on first use, in a worker thread: opening creates directories and the
+        # catalog, which must not happen on the event loop.
+        self._store: Store | None = None
+        self._open_lock = threading.Lock()
+        self._closed = False
+
+    # --- the Sink interface ----------------------------------------------------------
+
+    async def ensure_dataset(self, dataset: str) -> None:
+        await self._run(lambda: self._catalog_call(lambda s: s.catalog.ensure_dataset(dataset)))
+
+    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
+        files = [f for slot in item.slots for f in slot.files]
+        results = await asyncio.gather(
+            *(self._run(partial(self._put_blob, f)) for f in files),
+            return_exceptions=True,
+        )
+        # Wait for every file before failing, so no copy is still running when the
+        # caller hears about the failure (and, say, closes the sink).
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+        def upsert(store: Store) -> tuple[int, bool]:
+            try:
+                return store.catalog.upsert_item(
+                    dataset, item.path, item.name, [s.manifest() for s in item.slots], item.metadata
+                )
+            except (ValueError, TypeError) as e:  # bad name or path, metadata not JSON
+                raise PermanentError(f"cannot store item {item.key}: {e}") from e
+
+        version, changed = await self._run(lambda: self._catalog_call(upsert))
+        return PutResult(backend_id=item.key, version=version, changed=changed)
+
+    async def delete_item(self, dataset: str, path: str, name: str) -> None:
+        # Only the catalog entry goes; its blobs may be shared and wait for a GC.
+        await self._run(
+            lambda: self._catalog_call(lambda s: s.catalog.delete_item(dataset, path, name))
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._shutdown)
+
+    # --- blocking helpers (run in the executor) --------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise RetriableError("local sink is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _open(self) -> Store:
+        with self._open_lock:
+            if self._store is None:
+                try:
+                    self._store = Store.open(self.root)
+                except OSError as e:
+                    raise RetriableError(f"cannot open local store at {self.root}: {e}") from e
+            return self._store
+
+    def _put_blob(self, f: FilePayload) -> None:
+        store = self._open()
+        try:
+            store.blobs.put_file(f.local_path, f.digest, f.size)
+        except DigestMismatch as e:
+            raise SourceChangedError(f"{f.local_path} changed after it was hashed ({e})") from e
+        except StoreIOError as e:
+            if e.errno == errno.ENOSPC:
+                raise RetriableError(f"local store at {self.root} is out of disk space") from e
+            raise RetriableError(
+                f"cannot write to local store at {self.root}: {e.strerror} ({e.filename})"
+            ) from e
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise SourceChangedError(f"{f.local_path} vanished before it was stored") from e
+        except PermissionError as e:
+            raise PermanentError(
+                f"cannot read {f.local_path}: permission denied; fix its permissions"
+            ) from e
+        except ValueError as e:  # malformed digest: a bug upstream, not worth retrying
+            raise PermanentError(f"cannot store {f.local_path}: {e}") from e
+        except OSError as e:  # e.g. EIO on the source disk: may clear up
+            raise RetriableError(f"cannot read {f.local_path}: {e.strerror or e}") from e
+
+    def _catalog_call(self, fn: Callable[[Store], T]) -> T:
+        store = self._open()
+        try:
+            return fn(store)
+        except sqlite3.Error as e:  # locked past busy_timeout, disk full, I/O error
+            raise RetriableError(f"local store catalog at {self.root} failed: {e}") from e
+
+    def _shutdown(self) -> None:
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+        with self._open_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None

@@ -1,0 +1,267 @@
+"""The sync workers: claim due items from the ledger, prepare, send to the sink, record.
+
+The backlog lives in the ledger; in memory there is only the set of items in flight
+(at most `workers`), so memory stays flat whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from daemon.errors import PermanentError, RetriableError, SourceChangedError
+from daemon.ledger import AsyncLedger, Claim, Ledger, key_conflict_reason
+from daemon.model import FilePayload, ItemPayload, ItemPlan, SlotPayload
+from daemon.sinks.base import Sink
+
+log = structlog.get_logger("ingestd.sync")
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+CHUNK = 1 << 20
+
+
+def backoff_delay(attempts: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter, capped, honouring a server's Retry-After."""
+    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempts, 20)))
+    delay = max(delay, 0.1)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, 3600.0))
+    return delay
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSide:
+    """What a worker needs to know about the watch an item came from."""
+
+    root: str
+    settle: float
+    follow_symlinks: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    claim: Claim
+    result: str  # synced | unchanged | deleted | retry | failed | changed
+    bytes: int = 0
+    error: str | None = None
+
+
+def prepare(side: WatchSide, plan: ItemPlan) -> ItemPayload:
+    """Check each file still is what was planned and hash it (blocking; run in a thread).
+    A file that changed since it settled, or while it was read, raises
+    SourceChangedError so the half-read version is never sent."""
+    slots = []
+    for slot in plan.slots:
+        files = []
+        for f in slot.files:
+            path = os.path.join(side.root, f.relpath)
+            digest = _hash_checked(path, f.size, f.mtime_ns, side.follow_symlinks)
+            files.append(FilePayload(f.name, path, f.size, digest))
+        slots.append(SlotPayload(slot.name, slot.type, tuple(files), slot.extra))
+    return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
+
+
+def _hash_checked(path: str, size: int, mtime_ns: int, follow_symlinks: bool) -> str:
+    try:
+        before = os.stat(path, follow_symlinks=follow_symlinks)
+        if (before.st_size, before.st_mtime_ns) != (size, mtime_ns):
+            raise SourceChangedError(f"{path} changed after it settled")
+        h = hashlib.sha256()
+        flags = os.O_RDONLY | (0 if follow_symlinks else os.O_NOFOLLOW)
+        fd = os.open(path, flags)
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as fh:
+                fd = -1
+                while chunk := fh.read(CHUNK):
+                    h.update(chunk)
+                after = os.fstat(fh.fileno())
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    except FileNotFoundError:
+        raise SourceChangedError(f"{path} vanished before it could be read") from None
+    except PermissionError:
+        raise PermanentError(
+            f"cannot read {path}: permission denied; fix its permissions (e.g. chmod a+r). "
+            "It is retried when the file changes or on `ingestd retry`"
+        ) from None
+    except IsADirectoryError:
+        raise SourceChangedError(f"{path} is now a folder") from None
+    except OSError as e:
+        if e.errno in (40,):  # ELOOP: a symlink where we do not follow them
+            raise PermanentError(f"cannot read {path}: {e.strerror}") from None
+        raise RetriableError(f"cannot read {path}: {e.strerror}") from None
+    if (after.st_size, after.st_mtime_ns) != (size, mtime_ns):
+        raise SourceChangedError(f"{path} changed while it was read")
+    return f"sha256:{h.hexdigest()}"
+
+
+class SyncPool:
+    def __init__(
+        self,
+        ledger: AsyncLedger,
+        sink: Sink,
+        watches: Mapping[str, WatchSide],
+        workers: int,
+        *,
+        on_source_changed: Callable[[str, list[str]], None] | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.sink = sink
+        self.watches = dict(watches)
+        self.workers = workers
+        self._on_source_changed = on_source_changed
+        self._on_outcome = on_outcome
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._datasets_ready: set[str] = set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, poll: float = 1.0) -> None:
+        """Dispatch until stopped. Polls the ledger at least every `poll` seconds so that
+        `ingestd retry` from another process and backoff timers are picked up."""
+        while not self._stopping:
+            self._wake.clear()
+            free = self.workers - len(self._inflight)
+            claims: list[Claim] = []
+            if free > 0:
+                claims = await self.ledger.call(
+                    self.ledger.sync.due, time.time(), free, list(self._inflight)
+                )
+                claims = [c for c in claims if c.watch in self.watches]
+                for claim in claims:
+                    k = (claim.watch, claim.source_id)
+                    self._inflight[k] = asyncio.create_task(self._process(claim))
+            if claims and len(self._inflight) < self.workers:
+                continue
+            timeout = poll
+            if free > 0 and not claims:
+                nxt = await self.ledger.call(self.ledger.sync.next_due_time)
+                if nxt is not None:
+                    timeout = min(poll, max(0.0, nxt - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking work; give in-flight items `grace` seconds, then abandon them.
+        An abandoned item is still pending in the ledger and is redone (idempotently)
+        on the next start."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+
+    async def _process(self, claim: Claim) -> None:
+        k = (claim.watch, claim.source_id)
+        try:
+            outcome = await self._sync_one(claim)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: keep the item, back off, say so loudly
+            log.exception("sync step crashed", watch=claim.watch, item=claim.key)
+            reason = f"internal error: {type(e).__name__}: {e}"
+            await self._record_retry(claim, reason, backoff_delay(claim.attempts), count=True)
+            outcome = Outcome(claim, "retry", error=reason)
+        finally:
+            self._inflight.pop(k, None)
+            self._wake.set()
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+    async def _sync_one(self, claim: Claim) -> Outcome:
+        bound = log.bind(watch=claim.watch, item=claim.key)
+        side = self.watches[claim.watch]
+        now = time.time
+        try:
+            if claim.plan is None:
+                return await self._delete(claim, bound)
+            owner = await self.ledger.call(
+                self.ledger.sync.key_owner, claim.dataset, claim.key, claim.watch, claim.source_id
+            )
+            if owner is not None:
+                raise _Conflict(key_conflict_reason(claim.key, claim.source_id, owner))
+            payload = await asyncio.to_thread(prepare, side, claim.plan)
+            manifest = payload.manifest()
+            if manifest == claim.synced_manifest:
+                # touched, or re-planned with identical content: nothing to send
+                await self.ledger.write(Ledger.op_synced(claim, manifest, claim.backend_id, now()))
+                bound.debug("unchanged content, nothing sent")
+                return Outcome(claim, "unchanged")
+            if claim.dataset not in self._datasets_ready:
+                await self.sink.ensure_dataset(claim.dataset)
+                self._datasets_ready.add(claim.dataset)
+            result = await self.sink.put_item(claim.dataset, payload)
+            await self.ledger.write(Ledger.op_synced(claim, manifest, result.backend_id, now()))
+            size = sum(f.size for s in payload.slots for f in s.files)
+            bound.info(
+                "synced",
+                version=result.version,
+                bytes=size,
+                changed=result.changed,
+            )
+            return Outcome(claim, "synced", bytes=size)
+        except SourceChangedError as e:
+            # Not an attempt: the file is still moving. The source re-plans it once it
+            # settles; the retry here is a backstop in case no event arrives.
+            bound.info("file changed while syncing; waiting for it to settle", reason=e.reason)
+            await self._record_retry(claim, None, side.settle + 1.0, count=False)
+            if self._on_source_changed is not None and claim.plan is not None:
+                self._on_source_changed(
+                    claim.watch, [f.relpath for s in claim.plan.slots for f in s.files]
+                )
+            return Outcome(claim, "changed", error=e.reason)
+        except RetriableError as e:
+            delay = backoff_delay(claim.attempts, e.retry_after)
+            bound.warning("sync failed, will retry", reason=e.reason, retry_in=round(delay, 1))
+            await self._record_retry(claim, e.reason, delay, count=True)
+            return Outcome(claim, "retry", error=e.reason)
+        except _Conflict as e:
+            bound.error("item failed", reason=e.reason)
+            await self.ledger.write(Ledger.op_failed(claim, e.reason, "conflict", now()))
+            return Outcome(claim, "failed", error=e.reason)
+        except PermanentError as e:
+            bound.error("item failed", reason=e.reason)
+            await self.ledger.write(Ledger.op_failed(claim, e.reason, "sink", now()))
+            return Outcome(claim, "failed", error=e.reason)
+
+    async def _delete(self, claim: Claim, bound: structlog.typing.FilteringBoundLogger) -> Outcome:
+        m = claim.synced_manifest
+        if m is not None and self.sink.capabilities.delete:
+            await self.sink.delete_item(claim.dataset, m["path"], m["name"])
+            bound.info("deleted from the dataset (on_delete: delete)")
+        await self.ledger.write(Ledger.op_synced(claim, None, None, time.time()))
+        return Outcome(claim, "deleted")
+
+    async def _record_retry(
+        self, claim: Claim, reason: str | None, delay: float, *, count: bool
+    ) -> None:
+        now = time.time()
+        await self.ledger.write(
+            Ledger.op_retry_later(claim, reason, now + delay, count_attempt=count, now=now)
+        )
+
+
+class _Conflict(PermanentError):
+    pass
