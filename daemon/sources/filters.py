@@ -114,7 +114,18 @@ def _bracket(segment: str, start: int, pattern: str) -> tuple[str, int]:
         else:
             body.append(re.escape(c))
         i += 1
-    fragment = ("[^/" if negate else "[") + "".join(body) + "]"
+    if body and body[-1] == "-":
+        # A trailing - is literal; escaped so that appending `/` below cannot turn it
+        # into a range.
+        body[-1] = "\\-"
+    if negate:
+        # `/` goes last: first it would start a range in `[!-a]` (`[^/-a]`).
+        fragment = "[^" + "".join(body) + "/]"
+    elif "-" in body:
+        # A range such as `+-0` spans `/`; a set must never match across folders.
+        fragment = "(?!/)[" + "".join(body) + "]"
+    else:
+        fragment = "[" + "".join(body) + "]"
     try:
         re.compile(fragment)
     except re.error as e:

@@ -59,6 +59,13 @@ ACCEPTS: list[tuple[list[str], list[str], str, bool]] = [
     (["[!]]x"], [], "ax", True),
     (["[!]]x"], [], "]x", False),
     (["[a-]x"], [], "-x", True),
+    (["[!-a]x"], [], "-x", False),
+    (["[!-a]x"], [], "bx", True),
+    (["[!-a]x"], [], "0x", True),
+    (["a[+-0]b"], [], "a.b", True),
+    (["a[+-0]b"], [], "a/b", False),  # a range spanning / still stays in one folder
+    ([], ["a[+-0]b"], "a/b", True),
+    ([], ["a[!x]b"], "a/b", True),
     (["[*?]"], [], "*", True),
     (["[*?]"], [], "a", False),
     (["[\\]]"], [], "]", True),
@@ -415,7 +422,10 @@ def test_bare_string_is_refused() -> None:
         ("raw/", ("raw", False, True)),
         ("/raw/", ("raw", True, True)),
         ("a**b", ("a[^/]*b", False, False)),
-        ("[!a-c]?", ("[^/a\\-c][^/]", False, False)),
+        ("[!a-c]?", ("[^a-c/][^/]", False, False)),
+        ("[!-a]", ("[^-a/]", False, False)),
+        ("[a-]", ("[a\\-]", False, False)),
+        ("[+-0]", ("(?!/)[\\+-0]", False, False)),
     ],
 )
 def test_translate(pattern: str, translated: tuple[str, bool, bool]) -> None:

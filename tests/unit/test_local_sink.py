@@ -187,9 +187,9 @@ def test_unreadable_file_as_another_user() -> None:
     work = Path(tempfile.mkdtemp(prefix="ingestd-perm-"))
     try:
         work.chmod(0o777)
+        as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
         proc = subprocess.run(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
-            + ["-c", CHILD_UNREADABLE, str(work)],
+            [*as_nobody, sys.executable, "-c", CHILD_UNREADABLE, str(work)],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -1,0 +1,144 @@
+"""End-to-end helpers: the real CLI as a subprocess on real temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+INGESTD = [sys.executable, "-m", "daemon.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll until cond() is truthy; fail with `what` after a generous deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}; last={last!r}")
+
+
+class Env:
+    """A config file, its drop folders and state, and the CLI to drive them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config_path = root / "ingestd.yaml"
+        self.state = root / "state"
+        self.store = root / "store"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.log_path = root / "daemon.log"
+
+    def drop(self, name: str = "drop") -> Path:
+        p = self.root / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_config(self, watches: list[dict[str, Any]], **top: Any) -> Path:
+        data: dict[str, Any] = {
+            "state_dir": str(self.state),
+            "log": {"level": "debug", "format": "json"},
+            "workers": 4,
+            "backend": {"kind": "local", "path": str(self.store)},
+            "watches": [{"settle": "0.5s", "rescan": "10m", **w} for w in watches],
+        }
+        data.update(top)
+        self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return self.config_path
+
+    def cli(
+        self, *args: str, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [*INGESTD, *args, "-c", str(self.config_path)]
+            if args[0] not in ("schema",)
+            else [*INGESTD, *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"ingestd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}"
+            )
+        return proc
+
+    def items(self, dataset: str = "ds") -> list[dict[str, Any]]:
+        out = self.cli("items", dataset, "--json", check=True)
+        return json.loads(out.stdout)
+
+    def items_by_key(self, dataset: str = "ds") -> dict[str, dict[str, Any]]:
+        return {i["key"]: i for i in self.items(dataset)}
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json", check=True).stdout)
+
+    def watch_status(self, name: str = "w") -> dict[str, Any]:
+        return next(w for w in self.status()["watches"] if w["name"] == name)
+
+    def start(self, **popen: Any) -> subprocess.Popen[bytes]:
+        assert self.daemon is None or self.daemon.poll() is not None, "daemon already running"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.daemon = subprocess.Popen(
+            [*INGESTD, "run", "-c", str(self.config_path)],
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            **popen,
+        )
+        wait_for(lambda: self._started(), 30, what="the daemon to log 'ingestd started'")
+        return self.daemon
+
+    def _started(self) -> bool:
+        if self.daemon is not None and self.daemon.poll() is not None:
+            raise AssertionError(f"daemon exited {self.daemon.returncode}:\n{self.log()}")
+        return "ingestd started" in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.daemon is not None
+        if self.daemon.poll() is None:
+            self.daemon.send_signal(sig)
+        rc = self.daemon.wait(timeout=timeout)
+        return rc
+
+    def kill(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.kill()
+            self.daemon.wait(timeout=10)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    yield e
+    e.kill()

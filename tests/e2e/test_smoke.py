@@ -1,0 +1,17 @@
+"""The shortest path through the daemon: a dropped file becomes an item."""
+
+from __future__ import annotations
+
+from tests.e2e.conftest import Env, wait_for
+
+
+def test_dropped_file_becomes_item(env: Env) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "path": "/in"}])
+    env.start()
+    (drop / "sub").mkdir()
+    (drop / "sub" / "a.jpg").write_bytes(b"abc")
+    items = wait_for(lambda: env.items_by_key().get("/in/sub/a.jpg"), what="item /in/sub/a.jpg")
+    assert items["path"] == "/in/sub"
+    assert items["slots"][0]["files"][0]["size"] == 3
+    assert env.stop() == 0
