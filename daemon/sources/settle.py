@@ -96,19 +96,22 @@ class Settler:
     async def run(self) -> None:
         while True:
             await self._wait_due()
-            now = self._clock()
-            batch: list[str] = []
-            while self._heap and self._heap[0][0] <= now and len(batch) < 5000:
-                due, relpath = heapq.heappop(self._heap)
-                st = self._state.get(relpath)
-                if st is not None and st.due == due:
-                    batch.append(relpath)
-            if not batch:
-                continue
-            stats = await asyncio.to_thread(self._stat_many, batch)
-            self._evaluate(batch, stats, self._clock())
+            batch = self.pop_due(self._clock())
+            if batch:
+                stats = await asyncio.to_thread(self._stat_many, batch)
+                self.evaluate(batch, stats, self._clock())
 
-    def _evaluate(self, batch: list[str], stats: list[Stat], now: float) -> None:
+    def pop_due(self, now: float, limit: int = 5000) -> list[str]:
+        """The paths due for a look at `now` (each once)."""
+        batch: list[str] = []
+        while self._heap and self._heap[0][0] <= now and len(batch) < limit:
+            due, relpath = heapq.heappop(self._heap)
+            st = self._state.get(relpath)
+            if st is not None and st.due == due:
+                batch.append(relpath)
+        return batch
+
+    def evaluate(self, batch: list[str], stats: list[Stat], now: float) -> None:
         ready: list[Entry] = []
         gone: list[str] = []
         for relpath, stat in zip(batch, stats, strict=True):

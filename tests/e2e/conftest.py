@@ -107,6 +107,19 @@ class Env:
         wait_for(lambda: self._started(), 30, what="the daemon to log 'ingestd started'")
         return self.daemon
 
+    def restart(self, **popen: Any) -> subprocess.Popen[bytes]:
+        """Start the daemon again and wait for *this* run's "ingestd started" line
+        (`start` alone returns at once when the log already holds an earlier run's)."""
+        before = self.log().count("ingestd started")
+        proc = self.start(**popen)
+        wait_for(
+            lambda: self._started() and self.log().count("ingestd started") > before,
+            30,
+            interval=0.02,
+            what="the restarted daemon to log 'ingestd started'",
+        )
+        return proc
+
     def _started(self) -> bool:
         if self.daemon is not None and self.daemon.poll() is not None:
             raise AssertionError(f"daemon exited {self.daemon.returncode}:\n{self.log()}")

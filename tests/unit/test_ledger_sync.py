@@ -1,0 +1,217 @@
+"""The ledger's state machine and the sync pool against the in-memory test sink."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import PermanentError, RetriableError
+from daemon.ledger import AsyncLedger, Ledger
+from daemon.model import Entry, ItemPlan, PlannedFile, PlannedSlot
+from daemon.plan.metadata import type_conflicts, value_type
+from daemon.sinks.memory import MemorySink
+from daemon.sync import SyncPool, WatchSide, backoff_delay
+
+
+def make_plan(
+    rel: str, size: int, mtime: int, meta: dict | None = None, path: str = "/"
+) -> ItemPlan:
+    name = rel.rsplit("/", 1)[-1]
+    fp = f"{rel}:{size}:{mtime}:{sorted((meta or {}).items())}:{path}"
+    return ItemPlan(
+        rel,
+        path,
+        name,
+        (PlannedSlot("0", "image", (PlannedFile(name, rel, size, mtime),)),),
+        dict(meta or {}),
+        fp,
+    )
+
+
+def apply(ledger: Ledger, plan: ItemPlan, watch: str = "w", dataset: str = "ds") -> str:
+    entry = Entry(plan.source_id, plan.slots[0].files[0].size, plan.slots[0].files[0].mtime_ns)
+    op = Ledger.op_apply_plan(
+        watch, dataset, plan, [(entry, "item")], type_conflicts, value_type, time.time()
+    )
+    (result,) = ledger.transaction([op])
+    return result
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    return Ledger(tmp_path)
+
+
+def test_plan_states(ledger: Ledger) -> None:
+    p = make_plan("a.jpg", 1, 1)
+    assert apply(ledger, p) == "pending"
+    assert apply(ledger, p) == "unchanged"
+    assert apply(ledger, make_plan("a.jpg", 2, 2)) == "pending"
+    assert ledger.counts()["w"].pending == 1
+
+
+def test_key_conflict_fails_the_second_file_naming_both(ledger: Ledger) -> None:
+    # preserve_folders: false puts both files at /a.jpg
+    assert apply(ledger, make_plan("x/a.jpg", 1, 1)) == "pending"
+    assert apply(ledger, make_plan("y/a.jpg", 1, 1)) == "failed"
+    (err,) = ledger.last_errors("w")
+    assert "y/a.jpg" in err["error"] and "x/a.jpg" in err["error"]
+    assert ledger.item_row("w", "x/a.jpg")["status"] == "pending"
+
+
+def test_metadata_type_conflict_names_the_key(ledger: Ledger) -> None:
+    assert apply(ledger, make_plan("a.jpg", 1, 1, {"exposure": 1})) == "pending"
+    assert apply(ledger, make_plan("b.jpg", 1, 1, {"exposure": "high"})) == "failed"
+    assert '"exposure"' in ledger.item_row("w", "b.jpg")["last_error"]
+    # the first item may change its own key's type while it is the only one using it
+    assert apply(ledger, make_plan("a.jpg", 1, 2, {"exposure": "low"})) == "pending"
+
+
+def test_synced_only_if_desired_did_not_move(ledger: Ledger) -> None:
+    apply(ledger, make_plan("a.jpg", 1, 1))
+    (claim,) = ledger.due(time.time() + 1, 10)
+    apply(ledger, make_plan("a.jpg", 2, 2))  # changed while in flight
+    ledger.transaction([Ledger.op_synced(claim, {"m": 1}, "id", time.time())])
+    row = ledger.item_row("w", "a.jpg")
+    assert row["status"] == "pending" and row["synced_fp"] == claim.desired_fp
+    (claim2,) = ledger.due(time.time() + 1, 10)
+    ledger.transaction([Ledger.op_synced(claim2, {"m": 2}, "id", time.time())])
+    assert ledger.item_row("w", "a.jpg")["status"] == "synced"
+
+
+def test_gone_keep_and_delete(ledger: Ledger) -> None:
+    for rel in ("k.jpg", "d.jpg"):
+        apply(ledger, make_plan(rel, 1, 1))
+    for claim in ledger.due(time.time() + 1, 10):
+        ledger.transaction([Ledger.op_synced(claim, {"path": "/", "name": claim.key[1:]}, "id", 0)])
+    ledger.transaction([Ledger.op_gone("w", ["k.jpg"], "keep", 0)])
+    assert ledger.item_row("w", "k.jpg")["status"] == "deleted"
+    ledger.transaction([Ledger.op_gone("w", ["d.jpg"], "delete", 0)])
+    (claim,) = ledger.due(time.time() + 1, 10)
+    assert claim.plan is None and claim.synced_manifest is not None
+    ledger.transaction([Ledger.op_synced(claim, None, None, 0)])
+    assert ledger.item_row("w", "d.jpg")["status"] == "deleted"
+    assert ledger.live_count("w") == 0
+
+
+def test_retry_requeues_failed(ledger: Ledger) -> None:
+    apply(ledger, make_plan("a.jpg", 1, 1))
+    (claim,) = ledger.due(time.time() + 1, 10)
+    ledger.transaction([Ledger.op_failed(claim, "rejected", "sink", 0)])
+    assert ledger.counts()["w"].failed == 1
+    assert ledger.retry("w") == 1
+    assert ledger.counts()["w"].pending == 1
+
+
+def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:
+    delays = [backoff_delay(30) for _ in range(200)]
+    assert max(delays) <= 300 and min(delays) >= 0.1
+    assert len({round(d, 3) for d in delays}) > 100  # jittered
+    assert backoff_delay(0, retry_after=42) >= 42
+
+
+# -- the pool ---------------------------------------------------------------------------
+
+
+async def run_pool(tmp_path: Path, sink: MemorySink, files: dict[str, bytes], until) -> AsyncLedger:
+    root = tmp_path / "src"
+    root.mkdir(exist_ok=True)
+    ledger = AsyncLedger(tmp_path / "state")
+    await ledger.open()
+    ops = []
+    for rel, data in files.items():
+        p = root / rel
+        p.write_bytes(data)
+        st = os.stat(p)
+        plan = make_plan(rel, st.st_size, st.st_mtime_ns)
+        ops.append(
+            Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, time.time())
+        )
+    await ledger.write_many(ops)
+    pool = SyncPool(ledger, sink, {"w": WatchSide(str(root), 0.1, False)}, workers=3)
+    task = asyncio.create_task(pool.run(poll=0.05))
+    deadline = time.monotonic() + 20
+    while not await ledger.call(until, ledger.sync):
+        assert time.monotonic() < deadline, "pool did not reach the expected state"
+        await asyncio.sleep(0.02)
+    await pool.stop(1)
+    task.cancel()
+    return ledger
+
+
+def _all_synced(n: int):
+    return lambda lg: lg.counts().get("w") is not None and lg.counts()["w"].synced == n
+
+
+async def test_pool_syncs_and_skips_unchanged_content(tmp_path: Path) -> None:
+    sink = MemorySink()
+    files = {f"f{i}.jpg": f"content {i}".encode() for i in range(20)}
+    ledger = await run_pool(tmp_path, sink, files, _all_synced(20))
+    puts = [c for c in sink.calls if c[0] == "put_item"]
+    assert len(puts) == 20
+    # touch every file: new fingerprints, same bytes → no sink call at all
+    root = tmp_path / "src"
+    ops = []
+    for rel in files:
+        os.utime(root / rel, ns=(1, 1))
+        plan = make_plan(rel, os.stat(root / rel).st_size, 1)
+        ops.append(Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, 0))
+    await ledger.write_many(ops)
+    await ledger.close()
+    sink2_calls_before = len(sink.calls)
+    ledger = await run_pool(tmp_path, sink, {}, _all_synced(20))
+    assert len(sink.calls) == sink2_calls_before
+    await ledger.close()
+
+
+async def test_pool_retries_transient_and_records_permanent(tmp_path: Path) -> None:
+    sink = MemorySink()
+    sink.fail_next(2, RetriableError("503 from backend", retry_after=0.05))
+    ledger = await run_pool(tmp_path, sink, {"a.jpg": b"a"}, _all_synced(1))
+    await ledger.close()
+    sink.fail_next(1, PermanentError("rejected: bad name"))
+    (tmp_path / "src" / "b.jpg").write_bytes(b"b")
+
+    def failed(lg: Ledger) -> bool:
+        return lg.counts()["w"].failed == 1
+
+    ledger = await run_pool(tmp_path, sink, {"b.jpg": b"b"}, failed)
+    row = await ledger.call(ledger.sync.item_row, "w", "b.jpg")
+    assert row["last_error"] == "rejected: bad name"
+    await ledger.close()
+
+
+async def test_pool_discards_a_file_changed_since_planned(tmp_path: Path) -> None:
+    sink = MemorySink()
+    root = tmp_path / "src"
+    root.mkdir()
+    ledger = AsyncLedger(tmp_path / "state")
+    await ledger.open()
+    (root / "a.jpg").write_bytes(b"first")
+    plan = make_plan("a.jpg", 5, os.stat(root / "a.jpg").st_mtime_ns)
+    (root / "a.jpg").write_bytes(b"second version")  # changes after planning
+    await ledger.write(Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, 0))
+    changed: list[list[str]] = []
+    pool = SyncPool(
+        ledger,
+        sink,
+        {"w": WatchSide(str(root), 30.0, False)},
+        workers=1,
+        on_source_changed=lambda w, rels: changed.append(rels),
+    )
+    task = asyncio.create_task(pool.run(poll=0.05))
+    deadline = time.monotonic() + 10
+    while not changed:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await pool.stop(1)
+    task.cancel()
+    assert changed == [["a.jpg"]]
+    assert sink.calls == []  # the half-seen version never reached the sink
+    row = await ledger.call(ledger.sync.item_row, "w", "a.jpg")
+    assert row["status"] == "pending" and row["attempts"] == 0
+    await ledger.close()
