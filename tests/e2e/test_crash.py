@@ -20,7 +20,7 @@ SEED = int(os.environ.get("INGESTD_CRASH_SEED", "20240611"))
 SMALL_FILES = 1_000
 BIG_FILES = 4  # 2-5 MB each, so some kills land in the middle of a copy
 KILLS = 8
-FILES_WHILE_DOWN = 150  # created while the daemon is down, before some restarts
+FILES_WHILE_DOWN = 400  # created while the daemon is down, before some restarts
 
 
 class Tree:
@@ -115,10 +115,11 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(env: Env) -> Non
                 "temps": _temp_files(env.store),
             }
         )
-        if k % 2 == 0 and k < KILLS - 1:
-            # More files while the daemon is down: the next start must find them.
+        if k % 3 != 2 and k < KILLS - 1:
+            # More files while the daemon is down: the next start must find them (and
+            # has a backlog again, so the next kill is likely to land mid-sync too).
             tree.add_small(FILES_WHILE_DOWN, f"down{k:02d}")
-            tree.add_big(1, f"down{k:02d}")
+            tree.add_big(2, f"down{k:02d}")
 
     print(f"\ncrash test seed {SEED}")
     for row in kills:

@@ -415,7 +415,10 @@ def test_type_conflicts(
         assert message.startswith(f"metadata key {json.dumps(key)} is ")
         assert f" {mine} here but " in message
         assert f" {theirs} on item {known[key][1]} in this dataset" in message
-        assert f"make it {'an' if theirs in ('object', 'array') else 'a'} {theirs} everywhere" in message
+        assert (
+            f"make it {'an' if theirs in ('object', 'array') else 'a'} {theirs} everywhere"
+            in message
+        )
 
 
 def test_type_conflict_articles_and_odd_keys() -> None:
