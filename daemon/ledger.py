@@ -113,6 +113,7 @@ class Claim:
     synced_manifest: dict[str, Any] | None
     attempts: int
     backend_id: str | None
+    key_owner: tuple[str, str] | None = None  # another live item holding this key
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +242,7 @@ class Ledger:
             " ORDER BY next_attempt LIMIT ?",
             (now, limit + len(skip)),
         )
-        for w, sid, ds, key, plan, dfp, sm, att, bid in cur:
+        for w, sid, ds, key, plan, dfp, sm, att, bid in cur.fetchall():
             if (w, sid) in skip:
                 continue
             out.append(
@@ -255,6 +256,8 @@ class Ledger:
                     json.loads(sm) if sm else None,
                     att,
                     bid,
+                    # Checked here again because `ingestd retry` re-queues conflicted items.
+                    self.key_owner(ds, key, w, sid) if plan else None,
                 )
             )
             if len(out) >= limit:

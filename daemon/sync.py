@@ -197,11 +197,8 @@ class SyncPool:
         try:
             if claim.plan is None:
                 return await self._delete(claim, bound)
-            owner = await self.ledger.call(
-                self.ledger.sync.key_owner, claim.dataset, claim.key, claim.watch, claim.source_id
-            )
-            if owner is not None:
-                raise _Conflict(key_conflict_reason(claim.key, claim.source_id, owner))
+            if claim.key_owner is not None:
+                raise _Conflict(key_conflict_reason(claim.key, claim.source_id, claim.key_owner))
             payload = await asyncio.to_thread(prepare, side, claim.plan)
             manifest = payload.manifest()
             if manifest == claim.synced_manifest:
