@@ -25,6 +25,9 @@ from pydantic import (
     field_validator,
 )
 
+from daemon.plan.metadata import check_sidecar_template, compile_path_pattern
+from daemon.sources.filters import PathFilter
+
 DEFAULT_LOCATIONS = ("ingestd.yaml", "/etc/ingestd/config.yaml")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -163,30 +166,17 @@ class MetadataConfig(_Strict):
     @field_validator("path_pattern")
     @classmethod
     def _pattern(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if v.startswith("/") or not v.strip():
-            raise ValueError("must be a relative pattern such as {camera}/{date}/*")
-        names = re.findall(r"\{([^{}]*)\}", v)
-        for n in names:
-            if not n.isidentifier():
-                raise ValueError(f"{{{n}}} is not a valid field name")
-        if len(names) != len(set(names)):
-            raise ValueError("a field name appears twice")
+        if v is not None:
+            if v.startswith("/") or not v.strip():
+                raise ValueError("must be a relative pattern such as {camera}/{date}/*")
+            compile_path_pattern(v)
         return v
 
     @field_validator("sidecar")
     @classmethod
     def _sidecar(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if "/" in v or not ("{name}" in v or "{stem}" in v):
-            raise ValueError(
-                'must name a file beside the item, e.g. "{name}.json" or "{stem}.json"'
-            )
-        rest = v.replace("{name}", "").replace("{stem}", "")
-        if "{" in rest or "}" in rest:
-            raise ValueError("only {name} and {stem} may be used")
+        if v is not None:
+            check_sidecar_template(v)
         return v
 
 
@@ -270,10 +260,14 @@ class Watch(_Strict):
 
     @field_validator("include", "exclude")
     @classmethod
-    def _patterns(cls, v: list[str]) -> list[str]:
+    def _patterns(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for p in v:
             if not p or p.strip() != p:
                 raise ValueError(f"{p!r} is not a usable pattern")
+        # Compiling here means a bad pattern is a config error, not a crash at start.
+        PathFilter(
+            v if info.field_name == "include" else (), v if info.field_name == "exclude" else ()
+        )
         return v
 
 

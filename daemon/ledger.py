@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS meta_types (
     key TEXT NOT NULL,
     type TEXT NOT NULL,
     item TEXT NOT NULL,
+    shared INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS watch_state (
@@ -493,25 +494,24 @@ class Ledger:
         return op
 
     def retry(self, watch: str | None = None, now: float | None = None) -> int:
-        """Queue failed items again (ingestd retry). Items that failed before they had a
-        plan (a bad sidecar, say) are forgotten with their entries, so the next scan plans
-        them afresh from the files."""
+        """Queue failed items again (ingestd retry). Items that failed while being planned
+        (a bad sidecar, a metadata type or key conflict) are forgotten with their entries,
+        so the next scan plans them afresh from the files and checks them again."""
         now = time.time() if now is None else now
         where = "status='failed'" + (" AND watch=?" if watch else "")
+        replan = f"{where} AND (plan IS NULL OR error_kind IN ('plan', 'metadata', 'conflict'))"
         args: tuple[Any, ...] = (watch,) if watch else ()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             self.conn.execute(
                 "DELETE FROM entries WHERE (watch, relpath) IN"
-                f" (SELECT watch, source_id FROM items WHERE {where} AND plan IS NULL)",
+                f" (SELECT watch, source_id FROM items WHERE {replan})",
                 args,
             )
-            n = self.conn.execute(
-                f"DELETE FROM items WHERE {where} AND plan IS NULL", args
-            ).rowcount
+            n = self.conn.execute(f"DELETE FROM items WHERE {replan}", args).rowcount
             n += self.conn.execute(
                 "UPDATE items SET status='pending', attempts=0, next_attempt=?, error_kind=NULL,"
-                f" updated_at=? WHERE {where} AND plan IS NOT NULL",
+                f" updated_at=? WHERE {where}",
                 (now, now, *args),
             ).rowcount
             self.conn.execute("COMMIT")
@@ -561,21 +561,23 @@ def _plan_problem(
             chunk = keys[i : i + 500]
             known.update(
                 (k, (t, item))
-                for k, t, item in conn.execute(
-                    "SELECT key, type, item FROM meta_types WHERE dataset=? AND key IN"
+                for k, t, item, shared in conn.execute(
+                    "SELECT key, type, item, shared FROM meta_types WHERE dataset=? AND key IN"
                     f" ({','.join('?' * len(chunk))})",
                     (dataset, *chunk),
                 )
-                # an item may change the type of a key only it has set so far
-                if item != plan.key
+                # an item may change the type of a key that no other item has used yet
+                if shared or item != plan.key
             )
         conflicts = check_types(plan.metadata, known)
         if conflicts:
             return "; ".join(conflicts), "metadata"
         conn.executemany(
             "INSERT INTO meta_types (dataset, key, type, item) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (dataset, key) DO UPDATE SET type=excluded.type"
-            " WHERE meta_types.item = excluded.item",
+            " ON CONFLICT (dataset, key) DO UPDATE SET"
+            " type=CASE WHEN meta_types.shared = 0 AND meta_types.item = excluded.item"
+            "   THEN excluded.type ELSE meta_types.type END,"
+            " shared=CASE WHEN meta_types.item != excluded.item THEN 1 ELSE meta_types.shared END",
             [
                 (dataset, k, t, plan.key)
                 for k, v in plan.metadata.items()

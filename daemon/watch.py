@@ -91,7 +91,7 @@ def sidecar_target_entries(
     parent, _, name = sidecar_rel.rpartition("/")
     absdir = os.path.join(root, parent) if parent else root
     try:
-        siblings = os.listdir(absdir)
+        siblings = set(os.listdir(absdir))
     except OSError:
         return []
     out = []
@@ -107,6 +107,15 @@ def sidecar_target_entries(
     return out
 
 
+def _with_sidecars(watch: Watch) -> list[str]:
+    """The include list, widened so sidecars are seen even when include names only media:
+    a sidecar edit alone must update its item."""
+    template = watch.metadata.sidecar
+    if not watch.include or template is None:
+        return list(watch.include)
+    return [*watch.include, template.replace("{name}", "*").replace("{stem}", "*")]
+
+
 class WatchRunner:
     def __init__(
         self,
@@ -119,7 +128,7 @@ class WatchRunner:
         self.watch = watch
         self.ledger = ledger
         self.root = str(watch.source)
-        self.filter = PathFilter(watch.include, watch.exclude)
+        self.filter = PathFilter(_with_sidecars(watch), watch.exclude)
         self.source = LocalSource(watch.source, self.filter, follow_symlinks=watch.follow_symlinks)
         self.settler = Settler(
             watch.settle,

@@ -16,6 +16,7 @@ __all__ = [
     "Sidecar",
     "bind_path_pattern",
     "build_metadata",
+    "check_sidecar_template",
     "compile_path_pattern",
     "is_sidecar_name",
     "parse_sidecar",
@@ -137,6 +138,12 @@ def _template_shape(template: str) -> tuple[str, str]:
             f'sidecar {template!r}: needs literal text before or after the placeholder, e.g. "{{name}}.json"'
         )
     return prefix, suffix
+
+
+def check_sidecar_template(template: str) -> None:
+    """ValueError unless `template` is usable: `{name}`/`{stem}` only, no `/`, and literal
+    text before or after the placeholders (so that not every file is a sidecar)."""
+    _template_shape(template)
 
 
 def sidecar_name(template: str, file_name: str) -> str:

@@ -49,7 +49,10 @@ _TEMP_COMPONENT = r"\.|~\$|[^/]*\.(?:tmp|part|crdownload|swp)(?:/|\Z)"
 
 def is_temp_name(name: str) -> bool:
     """True for names a writer is still busy with or that are hidden: `.*`, `*.tmp`,
-    `*.part`, `~$*` (Office lock files), `*.crdownload` (Chrome), `*.swp` (vim)."""
+    `*.part`, `~$*` (Office lock files), `*.crdownload` (Chrome), `*.swp` (vim).
+
+    `name` is one path component; a path is never a name (PathFilter checks every
+    component of a path)."""
     return "/" not in name and _TEMP_NAME.match(name) is not None
 
 

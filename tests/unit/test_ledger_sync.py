@@ -215,3 +215,11 @@ async def test_pool_discards_a_file_changed_since_planned(tmp_path: Path) -> Non
     row = await ledger.call(ledger.sync.item_row, "w", "a.jpg")
     assert row["status"] == "pending" and row["attempts"] == 0
     await ledger.close()
+
+
+def test_a_key_used_by_two_items_keeps_its_type(ledger: Ledger) -> None:
+    assert apply(ledger, make_plan("a.jpg", 1, 1, {"n": 1})) == "pending"
+    assert apply(ledger, make_plan("b.jpg", 1, 1, {"n": 2})) == "pending"
+    # a, which set the key first, may no longer change its type: b uses it too
+    assert apply(ledger, make_plan("a.jpg", 1, 2, {"n": "one"})) == "failed"
+    assert '"n"' in ledger.item_row("w", "a.jpg")["last_error"]
