@@ -550,7 +550,7 @@ def patterns(draw: st.DrawFn) -> str:
 pattern_lists = st.lists(patterns(), max_size=3)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(pattern_lists, pattern_lists, relpaths)
 @example(["*.jpg"], ["a/**"], "a/x.jpg")
 @example([], ["**"], "a")
@@ -559,7 +559,7 @@ def test_accepts_matches_reference(include: list[str], exclude: list[str], relpa
     assert PathFilter(include, exclude).accepts(relpath) is ref_accepts(include, exclude, relpath)
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(pattern_lists, relpaths, st.lists(relpaths, min_size=1, max_size=5))
 def test_pruned_folders_hold_nothing_accepted(
     exclude: list[str], reldir: str, below: list[str]
@@ -570,7 +570,7 @@ def test_pruned_folders_hold_nothing_accepted(
             assert not f.accepts(f"{reldir}/{rest}")
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(pattern_lists, relpaths)
 def test_folders_the_rules_exclude_are_pruned(exclude: list[str], reldir: str) -> None:
     if ref_prunes(exclude, reldir):

@@ -14,6 +14,7 @@ from daemon.plan.metadata import (
     Sidecar,
     bind_path_pattern,
     build_metadata,
+    check_sidecar_template,
     compile_path_pattern,
     is_sidecar_name,
     parse_sidecar,
@@ -268,12 +269,20 @@ def test_targets_are_the_files_whose_sidecar_it_is(template: str, names: list[st
 )
 def test_bad_sidecar_templates(template: str, message: str) -> None:
     for call in (
+        lambda: check_sidecar_template(template),
         lambda: sidecar_name(template, "a.jpg"),
         lambda: is_sidecar_name(template, "a.jpg.json"),
         lambda: sidecar_targets(template, "a.jpg.json", ["a.jpg"]),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             call()
+
+
+@pytest.mark.parametrize(
+    "template", ["{name}.json", "{stem}.json", "meta_{stem}", "{stem}-{name}.x"]
+)
+def test_good_sidecar_templates(template: str) -> None:
+    check_sidecar_template(template)
 
 
 def test_sidecar_needs_data_or_error() -> None:
