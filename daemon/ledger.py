@@ -233,15 +233,25 @@ class Ledger:
             return None
         return dict(zip([d[0] for d in cur.description], row, strict=True))
 
-    def due(self, now: float, limit: int, exclude: Iterable[tuple[str, str]] = ()) -> list[Claim]:
-        """Pending items whose next attempt is due, oldest first."""
+    def due(
+        self,
+        now: float,
+        limit: int,
+        exclude: Iterable[tuple[str, str]] = (),
+        watches: Sequence[str] | None = None,
+    ) -> list[Claim]:
+        """Pending items of `watches` (all when None) whose next attempt is due, oldest
+        first. Items of watches no longer configured stay in the ledger untouched."""
         skip = set(exclude)
         out: list[Claim] = []
+        only = ""
+        if watches is not None:
+            only = f" AND watch IN ({','.join('?' * len(watches))})"
         cur = self.conn.execute(
             "SELECT watch, source_id, dataset, key, plan, desired_fp, synced_manifest, attempts,"
-            " backend_id FROM items WHERE status='pending' AND next_attempt <= ?"
+            f" backend_id FROM items WHERE status='pending' AND next_attempt <= ?{only}"
             " ORDER BY next_attempt LIMIT ?",
-            (now, limit + len(skip)),
+            (now, *(watches or ()), limit + len(skip)),
         )
         for w, sid, ds, key, plan, dfp, sm, att, bid in cur.fetchall():
             if (w, sid) in skip:
@@ -265,9 +275,13 @@ class Ledger:
                 break
         return out
 
-    def next_due_time(self) -> float | None:
+    def next_due_time(self, watches: Sequence[str] | None = None) -> float | None:
+        only = ""
+        if watches is not None:
+            only = f" AND watch IN ({','.join('?' * len(watches))})"
         row = self.conn.execute(
-            "SELECT min(next_attempt) FROM items WHERE status='pending'"
+            f"SELECT min(next_attempt) FROM items WHERE status='pending'{only}",
+            tuple(watches or ()),
         ).fetchone()
         return row[0] if row and row[0] is not None else None
 

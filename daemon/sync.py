@@ -143,9 +143,12 @@ class SyncPool:
             claims: list[Claim] = []
             if free > 0:
                 claims = await self.ledger.call(
-                    self.ledger.sync.due, time.time(), free, list(self._inflight)
+                    self.ledger.sync.due,
+                    time.time(),
+                    free,
+                    list(self._inflight),
+                    list(self.watches),
                 )
-                claims = [c for c in claims if c.watch in self.watches]
                 for claim in claims:
                     k = (claim.watch, claim.source_id)
                     self._inflight[k] = asyncio.create_task(self._process(claim))
@@ -153,7 +156,7 @@ class SyncPool:
                 continue
             timeout = poll
             if free > 0 and not claims:
-                nxt = await self.ledger.call(self.ledger.sync.next_due_time)
+                nxt = await self.ledger.call(self.ledger.sync.next_due_time, list(self.watches))
                 if nxt is not None:
                     timeout = min(poll, max(0.0, nxt - time.time()))
             with contextlib.suppress(TimeoutError):
