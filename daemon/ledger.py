@@ -125,6 +125,7 @@ class WatchCounts:
     deleted: int = 0
 
 
+LedgerOp = Callable[[sqlite3.Connection], Any]
 ConflictCheck = Callable[[Mapping[str, Any], Mapping[str, tuple[str, str]]], list[str]]
 TypeOf = Callable[[Any], str | None]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.errors import PermanentError, RetriableError, SourceChangedError
-from daemon.ledger import AsyncLedger, Claim, Ledger, key_conflict_reason
+from daemon.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
 from daemon.model import FilePayload, ItemPayload, ItemPlan, SlotPayload
 from daemon.sinks.base import Sink
 
@@ -123,6 +123,7 @@ class SyncPool:
         self._on_source_changed = on_source_changed
         self._on_outcome = on_outcome
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._busy = 0  # workers between claim and sink result
         self._wake = asyncio.Event()
         self._stopping = False
         self._datasets_ready: set[str] = set()
@@ -139,7 +140,7 @@ class SyncPool:
         `ingestd retry` from another process and backoff timers are picked up."""
         while not self._stopping:
             self._wake.clear()
-            free = self.workers - len(self._inflight)
+            free = self.workers - self._busy
             claims: list[Claim] = []
             if free > 0:
                 claims = await self.ledger.call(
@@ -151,8 +152,9 @@ class SyncPool:
                 )
                 for claim in claims:
                     k = (claim.watch, claim.source_id)
+                    self._busy += 1
                     self._inflight[k] = asyncio.create_task(self._process(claim))
-            if claims and len(self._inflight) < self.workers:
+            if claims and self._busy < self.workers:
                 continue
             timeout = poll
             if free > 0 and not claims:
@@ -179,21 +181,33 @@ class SyncPool:
     async def _process(self, claim: Claim) -> None:
         k = (claim.watch, claim.source_id)
         try:
-            outcome = await self._sync_one(claim)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug: keep the item, back off, say so loudly
-            log.exception("sync step crashed", watch=claim.watch, item=claim.key)
-            reason = f"internal error: {type(e).__name__}: {e}"
-            await self._record_retry(claim, reason, backoff_delay(claim.attempts), count=True)
-            outcome = Outcome(claim, "retry", error=reason)
+            try:
+                outcome, op = await self._sync_one(claim)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug: keep the item, back off, say so loudly
+                log.exception("sync step crashed", watch=claim.watch, item=claim.key)
+                reason = f"internal error: {type(e).__name__}: {e}"
+                outcome = Outcome(claim, "retry", error=reason)
+                op = _retry_op(claim, reason, backoff_delay(claim.attempts), count=True)
+            finally:
+                # The worker is free once the sink is done; the item stays claimed until
+                # its result is committed, so recording overlaps the next upload.
+                self._busy -= 1
+                self._wake.set()
+            await self.ledger.write(op)
         finally:
             self._inflight.pop(k, None)
             self._wake.set()
+        if outcome.result == "changed" and self._on_source_changed and claim.plan is not None:
+            self._on_source_changed(
+                claim.watch, [f.relpath for s in claim.plan.slots for f in s.files]
+            )
         if self._on_outcome is not None:
             self._on_outcome(outcome)
 
-    async def _sync_one(self, claim: Claim) -> Outcome:
+    async def _sync_one(self, claim: Claim) -> tuple[Outcome, LedgerOp]:
+        """Do the work for one claim; return its outcome and the ledger op recording it."""
         bound = log.bind(watch=claim.watch, item=claim.key)
         side = self.watches[claim.watch]
         now = time.time
@@ -206,61 +220,49 @@ class SyncPool:
             manifest = payload.manifest()
             if manifest == claim.synced_manifest:
                 # touched, or re-planned with identical content: nothing to send
-                await self.ledger.write(Ledger.op_synced(claim, manifest, claim.backend_id, now()))
                 bound.debug("unchanged content, nothing sent")
-                return Outcome(claim, "unchanged")
+                op = Ledger.op_synced(claim, manifest, claim.backend_id, now())
+                return Outcome(claim, "unchanged"), op
             if claim.dataset not in self._datasets_ready:
                 await self.sink.ensure_dataset(claim.dataset)
                 self._datasets_ready.add(claim.dataset)
             result = await self.sink.put_item(claim.dataset, payload)
-            await self.ledger.write(Ledger.op_synced(claim, manifest, result.backend_id, now()))
             size = sum(f.size for s in payload.slots for f in s.files)
-            bound.info(
-                "synced",
-                version=result.version,
-                bytes=size,
-                changed=result.changed,
-            )
-            return Outcome(claim, "synced", bytes=size)
+            bound.info("synced", version=result.version, bytes=size, changed=result.changed)
+            op = Ledger.op_synced(claim, manifest, result.backend_id, now())
+            return Outcome(claim, "synced", bytes=size), op
         except SourceChangedError as e:
             # Not an attempt: the file is still moving. The source re-plans it once it
             # settles; the retry here is a backstop in case no event arrives.
             bound.info("file changed while syncing; waiting for it to settle", reason=e.reason)
-            await self._record_retry(claim, None, side.settle + 1.0, count=False)
-            if self._on_source_changed is not None and claim.plan is not None:
-                self._on_source_changed(
-                    claim.watch, [f.relpath for s in claim.plan.slots for f in s.files]
-                )
-            return Outcome(claim, "changed", error=e.reason)
+            op = _retry_op(claim, None, side.settle + 1.0, count=False)
+            return Outcome(claim, "changed", error=e.reason), op
         except RetriableError as e:
             delay = backoff_delay(claim.attempts, e.retry_after)
             bound.warning("sync failed, will retry", reason=e.reason, retry_in=round(delay, 1))
-            await self._record_retry(claim, e.reason, delay, count=True)
-            return Outcome(claim, "retry", error=e.reason)
-        except _Conflict as e:
-            bound.error("item failed", reason=e.reason)
-            await self.ledger.write(Ledger.op_failed(claim, e.reason, "conflict", now()))
-            return Outcome(claim, "failed", error=e.reason)
+            return Outcome(claim, "retry", error=e.reason), _retry_op(
+                claim, e.reason, delay, count=True
+            )
         except PermanentError as e:
+            kind = "conflict" if isinstance(e, _Conflict) else "sink"
             bound.error("item failed", reason=e.reason)
-            await self.ledger.write(Ledger.op_failed(claim, e.reason, "sink", now()))
-            return Outcome(claim, "failed", error=e.reason)
+            return Outcome(claim, "failed", error=e.reason), Ledger.op_failed(
+                claim, e.reason, kind, now()
+            )
 
-    async def _delete(self, claim: Claim, bound: structlog.typing.FilteringBoundLogger) -> Outcome:
+    async def _delete(
+        self, claim: Claim, bound: structlog.typing.FilteringBoundLogger
+    ) -> tuple[Outcome, LedgerOp]:
         m = claim.synced_manifest
         if m is not None and self.sink.capabilities.delete:
             await self.sink.delete_item(claim.dataset, m["path"], m["name"])
             bound.info("deleted from the dataset (on_delete: delete)")
-        await self.ledger.write(Ledger.op_synced(claim, None, None, time.time()))
-        return Outcome(claim, "deleted")
+        return Outcome(claim, "deleted"), Ledger.op_synced(claim, None, None, time.time())
 
-    async def _record_retry(
-        self, claim: Claim, reason: str | None, delay: float, *, count: bool
-    ) -> None:
-        now = time.time()
-        await self.ledger.write(
-            Ledger.op_retry_later(claim, reason, now + delay, count_attempt=count, now=now)
-        )
+
+def _retry_op(claim: Claim, reason: str | None, delay: float, *, count: bool) -> LedgerOp:
+    now = time.time()
+    return Ledger.op_retry_later(claim, reason, now + delay, count_attempt=count, now=now)
 
 
 class _Conflict(PermanentError):
