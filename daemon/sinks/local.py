@@ -51,25 +51,20 @@ class LocalSink:
 
     async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
         files = [f for slot in item.slots for f in slot.files]
-        results = await asyncio.gather(
-            *(self._run(partial(self._put_blob, f)) for f in files),
-            return_exceptions=True,
-        )
-        # Wait for every file before failing, so no copy is still running when the
-        # caller hears about the failure (and, say, closes the sink).
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-
-        def upsert(store: Store) -> tuple[int, bool]:
-            try:
-                return store.catalog.upsert_item(
-                    dataset, item.path, item.name, [s.manifest() for s in item.slots], item.metadata
-                )
-            except (ValueError, TypeError) as e:  # bad name or path, metadata not JSON
-                raise PermanentError(f"cannot store item {item.key}: {e}") from e
-
-        version, changed = await self._run(lambda: self._catalog_call(upsert))
+        if len(files) > 1:
+            results = await asyncio.gather(
+                *(self._run(partial(self._put_blob, f)) for f in files),
+                return_exceptions=True,
+            )
+            # Wait for every file before failing, so no copy is still running when the
+            # caller hears about the failure (and, say, closes the sink).
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            files = []
+        # Most items have one file: its blob and the catalog entry then share one trip to
+        # the pool, which at thousands of small files per second is a real saving.
+        version, changed = await self._run(partial(self._put_sync, dataset, item, files))
         return PutResult(backend_id=item.key, version=version, changed=changed)
 
     async def delete_item(self, dataset: str, path: str, name: str) -> None:
@@ -122,6 +117,24 @@ class LocalSink:
             raise PermanentError(f"cannot store {f.local_path}: {e}") from e
         except OSError as e:  # e.g. EIO on the source disk: may clear up
             raise RetriableError(f"cannot read {f.local_path}: {e.strerror or e}") from e
+
+    def _put_sync(
+        self, dataset: str, item: ItemPayload, files: list[FilePayload]
+    ) -> tuple[int, bool]:
+        """Store `files` (those not stored yet), then the item's catalog entry."""
+        for f in files:
+            self._put_blob(f)
+
+        def upsert(store: Store) -> tuple[int, bool]:
+            slots = [s.manifest() for s in item.slots]
+            try:
+                return store.catalog.upsert_item(
+                    dataset, item.path, item.name, slots, item.metadata
+                )
+            except (ValueError, TypeError) as e:  # bad name or path, metadata not JSON
+                raise PermanentError(f"cannot store item {item.key}: {e}") from e
+
+        return self._catalog_call(upsert)
 
     def _catalog_call(self, fn: Callable[[Store], T]) -> T:
         store = self._open()

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import os
 import re
 import secrets
@@ -109,6 +110,7 @@ class BlobStore:
         self._blobs = self.root / "blobs" / "sha256"
         self._tmp = self.root / "tmp"
         self._token = secrets.token_hex(4)
+        self._serial = itertools.count()  # next() on it is atomic under the GIL
         self._prepare_dirs()
         with _LIVE_TOKENS_LOCK:
             _LIVE_TOKENS.add(self._token)
@@ -208,7 +210,7 @@ class BlobStore:
                 return BlobWrite(expected_digest, stored_size, created=False)
 
         with open(src, "rb", buffering=0) as source:
-            tmp = self._tmp / f"{os.getpid()}-{self._token}-{secrets.token_hex(8)}.tmp"
+            tmp = self._tmp / f"{os.getpid()}-{self._token}-{next(self._serial)}.tmp"
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             except OSError as e:

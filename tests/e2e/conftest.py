@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import signal
@@ -155,3 +157,72 @@ def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     yield e
     e.kill()
+
+
+# --- helpers for the behaviour, bad-input and config-error tests ---------------------------
+
+
+def sha256_digest(data: bytes) -> str:
+    """The digest the store reports for these bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def log_lines(env: Env, event: str, **fields: Any) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines with this `event` whose fields equal `fields`
+    (e.g. `log_lines(env, "synced", item="/a.jpg")`)."""
+    return [
+        e
+        for e in env.log_events()
+        if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+    ]
+
+
+def synced_lines(env: Env, item: str, watch: str | None = None) -> list[dict[str, Any]]:
+    """The "synced" lines for one item (each is one put to the sink)."""
+    fields: dict[str, Any] = {"item": item}
+    if watch is not None:
+        fields["watch"] = watch
+    return log_lines(env, "synced", **fields)
+
+
+# Root ignores file mode bits (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a file with
+# mode 000 is readable to a daemon running as root. Running it as another user is not
+# possible here (the interpreter may live under a 0700 home), so instead the daemon is
+# started with those two capabilities removed from its bounding set: after exec, uid 0
+# then gets every capability but them, and mode bits apply to it like to anyone else.
+_PR_CAPBSET_DROP = 24
+_DAC_CAPS = (1, 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _drop_dac_capabilities() -> None:  # runs in the child between fork and exec
+    for cap in _DAC_CAPS:
+        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
+
+
+def mode_bits_popen(tmp: Path) -> dict[str, Any]:
+    """Popen keyword arguments under which a child process obeys file mode bits, for
+    `Env.start(**mode_bits_popen(tmp))`. Skips the test when that cannot be arranged."""
+    popen: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        popen["preexec_fn"] = _drop_dac_capabilities
+    probe = tmp / "mode-bits-probe"
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", f"open({str(probe)!r}, 'rb')"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            **popen,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot start a process that obeys file mode bits: {e}")
+    finally:
+        probe.unlink()
+    if proc.returncode == 0:
+        pytest.skip("cannot start a process that obeys file mode bits (mode 000 stays readable)")
+    return popen

@@ -1,0 +1,705 @@
+"""What users rely on (DESIGN.md, "Behaviour that users rely on"), through the real CLI:
+folder layout, include/exclude, settling, updates, touches, metadata, deletions, one-pass
+sync, retry and shutdown.
+
+Checks that something did NOT happen are made deterministic by waiting for a later,
+positive sign that the daemon went past the moment in question (a log line for the
+very file, a sentinel file synced after it, no pending items left).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import (
+    Env,
+    log_lines,
+    mode_bits_popen,
+    sha256_digest,
+    synced_lines,
+    wait_for,
+)
+
+
+def write(path: Path, data: bytes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def file_digest(item: dict[str, Any]) -> str:
+    return item["slots"][0]["files"][0]["digest"]
+
+
+def settled(env: Env, watch: str = "w") -> dict[str, Any] | None:
+    """The watch's status once nothing is pending any more (None before)."""
+    st = env.watch_status(watch)
+    return st if st["pending"] == 0 else None
+
+
+# --- 1. folders --------------------------------------------------------------------------
+
+
+def test_preserve_folders_mirrors_sub_folders(env: Env) -> None:
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "path": "/in",
+                "preserve_folders": True,
+            }
+        ]
+    )
+    env.start()
+    files = {
+        "top.jpg": b"top",
+        "a/same.jpg": b"a-same",
+        "b/same.jpg": b"b-same",
+        "a/b/c/deep.jpg": b"deep",
+    }
+    for rel, data in files.items():
+        write(drop / rel, data)
+    expected = {f"/in/{rel}": data for rel, data in files.items()}
+    items = wait_for(
+        lambda: (i := env.items_by_key()) and set(i) == set(expected) and i,
+        what=f"items {sorted(expected)}",
+    )
+    for key, data in expected.items():
+        item = items[key]
+        assert item["path"] == key.rsplit("/", 1)[0]
+        assert item["name"] == key.rsplit("/", 1)[1]
+        assert file_digest(item) == sha256_digest(data)
+        assert item["version"] == 1
+    assert items["/in/a/b/c/deep.jpg"]["path"] == "/in/a/b/c"
+    assert items["/in/top.jpg"]["path"] == "/in"
+    assert env.stop() == 0
+
+
+def test_flat_layout_same_name_second_file_fails_first_intact(env: Env) -> None:
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "path": "/flat",
+                "preserve_folders": False,
+            }
+        ]
+    )
+    env.start()
+    first = write(drop / "a" / "same.jpg", b"first, from folder a")
+    write(drop / "x" / "y" / "other.jpg", b"other")
+    wait_for(lambda: "/flat/same.jpg" in env.items_by_key(), what="the first same.jpg")
+    # Only now the second one, so which file came first is not a race.
+    write(drop / "b" / "same.jpg", b"second, from folder b -- must not replace the first")
+
+    def failed() -> dict[str, Any] | None:
+        st = env.watch_status()
+        return st if st["failed"] == 1 else None
+
+    st = wait_for(failed, what="the second same.jpg to fail")
+    assert st["synced"] == 2 and st["pending"] == 0
+    errors = [e for e in st["last_errors"] if e["item"] == "/flat/same.jpg"]
+    assert len(errors) == 1, st["last_errors"]
+    reason = errors[0]["error"]
+    assert "a/same.jpg" in reason and "b/same.jpg" in reason, reason
+
+    items = env.items_by_key()
+    assert set(items) == {"/flat/same.jpg", "/flat/other.jpg"}
+    for item in items.values():
+        assert item["path"] == "/flat"
+    same = items["/flat/same.jpg"]
+    assert file_digest(same) == sha256_digest(first)
+    assert same["version"] == 1, "the first item was overwritten by the second file"
+    assert len(synced_lines(env, "/flat/same.jpg")) == 1
+    failures = log_lines(env, "item failed", watch="w")
+    assert any("b/same.jpg" in str(e.get("reason")) for e in failures), failures
+    assert env.stop() == 0
+
+
+# --- 2. which files are taken ------------------------------------------------------------
+
+
+def test_include_exclude_and_temp_names(env: Env) -> None:
+    picky, anything = env.drop("picky"), env.drop("anything")
+    env.write_config(
+        [
+            {
+                "name": "picky",
+                "source": str(picky),
+                "dataset": "picky",
+                "include": ["*.jpg", "docs/**/*.txt"],
+                "exclude": ["cache", "raw/**/*.jpg", "*_thumb.jpg"],
+            },
+            # No patterns at all: every file is taken, except temp and hidden names.
+            {"name": "anything", "source": str(anything), "dataset": "anything"},
+        ]
+    )
+    env.start()
+    taken = [
+        "a.jpg",
+        "sub/b.jpg",
+        "cachefile.jpg",  # `cache` names a folder or file called exactly that
+        "sub/raw/g.jpg",  # `raw/**` is anchored at the watch root
+        "docs/n1.txt",  # `**` also matches no folder at all
+        "docs/x/y/n2.txt",
+    ]
+    dropped = [
+        "c.png",  # not included
+        "notes.txt",  # .txt only under docs/
+        "other/docs/n3.txt",  # docs/ is anchored at the root
+        "sub/b_thumb.jpg",  # excluded by name at any depth
+        "cache/c.jpg",  # excluded folder, at the root...
+        "sub/cache/d.jpg",  # ...and deeper
+        "raw/e.jpg",
+        "raw/2024/05/f.jpg",
+        ".hidden.jpg",  # temp and hidden names, even though *.jpg includes them
+        "sub/.h.jpg",
+        "~$x.jpg",
+    ]
+    for rel in taken + dropped:
+        write(picky / rel, rel.encode())
+    taken_any = ["ok.docx", "x.tmpl", "deep/er/file"]
+    dropped_any = [
+        ".hidden",
+        "x.tmp",
+        "x.part",
+        "~$x.docx",
+        "x.crdownload",
+        "sub/y.tmp",
+        ".cfg/inside.jpg",  # inside a hidden folder
+    ]
+    for rel in taken_any + dropped_any:
+        write(anything / rel, rel.encode())
+    # Written last: once these are items, every file above has been judged.
+    write(picky / "zz_last.jpg", b"sentinel")
+    write(anything / "zz_last", b"sentinel")
+    expected_picky = {"/" + r for r in [*taken, "zz_last.jpg"]}
+    expected_any = {"/" + r for r in [*taken_any, "zz_last"]}
+    wait_for(
+        lambda: expected_picky <= set(env.items_by_key("picky")),
+        what=f"picky items {sorted(expected_picky)}",
+    )
+    wait_for(
+        lambda: expected_any <= set(env.items_by_key("anything")),
+        what=f"anything items {sorted(expected_any)}",
+    )
+    assert set(env.items_by_key("picky")) == expected_picky
+    assert set(env.items_by_key("anything")) == expected_any
+    # Ignored files are not even tracked as failed or pending items.
+    for name, expected in (("picky", expected_picky), ("anything", expected_any)):
+        st = wait_for(lambda n=name: settled(env, n), what=f"{name} to settle")
+        assert (st["synced"], st["failed"]) == (len(expected), 0), st
+    assert env.stop() == 0
+
+
+# --- 3-5. settling, updates, touches -----------------------------------------------------
+
+
+def test_slowly_written_file_is_uploaded_once_complete(env: Env) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "settle": "1s"}])
+    env.start()
+    chunks = [os.urandom(64 * 1024) for _ in range(10)]
+    gaps = []
+    with open(drop / "slow.jpg", "wb") as fh:
+        last = time.monotonic()
+        for chunk in chunks:
+            fh.write(chunk)
+            fh.flush()
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            time.sleep(0.3)  # the writer's pace: this is the scenario, not a wait
+    if max(gaps) >= 0.9:
+        pytest.skip(f"the writer itself stalled for {max(gaps):.2f}s, close to settle (1s)")
+    content = b"".join(chunks)
+    item = wait_for(lambda: env.items_by_key().get("/slow.jpg"), what="/slow.jpg")
+    wait_for(lambda: settled(env), what="nothing pending")
+    item = env.items_by_key()["/slow.jpg"]
+    f = item["slots"][0]["files"][0]
+    assert f["digest"] == sha256_digest(content)
+    assert f["size"] == len(content)
+    assert item["version"] == 1, "a partial version was uploaded before the complete one"
+    assert len(synced_lines(env, "/slow.jpg")) == 1
+    assert env.stop() == 0
+
+
+def test_changed_file_updates_the_same_item(env: Env) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "path": "/p"}])
+    env.start()
+    v1 = write(drop / "sub" / "a.jpg", b"version one")
+    item = wait_for(lambda: env.items_by_key().get("/p/sub/a.jpg"), what="/p/sub/a.jpg")
+    assert item["version"] == 1 and file_digest(item) == sha256_digest(v1)
+    v2 = write(drop / "sub" / "a.jpg", b"version two, longer than one")
+    item = wait_for(
+        lambda: (i := env.items_by_key().get("/p/sub/a.jpg")) and i["version"] == 2 and i,
+        what="version 2 of /p/sub/a.jpg",
+    )
+    assert file_digest(item) == sha256_digest(v2)
+    assert item["slots"][0]["files"][0]["size"] == len(v2)
+    assert list(env.items_by_key()) == ["/p/sub/a.jpg"]
+    wait_for(lambda: settled(env), what="nothing pending")
+    assert [e["version"] for e in synced_lines(env, "/p/sub/a.jpg")] == [1, 2]
+    assert env.watch_status()["synced"] == 1
+    assert env.stop() == 0
+
+
+def test_touch_without_change_uploads_nothing(env: Env) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
+    env.start()
+    write(drop / "t1.jpg", b"touched by touch(1)")
+    write(drop / "t2.jpg", b"opened for writing and closed unchanged")
+    wait_for(lambda: {"/t1.jpg", "/t2.jpg"} <= set(env.items_by_key()), what="both items")
+    wait_for(lambda: settled(env), what="nothing pending")
+    later = time.time() + 5
+    # t1: a bare mtime change (inotify says nothing but IN_ATTRIB): a rescan finds it.
+    os.utime(drop / "t1.jpg", (later, later))
+    assert env.daemon is not None
+    env.daemon.send_signal(signal.SIGUSR1)  # what `ingestd retry` sends: rescan now
+    # t2: a writer that opens, changes nothing, and closes (close-after-write event).
+    os.utime(drop / "t2.jpg", (later, later))
+    with open(drop / "t2.jpg", "ab"):
+        pass
+    # The daemon reports that it looked at each touched file and found nothing to send.
+    for key in ("/t1.jpg", "/t2.jpg"):
+        wait_for(
+            lambda k=key: log_lines(env, "unchanged content, nothing sent", item=k),
+            what=f"the daemon to re-check {key}",
+        )
+    write(drop / "after.jpg", b"sentinel")
+    wait_for(lambda: "/after.jpg" in env.items_by_key(), what="the sentinel item")
+    wait_for(lambda: settled(env), what="nothing pending")
+    items = env.items_by_key()
+    for key in ("/t1.jpg", "/t2.jpg"):
+        assert items[key]["version"] == 1, key
+        assert len(synced_lines(env, key)) == 1, synced_lines(env, key)
+    assert env.watch_status()["synced"] == 3
+    assert env.stop() == 0
+
+
+# --- 6-7. metadata -----------------------------------------------------------------------
+
+
+def test_sidecar_path_pattern_and_static_metadata(env: Env) -> None:
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "metadata": {
+                    "static": {"site": "lab", "rig": 7},
+                    "path_pattern": "{camera}/{date}/*",
+                    "sidecar": "{name}.json",
+                },
+            }
+        ]
+    )
+    env.start()
+    shot = drop / "cam1" / "2024-05-01" / "a.jpg"
+    sidecar = shot.with_name("a.jpg.json")
+    write(sidecar, json.dumps({"exposure": 1.5, "label": "cat", "tags": ["x"]}).encode())
+    write(shot, b"image bytes")
+    write(drop / "loose.jpg", b"no pattern match, no sidecar")
+    key = "/cam1/2024-05-01/a.jpg"
+    item = wait_for(lambda: env.items_by_key().get(key), what=key)
+    assert item["metadata"] == {
+        "site": "lab",
+        "rig": 7,
+        "camera": "cam1",
+        "date": "2024-05-01",
+        "exposure": 1.5,
+        "label": "cat",
+        "tags": ["x"],
+    }
+    assert item["version"] == 1
+    loose = wait_for(lambda: env.items_by_key().get("/loose.jpg"), what="/loose.jpg")
+    assert loose["metadata"] == {"site": "lab", "rig": 7}
+    # The sidecar is metadata, never an item of its own.
+    assert set(env.items_by_key()) == {key, "/loose.jpg"}
+
+    # Editing the sidecar updates the item; keys it no longer has are dropped.
+    write(sidecar, json.dumps({"label": "dog"}).encode())
+    item = wait_for(
+        lambda: (i := env.items_by_key().get(key)) and i["version"] == 2 and i,
+        what=f"version 2 of {key}",
+    )
+    assert item["metadata"] == {
+        "site": "lab",
+        "rig": 7,
+        "camera": "cam1",
+        "date": "2024-05-01",
+        "label": "dog",
+    }
+    assert file_digest(item) == sha256_digest(b"image bytes")
+    wait_for(lambda: settled(env), what="nothing pending")
+    assert env.items_by_key()[key]["version"] == 2
+    assert env.watch_status()["failed"] == 0
+    assert env.stop() == 0
+
+
+def test_metadata_type_conflict_fails_only_the_later_item(env: Env) -> None:
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "metadata": {"sidecar": "{name}.json"},
+            }
+        ]
+    )
+    env.start()
+    write(drop / "a.jpg.json", b'{"exposure": 1}')
+    write(drop / "a.jpg", b"a")
+    a = wait_for(lambda: env.items_by_key().get("/a.jpg"), what="/a.jpg")
+    assert a["metadata"] == {"exposure": 1}
+    write(drop / "b.jpg.json", b'{"exposure": "high"}')
+    write(drop / "b.jpg", b"b")
+    write(drop / "c.jpg.json", b'{"exposure": 2}')
+    write(drop / "c.jpg", b"c")
+
+    def b_failed() -> dict[str, Any] | None:
+        st = env.watch_status()
+        return st if st["failed"] == 1 and st["synced"] == 2 and st["pending"] == 0 else None
+
+    st = wait_for(b_failed, what="b to fail and c to sync")
+    [err] = [e for e in st["last_errors"] if e["item"] == "/b.jpg"]
+    assert "exposure" in err["error"], err
+    assert "/a.jpg" in err["error"] or "/c.jpg" in err["error"], err
+    items = env.items_by_key()
+    assert set(items) == {"/a.jpg", "/c.jpg"}
+    assert items["/a.jpg"]["version"] == 1 and items["/a.jpg"]["metadata"] == {"exposure": 1}
+    assert items["/c.jpg"]["metadata"] == {"exposure": 2}
+    assert not synced_lines(env, "/b.jpg")
+    assert env.stop() == 0
+
+
+# --- 8. deletions ------------------------------------------------------------------------
+
+
+def test_on_delete_keep_and_delete(env: Env) -> None:
+    keep, delete = env.drop("keep"), env.drop("delete")
+    env.write_config(
+        [
+            {"name": "keep", "source": str(keep), "dataset": "dk", "on_delete": "keep"},
+            {"name": "delete", "source": str(delete), "dataset": "dd", "on_delete": "delete"},
+        ]
+    )
+    env.start()
+    for folder in (keep, delete):
+        for n in range(3):
+            write(folder / f"f{n}.jpg", f"{folder.name} {n}".encode())
+    wanted = {f"/f{n}.jpg" for n in range(3)}
+    for ds in ("dk", "dd"):
+        wait_for(lambda d=ds: set(env.items_by_key(d)) == wanted, what=f"3 items in {ds}")
+    (keep / "f0.jpg").unlink()
+    (delete / "f0.jpg").unlink()
+    # on_delete: delete: the item leaves the dataset.
+    wait_for(
+        lambda: set(env.items_by_key("dd")) == wanted - {"/f0.jpg"},
+        what="/f0.jpg to leave dataset dd",
+    )
+    # on_delete: keep: the daemon forgets the file (the ledger no longer counts it) ...
+    wait_for(lambda: env.watch_status("keep")["synced"] == 2, what="keep to forget f0.jpg")
+    assert log_lines(env, "source files gone", watch="keep")
+    # ... but the item stays in the dataset, untouched.
+    kept = env.items_by_key("dk")
+    assert set(kept) == wanted
+    assert kept["/f0.jpg"]["version"] == 1
+    assert file_digest(kept["/f0.jpg"]) == sha256_digest(b"keep 0")
+    assert env.watch_status("delete")["synced"] == 2
+    assert env.stop() == 0
+
+
+def _ten_synced(env: Env, drop: Path) -> None:
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "on_delete": "delete",
+                "max_delete": "50%",
+            }
+        ]
+    )
+    env.start()
+    for n in range(10):
+        write(drop / f"f{n}.jpg", f"file {n}".encode())
+    wait_for(lambda: len(env.items_by_key()) == 10, what="10 items")
+    wait_for(lambda: (s := settled(env)) and s["synced"] == 10, what="10 synced")
+
+
+def _assert_refused(env: Env) -> None:
+    def problem() -> str | None:
+        return env.watch_status()["problem"]
+
+    text = wait_for(problem, what="the watch to report a refused mass deletion")
+    assert "max_delete" in text and "refused" in text, text
+    assert "8 of 10" in text, text
+    assert log_lines(env, "mass deletion refused", watch="w")
+
+
+def test_max_delete_guard_after_restart(env: Env) -> None:
+    drop = env.drop()
+    _ten_synced(env, drop)
+    assert env.stop() == 0
+    for n in range(8):
+        (drop / f"f{n}.jpg").unlink()
+    env.restart()
+    _assert_refused(env)
+    # The watch keeps working for everything else.
+    write(drop / "new.jpg", b"new")
+    wait_for(lambda: "/new.jpg" in env.items_by_key(), what="/new.jpg")
+    wait_for(lambda: settled(env), what="nothing pending")
+    items = env.items_by_key()
+    assert {f"/f{n}.jpg" for n in range(10)} <= set(items)
+    assert len(items) == 11
+    assert not log_lines(env, "deleted from the dataset (on_delete: delete)")
+    assert env.watch_status()["synced"] == 11
+    assert env.stop() == 0
+
+
+def test_max_delete_guard_while_running(env: Env) -> None:
+    drop = env.drop()
+    _ten_synced(env, drop)
+    away = env.drop("away")
+    for n in range(8):
+        (drop / f"f{n}.jpg").rename(away / f"f{n}.jpg")
+    _assert_refused(env)
+    write(drop / "new.jpg", b"new")
+    wait_for(lambda: "/new.jpg" in env.items_by_key(), what="/new.jpg")
+    wait_for(lambda: settled(env), what="nothing pending")
+    assert len(env.items_by_key()) == 11
+    assert not log_lines(env, "deleted from the dataset (on_delete: delete)")
+    assert env.stop() == 0
+
+
+# --- 9. one pass -------------------------------------------------------------------------
+
+
+def test_sync_one_pass_and_dry_run(env: Env) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "path": "/p"}])
+    files = {"a.jpg": b"a", "sub/b.jpg": b"b", "sub/deeper/c.png": b"c"}
+    for rel, data in files.items():
+        write(drop / rel, data)
+    keys = {f"/p/{rel}" for rel in files}
+
+    dry = env.cli("sync", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "Traceback" not in dry.stderr
+    lines = {line for line in dry.stdout.splitlines() if line.strip()}
+    assert lines == {f"create  ds {k}" for k in keys}, dry.stdout
+    # A dry run changes nothing: no items, no ledger, nothing counted.
+    assert env.items() == []
+    assert not (env.state / "ledger.sqlite").exists()
+    assert env.watch_status()["synced"] == 0
+
+    done = env.cli("sync", timeout=60)
+    assert done.returncode == 0, done.stderr
+    items = env.items_by_key()
+    assert set(items) == keys
+    for rel, data in files.items():
+        assert file_digest(items[f"/p/{rel}"]) == sha256_digest(data)
+        assert items[f"/p/{rel}"]["version"] == 1
+    st = env.status()
+    assert st["daemon"]["running"] is False
+    w = st["watches"][0]
+    assert (w["synced"], w["pending"], w["failed"]) == (3, 0, 0)
+
+    again = env.cli("sync", "--dry-run")
+    assert again.returncode == 0 and again.stdout.strip() == "nothing to do", again.stdout
+    write(drop / "a.jpg", b"a, changed")
+    (drop / "sub" / "b.jpg").unlink()
+    changed = env.cli("sync", "--dry-run")
+    assert changed.returncode == 0, changed.stderr
+    assert set(changed.stdout.split("\n")) - {""} == {
+        "update  ds /p/a.jpg",
+        "forget  ds /p/sub/b.jpg",
+    }
+    items = env.items_by_key()
+    assert items["/p/a.jpg"]["version"] == 1 and set(items) == keys
+
+    # A second real pass applies it; the run is idempotent otherwise.
+    assert env.cli("sync", timeout=60).returncode == 0
+    items = env.items_by_key()
+    assert items["/p/a.jpg"]["version"] == 2
+    assert items["/p/sub/deeper/c.png"]["version"] == 1
+
+
+def test_sync_one_pass_exits_1_when_an_item_failed(env: Env) -> None:
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "metadata": {"sidecar": "{name}.json"},
+            }
+        ]
+    )
+    write(drop / "good.jpg", b"good")
+    write(drop / "bad.jpg", b"bad")
+    write(drop / "bad.jpg.json", b"{oops")
+    proc = env.cli("sync", timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert set(env.items_by_key()) == {"/good.jpg"}
+    w = env.watch_status()
+    assert (w["synced"], w["failed"]) == (1, 1)
+
+
+# --- 10. retry ---------------------------------------------------------------------------
+
+
+def test_retry_requeues_a_permanently_failed_item(env: Env, tmp_path: Path) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
+    env.start(**mode_bits_popen(tmp_path))
+    hidden = drop / ".locked.jpg"  # hidden names are ignored until the rename below
+    write(hidden, b"locked content")
+    hidden.chmod(0)
+    hidden.rename(drop / "locked.jpg")
+    write(drop / "fine.jpg", b"fine")
+
+    def failed() -> dict[str, Any] | None:
+        st = env.watch_status()
+        return st if (st["failed"], st["synced"], st["pending"]) == (1, 1, 0) else None
+
+    st = wait_for(failed, what="locked.jpg to fail and fine.jpg to sync")
+    [err] = st["last_errors"]
+    assert err["item"] == "/locked.jpg"
+    assert "permission denied" in err["error"].lower(), err
+    assert st["synced"] == 1
+    assert set(env.items_by_key()) == {"/fine.jpg"}
+
+    # Fixing the mode changes neither content nor mtime: only `retry` brings it back.
+    (drop / "locked.jpg").chmod(0o644)
+    proc = env.cli("retry", "w")
+    assert proc.returncode == 0, proc.stderr
+    assert "queued 1" in proc.stdout, proc.stdout
+    item = wait_for(lambda: env.items_by_key().get("/locked.jpg"), what="/locked.jpg")
+    assert file_digest(item) == sha256_digest(b"locked content")
+    st = wait_for(lambda: settled(env), what="nothing pending")
+    assert (st["synced"], st["failed"], st["last_errors"]) == (2, 0, [])
+    assert env.stop() == 0
+
+
+# --- 11. shutdown ------------------------------------------------------------------------
+
+
+def _open_by(pid: int, path: Path) -> bool:
+    """Whether process `pid` holds `path` open (it is hashing or copying it)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_sigterm_when_idle_exits_0_quickly(env: Env) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
+    env.start()
+    write(drop / "a.jpg", b"a")
+    wait_for(lambda: "/a.jpg" in env.items_by_key(), what="/a.jpg")
+    started = time.monotonic()
+    assert env.stop(timeout=10) == 0
+    assert time.monotonic() - started < 10
+    assert log_lines(env, "stopped")
+    assert env.status()["daemon"]["running"] is False
+
+
+def test_sigterm_during_a_large_upload_then_restart_syncs_everything_once(env: Env) -> None:
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
+    env.start()
+    big_data = os.urandom(1 << 20) * 200  # 200 MB of real (non-sparse) bytes
+    staging = drop / ".big.bin"  # hidden: ignored until it is complete
+    staging.write_bytes(big_data)
+    big = drop / "big.bin"
+    small = {f"s{n}.jpg": f"small {n}".encode() for n in range(20)}
+    staging.rename(big)
+    for name, data in small.items():
+        write(drop / name, data)
+    assert env.daemon is not None
+    pid = env.daemon.pid
+    # Catch the daemon while it reads the big file (hashing or copying it into the store).
+    wait_for(lambda: _open_by(pid, big), timeout=60, interval=0.005, what="the big upload")
+    started = time.monotonic()
+    assert env.stop(timeout=15) == 0
+    took = time.monotonic() - started
+    assert took < 10, f"SIGTERM took {took:.1f}s"
+
+    env.restart()
+    expected = {"/big.bin": big_data} | {f"/{n}": d for n, d in small.items()}
+    wait_for(lambda: set(env.items_by_key()) == set(expected), timeout=90, what="every item")
+    st = wait_for(lambda: settled(env), timeout=90, what="nothing pending")
+    assert (st["synced"], st["failed"]) == (len(expected), 0)
+    items = env.items_by_key()
+    for key, data in expected.items():
+        assert items[key]["version"] == 1, key
+        f = items[key]["slots"][0]["files"][0]
+        assert (f["digest"], f["size"]) == (sha256_digest(data), len(data)), key
+        puts = [e for e in synced_lines(env, key) if e.get("changed")]
+        assert len(puts) == 1, (key, synced_lines(env, key))
+    assert env.stop() == 0
+
+
+def test_sigterm_while_hashing_a_file_longer_than_the_grace(env: Env) -> None:
+    """SHUTDOWN_GRACE gives in-flight work 6 s and "the whole stop stays under 10 s"
+    (daemon/app.py): also when reading the file takes longer than that."""
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
+    env.start()
+    huge = drop / "huge.bin"
+    # Sparse: no disk space, but reading (and hashing) 32 GiB of zeros takes minutes.
+    with open(drop / ".huge.bin", "wb") as fh:
+        fh.truncate(32 << 30)
+    (drop / ".huge.bin").rename(huge)
+    assert env.daemon is not None
+    pid = env.daemon.pid
+    try:
+        wait_for(lambda: _open_by(pid, huge), interval=0.01, what="the daemon to read huge.bin")
+        started = time.monotonic()
+        env.daemon.send_signal(signal.SIGTERM)
+        try:
+            rc = env.daemon.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the daemon did not stop within 10 s of SIGTERM") from None
+        assert rc == 0
+        assert time.monotonic() - started < 10
+    finally:
+        env.kill()
+        huge.unlink()
+        shutil.rmtree(env.store, ignore_errors=True)
+    assert "/huge.bin" not in env.items_by_key()
