@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,23 @@ def _run(args: argparse.Namespace) -> int:
 
     config, path = _load(args)
     logs.setup(config.log.level, config.log.format)
-    return asyncio.run(App(config, path).run())
+    rc = asyncio.run(App(config, path).run())
+    _exit_without_stragglers(rc)
+    return rc
+
+
+def _exit_without_stragglers(rc: int) -> None:
+    """The ledger is committed and closed by now. A thread still copying a huge file into
+    the store only writes a temp file the store discards on its next start, so exit
+    instead of waiting for it (SIGTERM must end the daemon within 10 s)."""
+    if any(
+        t.is_alive() and not t.daemon
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+    ):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
 
 
 def _sync(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,22 +56,29 @@ class Outcome:
     error: str | None = None
 
 
-def prepare(side: WatchSide, plan: ItemPlan) -> ItemPayload:
+class Abandoned(Exception):
+    """The daemon is stopping; the item stays pending in the ledger."""
+
+
+def prepare(side: WatchSide, plan: ItemPlan, stop: threading.Event | None = None) -> ItemPayload:
     """Check each file still is what was planned and hash it (blocking; run in a thread).
     A file that changed since it settled, or while it was read, raises
-    SourceChangedError so the half-read version is never sent."""
+    SourceChangedError so the half-read version is never sent. Setting `stop` abandons
+    the work between chunks, so a shutdown never waits for a large file."""
     slots = []
     for slot in plan.slots:
         files = []
         for f in slot.files:
             path = os.path.join(side.root, f.relpath)
-            digest = _hash_checked(path, f.size, f.mtime_ns, side.follow_symlinks)
+            digest = _hash_checked(path, f.size, f.mtime_ns, side.follow_symlinks, stop)
             files.append(FilePayload(f.name, path, f.size, digest))
         slots.append(SlotPayload(slot.name, slot.type, tuple(files), slot.extra))
     return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
 
 
-def _hash_checked(path: str, size: int, mtime_ns: int, follow_symlinks: bool) -> str:
+def _hash_checked(
+    path: str, size: int, mtime_ns: int, follow_symlinks: bool, stop: threading.Event | None
+) -> str:
     try:
         before = os.stat(path, follow_symlinks=follow_symlinks)
         if (before.st_size, before.st_mtime_ns) != (size, mtime_ns):
@@ -83,6 +91,8 @@ def _hash_checked(path: str, size: int, mtime_ns: int, follow_symlinks: bool) ->
                 fd = -1
                 while chunk := fh.read(CHUNK):
                     h.update(chunk)
+                    if stop is not None and stop.is_set():
+                        raise Abandoned(path)
                 after = os.fstat(fh.fileno())
         finally:
             if fd >= 0:
@@ -126,6 +136,7 @@ class SyncPool:
         self._busy = 0  # workers between claim and sink result
         self._wake = asyncio.Event()
         self._stopping = False
+        self._stop_event = threading.Event()
         self._datasets_ready: set[str] = set()
 
     @property
@@ -173,6 +184,7 @@ class SyncPool:
         tasks = list(self._inflight.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
+            self._stop_event.set()  # reading threads give up at their next chunk
             for t in pending:
                 t.cancel()
             if pending:
@@ -216,7 +228,7 @@ class SyncPool:
                 return await self._delete(claim, bound)
             if claim.key_owner is not None:
                 raise _Conflict(key_conflict_reason(claim.key, claim.source_id, claim.key_owner))
-            payload = await asyncio.to_thread(prepare, side, claim.plan)
+            payload = await asyncio.to_thread(prepare, side, claim.plan, self._stop_event)
             manifest = payload.manifest()
             if manifest == claim.synced_manifest:
                 # touched, or re-planned with identical content: nothing to send
@@ -237,6 +249,8 @@ class SyncPool:
             bound.info("file changed while syncing; waiting for it to settle", reason=e.reason)
             op = _retry_op(claim, None, side.settle + 1.0, count=False)
             return Outcome(claim, "changed", error=e.reason), op
+        except Abandoned:
+            return Outcome(claim, "abandoned"), _retry_op(claim, None, 0.0, count=False)
         except RetriableError as e:
             delay = backoff_delay(claim.attempts, e.retry_after)
             bound.warning("sync failed, will retry", reason=e.reason, retry_in=round(delay, 1))

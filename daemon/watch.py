@@ -155,9 +155,9 @@ class WatchRunner:
 
     async def start(self) -> None:
         """Install the observer first, then scan, so nothing created meanwhile is missed."""
-        loop = asyncio.get_running_loop()
         if self._observe:
-            self._start_observer(loop)
+            # Installing inotify watches walks the tree: keep that off the event loop.
+            await self._start_observer()
         self._tasks = [
             asyncio.create_task(self.settler.run(), name=f"settle:{self.watch.name}"),
             asyncio.create_task(self._plan_loop(), name=f"plan:{self.watch.name}"),
@@ -171,7 +171,9 @@ class WatchRunner:
                 asyncio.create_task(self._health_loop(), name=f"health:{self.watch.name}"),
             ]
 
-    def _start_observer(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _start_observer(self) -> None:
+        loop = asyncio.get_running_loop()
+
         def deliver(kind: str, rel: str, is_dir: bool) -> None:
             loop.call_soon_threadsafe(self._on_event, kind, rel, is_dir)
 
@@ -179,7 +181,7 @@ class WatchRunner:
             loop.call_soon_threadsafe(self._on_overflow)
 
         try:
-            self.source.start(deliver, overflow)
+            await asyncio.to_thread(self.source.start, deliver, overflow)
         except OSError as e:
             self.log.error("cannot watch the source folder; relying on rescans", error=str(e))
 
@@ -317,13 +319,12 @@ class WatchRunner:
                     self.log.exception("folder scan failed", folder=sub)
 
     async def _health_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(5)
             if not self.source.alive() and os.path.isdir(self.root):
                 self.log.warning("file watcher stopped; restarting it and rescanning")
-                self.source.stop()
-                self._start_observer(loop)
+                await asyncio.to_thread(self.source.stop)
+                await self._start_observer()
                 self.request_rescan()
 
     # -- planning -------------------------------------------------------------------------

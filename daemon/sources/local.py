@@ -132,7 +132,10 @@ class LocalSource:
             self.root,
             recursive=True,
             event_filter=_EVENT_FILTER,
-            follow_symlink=self.follow_symlinks,
+            # Never follow links in the watcher: a link loop makes watchdog register the
+            # tree again and again (wrong paths, an endless walk). Folders reached through
+            # links are covered by the walks, which detect loops.
+            follow_symlink=False,
         )
         observer.daemon = True
         observer.start()

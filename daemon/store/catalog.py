@@ -7,6 +7,9 @@ Every call is a short statement or transaction, so readers queueing behind a wri
 cost microseconds. Processes: WAL mode lets `ingestd items` read while the daemon
 writes; writers in different processes wait for each other up to busy_timeout.
 
+Items are a WITHOUT ROWID table: the primary key is the lookup key, and clustering on
+it saves writing a separate rowid b-tree page on every upsert.
+
 Read-modify-write runs in BEGIN IMMEDIATE: in WAL mode a deferred transaction that
 reads and then writes fails with SQLITE_BUSY (not retried) when another process
 committed in between; taking the write lock up front makes it wait instead.
@@ -44,7 +47,7 @@ CREATE TABLE IF NOT EXISTS items (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     PRIMARY KEY (dataset, path, name)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_by_key ON items (dataset, key);
 """
 

@@ -8,8 +8,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.e2e.conftest import (
     Env,
     log_lines,
@@ -175,13 +173,6 @@ def test_symlink_loop_not_followed(env: Env) -> None:
     _assert_stops_promptly(env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: with follow_symlinks: true, watchdog registers the root again under "
-    "loop/, loop/loop/, ... and reports later events under the deepest alias, so a file "
-    "created while the daemon runs becomes the item /loop/loop/.../x.jpg (and, after a "
-    "rescan, /x.jpg as well: a duplicate); see the report",
-)
 def test_symlink_loop_followed(env: Env) -> None:
     plain, follow = env.drop("plain"), env.drop("follow")
     _loop_tree(plain)
@@ -198,13 +189,6 @@ def test_symlink_loop_followed(env: Env) -> None:
     _assert_stops_promptly(env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: with follow_symlinks: true and two symlink loops, watchdog's "
-    "recursive registration (os.walk(followlinks=True)) never ends, and it runs on the "
-    "event loop thread (WatchRunner.start -> LocalSource.start -> Observer.start): no "
-    "watch syncs anything and SIGTERM is never handled; see the report",
-)
 def test_two_symlink_loops_followed(env: Env) -> None:
     plain, follow = env.drop("plain"), env.drop("follow")
     _loop_tree(plain)

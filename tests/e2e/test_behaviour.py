@@ -269,20 +269,25 @@ def test_touch_without_change_uploads_nothing(env: Env) -> None:
     wait_for(lambda: {"/t1.jpg", "/t2.jpg"} <= set(env.items_by_key()), what="both items")
     wait_for(lambda: settled(env), what="nothing pending")
     later = time.time() + 5
-    # t1: a bare mtime change (inotify says nothing but IN_ATTRIB): a rescan finds it.
-    os.utime(drop / "t1.jpg", (later, later))
-    assert env.daemon is not None
-    env.daemon.send_signal(signal.SIGUSR1)  # what `ingestd retry` sends: rescan now
-    # t2: a writer that opens, changes nothing, and closes (close-after-write event).
+
+    def rechecked(key: str) -> None:
+        # The daemon reports that it looked at the touched file and found nothing to send.
+        wait_for(
+            lambda: log_lines(env, "unchanged content, nothing sent", item=key),
+            what=f"the daemon to re-check {key}",
+        )
+
+    # t2: a writer that opens, changes nothing but the mtime, and closes (close-write).
     os.utime(drop / "t2.jpg", (later, later))
     with open(drop / "t2.jpg", "ab"):
         pass
-    # The daemon reports that it looked at each touched file and found nothing to send.
-    for key in ("/t1.jpg", "/t2.jpg"):
-        wait_for(
-            lambda k=key: log_lines(env, "unchanged content, nothing sent", item=k),
-            what=f"the daemon to re-check {key}",
-        )
+    rechecked("/t2.jpg")
+    # t1: a bare mtime change, as touch(1) makes: inotify reports only IN_ATTRIB, which
+    # the daemon does not subscribe to, so a rescan finds it.
+    os.utime(drop / "t1.jpg", (later, later))
+    assert env.daemon is not None
+    env.daemon.send_signal(signal.SIGUSR1)  # what `ingestd retry` sends: rescan now
+    rechecked("/t1.jpg")
     write(drop / "after.jpg", b"sentinel")
     wait_for(lambda: "/after.jpg" in env.items_by_key(), what="the sentinel item")
     wait_for(lambda: settled(env), what="nothing pending")
@@ -350,9 +355,19 @@ def test_sidecar_path_pattern_and_static_metadata(env: Env) -> None:
         "label": "dog",
     }
     assert file_digest(item) == sha256_digest(b"image bytes")
+
+    # Deleting the sidecar takes its metadata away (the rest stays).
+    sidecar.unlink()
+    item = wait_for(
+        lambda: (i := env.items_by_key().get(key)) and i["version"] == 3 and i,
+        what=f"version 3 of {key}",
+    )
+    assert item["metadata"] == {"site": "lab", "rig": 7, "camera": "cam1", "date": "2024-05-01"}
     wait_for(lambda: settled(env), what="nothing pending")
-    assert env.items_by_key()[key]["version"] == 2
-    assert env.watch_status()["failed"] == 0
+    assert env.items_by_key()[key]["version"] == 3
+    assert [e["version"] for e in synced_lines(env, key)] == [1, 2, 3]
+    st = env.watch_status()
+    assert (st["synced"], st["failed"]) == (2, 0)
     assert env.stop() == 0
 
 
