@@ -93,16 +93,13 @@ def plan_file(watch: Watch, entry: Entry, sidecar: Sidecar | None) -> ItemPlan:
     """
     _check_relpath(entry.relpath)
     rules = watch.metadata
-    try:
-        is_sidecar = rules.sidecar is not None and is_sidecar_name(rules.sidecar, entry.name)
-        path_fields = (
-            bind_path_pattern(rules.path_pattern, entry.relpath)
-            if rules.path_pattern is not None
-            else None
-        )
-    except ValueError as e:
-        # The config schema checks these only loosely; say which setting to fix.
-        raise PlanError(f"cannot plan {entry.relpath}: watch {watch.name} metadata: {e}") from None
+    # The config has compiled the pattern and template already, so these cannot fail.
+    is_sidecar = rules.sidecar is not None and is_sidecar_name(rules.sidecar, entry.name)
+    path_fields = (
+        bind_path_pattern(rules.path_pattern, entry.relpath)
+        if rules.path_pattern is not None
+        else None
+    )
     if is_sidecar:
         raise ValueError(f"{entry.relpath} is a sidecar ({rules.sidecar}), not an item")
     if sidecar is not None and rules.sidecar is None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from daemon.config import Watch
 from daemon.model import Entry, ItemPlan, PlannedFile
@@ -243,14 +244,12 @@ def test_plan_file_refuses_a_sidecar_the_watch_does_not_use() -> None:
         ({"sidecar": "{name}"}, "literal text"),
     ],
 )
-def test_plan_file_reports_unusable_metadata_settings(
+def test_config_refuses_unusable_metadata_settings(
     metadata_cfg: dict[str, Any], message: str
 ) -> None:
-    # These pass the config schema today; the planner names the setting instead of crashing.
-    watch = make_watch(metadata=metadata_cfg)
-    with pytest.raises(PlanError, match=message) as info:
-        plan_file(watch, Entry("a/b.jpg", 1, 1), None)
-    assert "cannot plan a/b.jpg: watch photos metadata" in info.value.reason
+    # Refused by the config, so the planner never meets them.
+    with pytest.raises(ValidationError, match=message):
+        make_watch(metadata=metadata_cfg)
 
 
 # --- fingerprints ---------------------------------------------------------------------------------
