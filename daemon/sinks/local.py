@@ -145,7 +145,10 @@ class LocalSink:
 
     def _shutdown(self) -> None:
         if self._own_executor:
-            self._executor.shutdown(wait=True)
+            # Not waiting: a copy the sync pool abandoned at shutdown may run for minutes.
+            # It writes only a temp file, discarded when the store is next opened, and its
+            # catalog step fails on the closed store.
+            self._executor.shutdown(wait=False, cancel_futures=True)
         with self._open_lock:
             if self._store is not None:
                 self._store.close()
