@@ -180,6 +180,55 @@ class MetadataConfig(_Strict):
         return v
 
 
+class ImagesConfig(_Strict):
+    max_dimension: int = Field(default=5000, ge=16, le=100_000, description="longest side, px")
+    oversize: Literal["downscale", "reject"] = "downscale"
+
+
+class VideoConfig(_Strict):
+    mode: Literal["native", "frames"] = Field(
+        default="native",
+        description="native: upload the file (fps is a hint); frames: sample frames here",
+    )
+    fps: float = Field(default=1.0, gt=0, le=1000)
+    format: Literal["jpeg", "png"] = "jpeg"
+    quality: int = Field(default=90, ge=1, le=100)
+
+
+class GroupConfig(_Strict):
+    mode: Literal["slots", "channels", "series"]
+    depth: int = Field(default=1, ge=1, le=32)
+    ready_marker: str | None = Field(
+        default=None, description="a file whose appearance marks the folder complete, e.g. .done"
+    )
+    max_channels: int = Field(default=16, ge=1, le=256)
+    series_by: Literal["folder", "uid"] = "folder"
+    name: str = Field(
+        default="{PatientID}_{SeriesNumber}_{SeriesDescription}",
+        description="series_by: uid only: the item name, from DICOM tags",
+    )
+
+    @field_validator("ready_marker")
+    @classmethod
+    def _marker(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v in (".", "..")):
+            raise ValueError("must be a file name such as .done")
+        return v
+
+
+class DicomConfig(_Strict):
+    deidentify: bool = False
+    tags: list[str] = Field(
+        default_factory=lambda: [
+            "Modality",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SeriesDescription",
+        ],
+        description="DICOM header keywords copied into the item's metadata",
+    )
+
+
 _WATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _BUCKET_SCHEMES = ("s3://", "gs://", "az://", "abfs://", "gcs://")
 
@@ -208,6 +257,10 @@ class Watch(_Strict):
     on_delete: Literal["keep", "delete"] = "keep"
     max_delete: MaxDeleteField = MaxDelete(share=0.5)
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    group: GroupConfig | None = None
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
 
     @field_validator("name")
     @classmethod

@@ -26,3 +26,8 @@ class PermanentError(SyncError):
 class SourceChangedError(SyncError):
     """The file changed while it was read: the half-read version is discarded and the
     item waits for the file to settle again. Not counted as a failed attempt."""
+
+
+class MediaError(PermanentError):
+    """A file's content cannot be used as its type says (corrupt image, unreadable video,
+    not DICOM). The reason names the file and what is wrong with it."""
