@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 
 from daemon.config import Config
-from daemon.ledger import DELETED, AsyncLedger
+from daemon.ledger import DELETED, ITEM, AsyncLedger
 from daemon.model import Entry
 from daemon.service import PidLock, install_signals
 from daemon.sinks.base import Sink
@@ -186,12 +186,20 @@ async def _dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
     result = await asyncio.to_thread(runner._scan_blocking, "", found.extend)
     if result.root_missing:
         return [f"error   {w.name}: source folder {w.source} is missing"]
-    planned = await asyncio.to_thread(runner.plan_blocking, found)
+    loose: list[Entry] = []
+    groups: set[str] = set()
+    for e in found:
+        m = runner.planner.membership(e.relpath)
+        if m.kind == "loose":
+            loose.append(e)
+        elif m.kind in ("member", "marker") and m.group_dir is not None:
+            groups.add(m.group_dir)
+    batch = await asyncio.to_thread(runner.planner.plan, loose, groups)
     lines = []
-    for p in planned:
+    for p in batch.planned:
         if p.plan is None:
             if p.error:
-                lines.append(f"fail    {w.name} {p.entry.relpath}: {p.error}")
+                lines.append(f"fail    {w.name} {p.source_id}: {p.error}")
             continue
         row = await ledger.call(ledger.sync.item_row, w.name, p.plan.source_id)
         if row is None or row["status"] == DELETED or row["synced_manifest"] is None:
@@ -200,12 +208,13 @@ async def _dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
             lines.append(f"update  {w.dataset} {p.plan.key}")
     known = await ledger.call(ledger.sync.known_items, w.name, sorted(result.gone))
     total = await ledger.call(ledger.sync.live_count, w.name)
+    gone_items = [rel for rel, role in known if role == ITEM]
     if known and not w.max_delete.allows(len(known), total):
         lines.append(
             f"refuse  {w.name}: would delete {len(known)} of {total} items (max_delete {w.max_delete})"
         )
     else:
-        for rel in known:
+        for rel in gone_items:
             row = await ledger.call(ledger.sync.item_row, w.name, rel)
             key = row["key"] if row else rel
             verb = "delete " if w.on_delete == "delete" else "forget "

@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS watch_state (
 # entry roles
 ITEM = "item"
 SIDECAR = "sidecar"
+MEMBER = "member"  # a file of a grouped item; the item's source_id is its group folder
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -195,20 +196,28 @@ class Ledger:
         ).fetchone()
         return int(n)
 
-    def known_items(self, watch: str, relpaths: Sequence[str]) -> list[str]:
-        """Those relpaths that are the source files of items."""
-        out: list[str] = []
+    def known_items(self, watch: str, relpaths: Sequence[str]) -> list[tuple[str, str]]:
+        """(relpath, role) of those relpaths that are files of items (role item or member)."""
+        out: list[tuple[str, str]] = []
         for i in range(0, len(relpaths), 500):
             chunk = relpaths[i : i + 500]
-            out += [
-                r
-                for (r,) in self.conn.execute(
-                    "SELECT relpath FROM entries WHERE watch=? AND role='item' AND relpath IN"
-                    f" ({','.join('?' * len(chunk))})",
-                    (watch, *chunk),
-                )
-            ]
+            out += self.conn.execute(
+                "SELECT relpath, role FROM entries WHERE watch=? AND role IN ('item', 'member')"
+                f" AND relpath IN ({','.join('?' * len(chunk))})",
+                (watch, *chunk),
+            ).fetchall()
         return out
+
+    def group_items(self, watch: str, group_dir: str) -> list[str]:
+        """Live items planned from a group folder (one, or one per series)."""
+        return [
+            sid
+            for (sid,) in self.conn.execute(
+                "SELECT source_id FROM items WHERE watch=? AND status != 'deleted'"
+                " AND (source_id=? OR (source_id >= ? AND source_id < ?))",
+                (watch, group_dir, group_dir + "#", group_dir + "$"),
+            )
+        ]
 
     def entry(self, watch: str, relpath: str) -> tuple[Entry, str] | None:
         row = self.conn.execute(
@@ -386,37 +395,36 @@ class Ledger:
     @staticmethod
     def op_gone(
         watch: str, relpaths: Sequence[str], on_delete: str, now: float
-    ) -> Callable[[sqlite3.Connection], list[str]]:
+    ) -> Callable[[sqlite3.Connection], dict[str, list[str]]]:
         """Files that left the source. Items they were the source of become deleted
-        (on_delete: keep) or pending a delete (on_delete: delete). Returns those
-        relpaths that were sidecars, so their targets can be re-planned."""
+        (on_delete: keep) or pending a delete (on_delete: delete). Returns the relpaths
+        that were sidecars or group members, whose items must be planned again."""
 
-        def op(conn: sqlite3.Connection) -> list[str]:
-            sidecars = []
+        def op(conn: sqlite3.Connection) -> dict[str, list[str]]:
+            replan: dict[str, list[str]] = {SIDECAR: [], MEMBER: []}
             for relpath in relpaths:
                 row = conn.execute(
                     "DELETE FROM entries WHERE watch=? AND relpath=? RETURNING role",
                     (watch, relpath),
                 ).fetchone()
-                if row and row[0] == SIDECAR:
-                    sidecars.append(relpath)
+                if row and row[0] in replan:
+                    replan[row[0]].append(relpath)
                     continue
-                if on_delete == "delete":
-                    conn.execute(
-                        "UPDATE items SET plan=NULL, desired_fp=NULL,"
-                        " status=CASE WHEN synced_manifest IS NULL THEN 'deleted' ELSE 'pending' END,"
-                        " attempts=0, next_attempt=?, last_error=NULL, error_kind=NULL, updated_at=?"
-                        " WHERE watch=? AND source_id=? AND status != 'deleted'",
-                        (now, now, watch, relpath),
-                    )
-                else:
-                    conn.execute(
-                        "UPDATE items SET plan=NULL, desired_fp=NULL, status='deleted',"
-                        " last_error=NULL, error_kind=NULL, updated_at=?"
-                        " WHERE watch=? AND source_id=?",
-                        (now, watch, relpath),
-                    )
-            return sidecars
+                _drop_item(conn, watch, relpath, on_delete, now)
+            return replan
+
+        return op
+
+    @staticmethod
+    def op_drop_items(
+        watch: str, source_ids: Sequence[str], on_delete: str, now: float
+    ) -> Callable[[sqlite3.Connection], None]:
+        """Items whose source is gone though some of its files remain (a series that left
+        a folder, a group whose last member went)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            for sid in source_ids:
+                _drop_item(conn, watch, sid, on_delete, now)
 
         return op
 
@@ -541,6 +549,26 @@ class _Failed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+def _drop_item(
+    conn: sqlite3.Connection, watch: str, source_id: str, on_delete: str, now: float
+) -> None:
+    if on_delete == "delete":
+        conn.execute(
+            "UPDATE items SET plan=NULL, desired_fp=NULL,"
+            " status=CASE WHEN synced_manifest IS NULL THEN 'deleted' ELSE 'pending' END,"
+            " attempts=0, next_attempt=?, last_error=NULL, error_kind=NULL, updated_at=?"
+            " WHERE watch=? AND source_id=? AND status != 'deleted'",
+            (now, now, watch, source_id),
+        )
+    else:
+        conn.execute(
+            "UPDATE items SET plan=NULL, desired_fp=NULL, status='deleted',"
+            " last_error=NULL, error_kind=NULL, updated_at=?"
+            " WHERE watch=? AND source_id=?",
+            (now, watch, source_id),
+        )
 
 
 def _put_entries(

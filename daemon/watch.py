@@ -17,103 +17,25 @@ from dataclasses import dataclass, field
 import structlog
 
 from daemon.config import Watch
-from daemon.ledger import ITEM, SIDECAR, AsyncLedger, Ledger, connect
-from daemon.model import Entry, ItemPlan
-from daemon.plan.fingerprint import fingerprint
-from daemon.plan.layout import PlanError, dataset_folder, plan_file
-from daemon.plan.metadata import (
-    Sidecar,
-    is_sidecar_name,
-    parse_sidecar,
-    sidecar_name,
-    sidecar_targets,
-    type_conflicts,
-    value_type,
-)
-from daemon.sources.filters import PathFilter
+from daemon.ledger import MEMBER, SIDECAR, AsyncLedger, Ledger, connect
+from daemon.model import Entry
+from daemon.plan.groups import GroupMembership
+from daemon.plan.metadata import type_conflicts, value_type
+from daemon.planning import PlanBatch, Planner, WatchFilter, failed_fingerprint
 from daemon.sources.local import LocalSource, ScanResult
 from daemon.sources.settle import Settler, stat_many
 
 log = structlog.get_logger("ingestd.watch")
 
-MAX_SIDECAR_BYTES = 1 << 20
-
 
 @dataclass(slots=True)
-class Planned:
-    """What planning one settled file produced (used by dry runs as well)."""
+class _Work:
+    """A unit of planning: settled files, group folders to (re)plan, gone sidecars."""
 
-    entry: Entry
-    plan: ItemPlan | None
-    error: str | None
-    entries: list[tuple[Entry, str]] = field(default_factory=list)
-
-
-def read_sidecar(root: str, relpath: str) -> Sidecar | None:
-    """Stat and parse a sidecar file; None when there is none."""
-    path = os.path.join(root, relpath)
-    try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_size > MAX_SIDECAR_BYTES:
-                return Sidecar(relpath, st.st_size, st.st_mtime_ns, None, "larger than 1 MiB")
-            raw = fh.read(MAX_SIDECAR_BYTES + 1)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    except OSError as e:
-        return Sidecar(relpath, 0, 0, None, f"cannot be read: {e.strerror}")
-    return parse_sidecar(relpath, st.st_size, st.st_mtime_ns, raw)
-
-
-def plan_entry(watch: Watch, root: str, entry: Entry) -> Planned:
-    """Plan one settled item file, reading its sidecar if the watch has one (blocking)."""
-    sidecar = None
-    entries: list[tuple[Entry, str]] = [(entry, ITEM)]
-    template = watch.metadata.sidecar
-    if template is not None:
-        parent = entry.parent
-        rel = sidecar_name(template, entry.name)
-        rel = f"{parent}/{rel}" if parent else rel
-        sidecar = read_sidecar(root, rel)
-        if sidecar is not None:
-            entries.append((Entry(rel, sidecar.size, sidecar.mtime_ns), SIDECAR))
-    try:
-        return Planned(entry, plan_file(watch, entry, sidecar), None, entries)
-    except PlanError as e:
-        return Planned(entry, None, e.reason, entries)
-
-
-def sidecar_target_entries(
-    watch: Watch, root: str, path_filter: PathFilter, sidecar_rel: str
-) -> list[Entry]:
-    """The item files beside a sidecar that it gives metadata to (blocking)."""
-    assert watch.metadata.sidecar is not None
-    parent, _, name = sidecar_rel.rpartition("/")
-    absdir = os.path.join(root, parent) if parent else root
-    try:
-        siblings = set(os.listdir(absdir))
-    except OSError:
-        return []
-    out = []
-    for target in sidecar_targets(watch.metadata.sidecar, name, siblings):
-        rel = f"{parent}/{target}" if parent else target
-        if not path_filter.accepts(rel):
-            continue
-        try:
-            st = os.stat(os.path.join(root, rel), follow_symlinks=watch.follow_symlinks)
-        except OSError:
-            continue
-        out.append(Entry(rel, st.st_size, st.st_mtime_ns))
-    return out
-
-
-def _with_sidecars(watch: Watch) -> list[str]:
-    """The include list, widened so sidecars are seen even when include names only media:
-    a sidecar edit alone must update its item."""
-    template = watch.metadata.sidecar
-    if not watch.include or template is None:
-        return list(watch.include)
-    return [*watch.include, template.replace("{name}", "*").replace("{stem}", "*")]
+    entries: list[Entry] = field(default_factory=list)
+    groups: set[str] = field(default_factory=set)
+    forced: bool = False  # plan the groups even if files in them are still settling
+    sidecars_gone: list[str] = field(default_factory=list)
 
 
 class WatchRunner:
@@ -128,7 +50,8 @@ class WatchRunner:
         self.watch = watch
         self.ledger = ledger
         self.root = str(watch.source)
-        self.filter = PathFilter(_with_sidecars(watch), watch.exclude)
+        self.filter = WatchFilter(watch)
+        self.planner = Planner(watch, self.filter)
         self.source = LocalSource(watch.source, self.filter, follow_symlinks=watch.follow_symlinks)
         self.settler = Settler(
             watch.settle,
@@ -140,7 +63,8 @@ class WatchRunner:
         self.log = log.bind(watch=watch.name)
         self._on_planned = on_planned
         self._observe = observe
-        self._plan_queue: asyncio.Queue[list[Entry]] = asyncio.Queue()
+        self._plan_queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._ignored_logged: set[str] = set()
         self._planning = 0
         self._gone: set[str] = set()
         self._gone_at = 0.0
@@ -210,6 +134,15 @@ class WatchRunner:
                 self._subtree_event.set()
             return
         if not self.filter.accepts(rel):
+            return
+        m = self.planner.membership(rel)
+        if m.kind == "marker" and kind != "gone":
+            # The writer says the folder is complete: no need to wait for it to settle.
+            assert m.group_dir is not None
+            self._plan_queue.put_nowait(_Work(groups={m.group_dir}, forced=True))
+            return
+        if m.kind == "ignored":
+            self._log_ignored(rel, m)
             return
         self.settler.hint(rel)
 
@@ -330,25 +263,60 @@ class WatchRunner:
     # -- planning -------------------------------------------------------------------------
 
     def _on_ready(self, entries: list[Entry]) -> None:
-        self._plan_queue.put_nowait(entries)
+        self._plan_queue.put_nowait(_Work(entries=entries))
+
+    def _log_ignored(self, rel: str, m: GroupMembership) -> None:
+        key = m.group_dir or ""
+        if key not in self._ignored_logged and len(self._ignored_logged) < 10_000:
+            self._ignored_logged.add(key)
+            self.log.debug("file below a group folder's first level ignored", path=rel)
 
     async def _plan_loop(self) -> None:
         while True:
-            entries = await self._plan_queue.get()
+            work = await self._plan_queue.get()
             self._planning += 1
             try:
-                await self._plan(entries)
+                await self._plan(work)
             except Exception:
                 self.log.exception("planning failed; the next rescan tries again")
             finally:
                 self._planning -= 1
 
-    async def _plan(self, entries: list[Entry]) -> None:
-        planned = await asyncio.to_thread(self.plan_blocking, entries)
+    def _split(self, work: _Work) -> tuple[list[Entry], set[str]]:
+        """Loose files to plan now, and group folders that are ready as a whole."""
+        loose: list[Entry] = []
+        touched: set[str] = set()
+        for e in work.entries:
+            m = self.planner.membership(e.relpath)
+            if m.kind == "loose":
+                loose.append(e)
+            elif m.kind in ("member", "marker"):
+                assert m.group_dir is not None
+                touched.add(m.group_dir)
+            else:
+                self._log_ignored(e.relpath, m)
+        ready = set(work.groups) if work.forced else set()
+        # A group settles as a whole: wait while any of its files is still settling.
+        for g in touched | (set() if work.forced else work.groups):
+            if not self.settler.pending_under(g + "/"):
+                ready.add(g)
+        return loose, ready
+
+    async def _plan(self, work: _Work) -> None:
+        loose, groups = self._split(work)
+        if not loose and not groups and not work.sidecars_gone:
+            return
+        batch = await asyncio.to_thread(
+            self.planner.plan, loose, groups, self.settler.__contains__, work.sidecars_gone
+        )
+        await self.record(batch)
+
+    async def record(self, batch: PlanBatch) -> None:
+        """Write a planning result to the ledger and log the items that failed."""
         now = time.time()
         w = self.watch
         ops = []
-        for p in planned:
+        for p in batch.planned:
             if p.plan is not None:
                 ops.append(
                     Ledger.op_apply_plan(
@@ -356,60 +324,30 @@ class WatchRunner:
                     )
                 )
             elif p.error is not None:
-                path = dataset_folder(w.path, w.preserve_folders, p.entry.parent)
-                fp = fingerprint([[e.relpath, e.size, e.mtime_ns] for e, _ in p.entries])
-                key = f"{path.rstrip('/')}/{p.entry.name}"
+                fp = failed_fingerprint(p.entries)
                 ops.append(
                     Ledger.op_plan_failed(
-                        w.name, w.dataset, p.entry.relpath, key, fp, p.entries, p.error, now
+                        w.name, w.dataset, p.source_id, p.key, fp, p.entries, p.error, now
                     )
                 )
             else:
                 ops.append(Ledger.op_put_entries(w.name, p.entries))
+        if batch.entries_only:
+            ops.append(Ledger.op_put_entries(w.name, batch.entries_only))
+        for group_dir, source_ids in batch.groups.items():
+            existing = await self.ledger.call(self.ledger.sync.group_items, w.name, group_dir)
+            stale = [sid for sid in existing if sid not in source_ids]
+            if stale:
+                ops.append(Ledger.op_drop_items(w.name, stale, w.on_delete, now))
         results = await self.ledger.write_many(ops)
-        for p, result in zip(planned, results, strict=True):
+        for p, result in zip(batch.planned, results, strict=False):
             if result == "failed":
                 reason = p.error
-                if reason is None and p.plan is not None:
-                    row = await self.ledger.call(
-                        self.ledger.sync.item_row, w.name, p.plan.source_id
-                    )
+                if reason is None:
+                    row = await self.ledger.call(self.ledger.sync.item_row, w.name, p.source_id)
                     reason = row["last_error"] if row else None
-                self.log.error(
-                    "item failed",
-                    item=p.plan.key if p.plan else p.entry.relpath,
-                    reason=reason,
-                )
-        if any(r == "pending" for r in results):
-            self._on_planned()
-
-    def plan_blocking(self, entries: list[Entry]) -> list[Planned]:
-        """Plan settled files: item files directly, sidecars through the files they
-        describe. Files whose sidecar is still settling wait for it."""
-        w = self.watch
-        template = w.metadata.sidecar
-        out: list[Planned] = []
-        seen: set[str] = set()
-        for entry in entries:
-            if template is not None and is_sidecar_name(template, entry.name):
-                # the sidecar is recorded; the items it describes are planned again
-                out.append(Planned(entry, None, None, [(entry, SIDECAR)]))
-                for target in sidecar_target_entries(w, self.root, self.filter, entry.relpath):
-                    if target.relpath in self.settler or target.relpath in seen:
-                        continue
-                    seen.add(target.relpath)
-                    out.append(plan_entry(w, self.root, target))
-                continue
-            if entry.relpath in seen:
-                continue
-            if template is not None:
-                parent = entry.parent
-                side = sidecar_name(template, entry.name)
-                if (f"{parent}/{side}" if parent else side) in self.settler:
-                    continue  # planned when its sidecar settles
-            seen.add(entry.relpath)
-            out.append(plan_entry(w, self.root, entry))
-        return out
+                self.log.error("item failed", item=p.key, source=p.source_id, reason=reason)
+        self._on_planned()
 
     # -- deletions ------------------------------------------------------------------------
 
@@ -434,31 +372,31 @@ class WatchRunner:
         gone, self._gone = sorted(self._gone), set()
         now = time.time()
         known = await self.ledger.call(self.ledger.sync.known_items, w.name, gone)
+        # Items affected: single files, plus each group folder losing files.
+        affected = {rel for rel, role in known if role != MEMBER}
+        affected |= {
+            self.planner.membership(rel).group_dir or rel for rel, role in known if role == MEMBER
+        }
         total = await self.ledger.call(self.ledger.sync.live_count, w.name)
-        if known and not w.max_delete.allows(len(known), total):
-            share = len(known) / total if total else 1.0
+        if affected and not w.max_delete.allows(len(affected), total):
+            share = len(affected) / total if total else 1.0
             problem = (
-                f"refused to delete {len(known)} of {total} items ({share:.0%}) at once: more than "
-                f"max_delete {w.max_delete}. Is the source folder mounted and complete? If the "
-                "deletion is intended, raise max_delete for this watch and restart"
+                f"refused to delete {len(affected)} of {total} items ({share:.0%}) at once: more "
+                f"than max_delete {w.max_delete}. Is the source folder mounted and complete? If "
+                "the deletion is intended, raise max_delete for this watch and restart"
             )
             if await self.ledger.write(Ledger.op_set_problem(w.name, problem, now)):
-                self.log.error("mass deletion refused", deletions=len(known), items=total)
+                self.log.error("mass deletion refused", deletions=len(affected), items=total)
             return
         if gone:
-            sidecars = await self.ledger.write(Ledger.op_gone(w.name, gone, w.on_delete, now))
-            if known:
-                self.log.info(
-                    "source files gone",
-                    items=len(known),
-                    on_delete=w.on_delete,
+            replan = await self.ledger.write(Ledger.op_gone(w.name, gone, w.on_delete, now))
+            if affected:
+                self.log.info("source files gone", items=len(affected), on_delete=w.on_delete)
+            groups = {g for rel in replan[MEMBER] if (g := self.planner.membership(rel).group_dir)}
+            if groups or replan[SIDECAR]:
+                self._plan_queue.put_nowait(
+                    _Work(groups=groups, forced=True, sidecars_gone=replan[SIDECAR])
                 )
-            for rel in sidecars:
-                targets = await asyncio.to_thread(
-                    sidecar_target_entries, w, self.root, self.filter, rel
-                )
-                if targets:
-                    self._plan_queue.put_nowait(targets)
             self._on_planned()
         if full_pass and await self.ledger.write(Ledger.op_set_problem(w.name, None, now)):
             self.log.info("watch healthy again")

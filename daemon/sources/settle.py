@@ -84,6 +84,10 @@ class Settler:
             st.stat, st.since = stat, now
             self._push(relpath, st, now + self.settle)
 
+    def pending_under(self, prefix: str) -> bool:
+        """Is any path below `prefix` (ending in '/') still settling?"""
+        return any(rel.startswith(prefix) for rel in self._state)
+
     def forget(self, relpath: str) -> None:
         self._state.pop(relpath, None)
 

@@ -1,0 +1,275 @@
+"""Reads what the pure planner needs (sidecars, image sizes, DICOM headers, a group
+folder's listing) and hands it to plan/. Blocking: the watch runner calls it in a
+thread. Kept apart from plan/ so that plan/ stays pure and exhaustively testable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from stat import S_ISREG
+
+from daemon.config import Watch
+from daemon.errors import MediaError
+from daemon.ledger import ITEM, MEMBER, SIDECAR
+from daemon.media.detect import slot_type_for
+from daemon.model import Entry, ItemPlan, item_key
+from daemon.plan.fingerprint import fingerprint
+from daemon.plan.groups import GroupMembership, group_of, group_sidecar_relpath, plan_group
+from daemon.plan.layout import PlanError, dataset_folder, plan_file
+from daemon.plan.metadata import (
+    Sidecar,
+    is_sidecar_name,
+    parse_sidecar,
+    sidecar_name,
+    sidecar_targets,
+)
+from daemon.sources.filters import PathFilter
+
+MAX_SIDECAR_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class Planned:
+    """What planning produced for one item (or one failed attempt at an item)."""
+
+    source_id: str
+    key: str
+    plan: ItemPlan | None
+    error: str | None
+    entries: list[tuple[Entry, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PlanBatch:
+    planned: list[Planned] = field(default_factory=list)
+    entries_only: list[tuple[Entry, str]] = field(default_factory=list)  # e.g. sidecars
+    groups: dict[str, set[str]] = field(default_factory=dict)  # group dir → source ids now
+
+
+class WatchFilter:
+    """The watch's include/exclude, widened to what planning needs to see: sidecars even
+    when `include` names only media, and a group's ready marker (often a dot file)."""
+
+    def __init__(self, watch: Watch) -> None:
+        include = list(watch.include)
+        template = watch.metadata.sidecar
+        if include and template is not None:
+            include.append(template.replace("{name}", "*").replace("{stem}", "*"))
+        self.base = PathFilter(include, watch.exclude)
+        self.group = watch.group
+        self.marker = watch.group.ready_marker if watch.group else None
+
+    def accepts(self, relpath: str) -> bool:
+        if self.base.accepts(relpath):
+            return True
+        if self.marker is not None and relpath.rpartition("/")[2] == self.marker:
+            assert self.group is not None
+            return group_of(self.group, relpath).kind == "marker"
+        return False
+
+    def prunes_dir(self, reldir: str) -> bool:
+        return self.base.prunes_dir(reldir)
+
+
+def read_sidecar(root: str, relpath: str) -> Sidecar | None:
+    """Stat and parse a sidecar file; None when there is none."""
+    path = os.path.join(root, relpath)
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size > MAX_SIDECAR_BYTES:
+                return Sidecar(relpath, st.st_size, st.st_mtime_ns, None, "larger than 1 MiB")
+            raw = fh.read(MAX_SIDECAR_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as e:
+        return Sidecar(relpath, 0, 0, None, f"cannot be read: {e.strerror}")
+    return parse_sidecar(relpath, st.st_size, st.st_mtime_ns, raw)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class Planner:
+    def __init__(self, watch: Watch, path_filter: WatchFilter) -> None:
+        self.watch = watch
+        self.root = str(watch.source)
+        self.filter = path_filter
+
+    def membership(self, relpath: str) -> GroupMembership:
+        if self.watch.group is None:
+            return GroupMembership("loose", None)
+        return group_of(self.watch.group, relpath)
+
+    # -- single files ---------------------------------------------------------------------
+
+    def plan_entry(self, entry: Entry) -> Planned:
+        """One settled item file, with its sidecar if the watch has one."""
+        w = self.watch
+        sidecar = None
+        entries: list[tuple[Entry, str]] = [(entry, ITEM)]
+        template = w.metadata.sidecar
+        if template is not None:
+            rel = _join(entry.parent, sidecar_name(template, entry.name))
+            sidecar = read_sidecar(self.root, rel)
+            if sidecar is not None:
+                entries.append((Entry(rel, sidecar.size, sidecar.mtime_ns), SIDECAR))
+        key = item_key(dataset_folder(w.path, w.preserve_folders, entry.parent), entry.name)
+        try:
+            plan = plan_file(w, entry, sidecar)
+        except PlanError as e:
+            return Planned(entry.relpath, key, None, e.reason, entries)
+        return Planned(entry.relpath, plan.key, plan, None, entries)
+
+    def plan(
+        self,
+        entries: Sequence[Entry],
+        groups: Iterable[str] = (),
+        is_pending: Callable[[str], bool] = lambda _: False,
+        sidecars_gone: Sequence[str] = (),
+    ) -> PlanBatch:
+        """Plan settled loose files and sidecars, the given ready group folders, and what
+        gone sidecars described. `is_pending(relpath)` says a path is still settling: a
+        file whose sidecar is settling waits for it (and is planned when it settles)."""
+        w = self.watch
+        template = w.metadata.sidecar
+        batch = PlanBatch()
+        seen: set[str] = set()
+        group_dirs = set(groups)
+        sidecars = [
+            (e.relpath, e) for e in entries if template and is_sidecar_name(template, e.name)
+        ]
+        sidecars += [(rel, None) for rel in sidecars_gone]
+        for rel, sidecar_entry in sidecars:
+            if sidecar_entry is not None:
+                batch.entries_only.append((sidecar_entry, SIDECAR))
+            files, dirs = self._sidecar_targets(rel)
+            group_dirs |= dirs
+            for target in files:
+                if is_pending(target.relpath) or target.relpath in seen:
+                    continue
+                seen.add(target.relpath)
+                batch.planned.append(self.plan_entry(target))
+        for entry in entries:
+            if template is not None and is_sidecar_name(template, entry.name):
+                for target in files:
+                    if is_pending(target.relpath) or target.relpath in seen:
+                        continue
+                    seen.add(target.relpath)
+                    batch.planned.append(self.plan_entry(target))
+                continue
+            if entry.relpath in seen:
+                continue
+            if template is not None and is_pending(
+                _join(entry.parent, sidecar_name(template, entry.name))
+            ):
+                continue  # planned when its sidecar settles
+            seen.add(entry.relpath)
+            batch.planned.append(self.plan_entry(entry))
+        for group_dir in sorted(group_dirs):
+            planned = self.plan_group(group_dir)
+            batch.groups[group_dir] = {p.source_id for p in planned if p.plan or p.error}
+            batch.planned += planned
+        return batch
+
+    def _sidecar_targets(self, sidecar_rel: str) -> tuple[list[Entry], set[str]]:
+        """The item files, and the group folders, that a sidecar describes."""
+        template = self.watch.metadata.sidecar
+        assert template is not None
+        parent, _, name = sidecar_rel.rpartition("/")
+        try:
+            siblings = set(os.listdir(os.path.join(self.root, parent) if parent else self.root))
+        except OSError:
+            return [], set()
+        files, dirs = [], set()
+        for target in sidecar_targets(template, name, siblings):
+            rel = _join(parent, target)
+            try:
+                st = os.stat(
+                    os.path.join(self.root, rel), follow_symlinks=self.watch.follow_symlinks
+                )
+            except OSError:
+                continue
+            if S_ISREG(st.st_mode):
+                if self.filter.accepts(rel) and self.membership(rel).kind == "loose":
+                    files.append(Entry(rel, st.st_size, st.st_mtime_ns))
+            elif self.membership(rel + "/x").kind == "member":
+                dirs.add(rel)
+        return files, dirs
+
+    # -- group folders --------------------------------------------------------------------
+
+    def list_group(self, group_dir: str) -> list[Entry]:
+        """The files directly inside a group folder that the watch takes."""
+        out = []
+        try:
+            with os.scandir(os.path.join(self.root, group_dir)) as it:
+                for de in it:
+                    rel = _join(group_dir, de.name)
+                    try:
+                        if not de.is_file(follow_symlinks=self.watch.follow_symlinks):
+                            continue
+                        st = de.stat(follow_symlinks=self.watch.follow_symlinks)
+                    except OSError:
+                        continue
+                    if self.filter.accepts(rel):
+                        out.append(Entry(rel, st.st_size, st.st_mtime_ns))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return out
+
+    def plan_group(self, group_dir: str) -> list[Planned]:
+        w = self.watch
+        group = w.group
+        assert group is not None
+        members = self.list_group(group_dir)
+        entries: list[tuple[Entry, str]] = [(e, MEMBER) for e in members]
+        parent, _, dir_name = group_dir.rpartition("/")
+        key = item_key(dataset_folder(w.path, w.preserve_folders, parent), dir_name)
+        sidecar = None
+        side_rel = group_sidecar_relpath(w, group_dir)
+        if side_rel is not None:
+            sidecar = read_sidecar(self.root, side_rel)
+            if sidecar is not None:
+                entries.append((Entry(side_rel, sidecar.size, sidecar.mtime_ns), SIDECAR))
+        try:
+            sizes = self._sizes(members) if group.mode == "channels" else None
+            headers = self._headers(members) if group.mode == "series" else None
+            plans = plan_group(w, group_dir, members, sizes=sizes, headers=headers, sidecar=sidecar)
+        except (PlanError, MediaError) as e:
+            return [Planned(group_dir, key, None, e.reason, entries)]
+        if not plans:
+            # Nothing usable yet; remember the files so rescans do not plan them again.
+            return [Planned(group_dir, key, None, None, entries)]
+        return [Planned(p.source_id, p.key, p, None, entries) for p in plans]
+
+    def _sizes(self, members: Sequence[Entry]) -> dict[str, tuple[int, int]]:
+        from daemon.media.images import image_size
+
+        sizes = {}
+        for e in members:
+            if slot_type_for(e.name) == "image":
+                sizes[e.relpath] = image_size(os.path.join(self.root, e.relpath))
+        return sizes
+
+    def _headers(self, members: Sequence[Entry]) -> dict[str, object]:
+        from daemon.media.dicom import read_header
+
+        headers: dict[str, object] = {}
+        for e in members:
+            if slot_type_for(e.name) not in ("dicom", "file"):
+                continue
+            try:
+                headers[e.relpath] = read_header(
+                    os.path.join(self.root, e.relpath), self.watch.dicom.tags
+                )
+            except MediaError:
+                continue  # the planner fails the group if a .dcm file has no header
+        return headers
+
+
+def failed_fingerprint(entries: Sequence[tuple[Entry, str]]) -> str:
+    """What a failed plan depends on: its files as they were."""
+    return fingerprint(sorted([e.relpath, e.size, e.mtime_ns] for e, _ in entries))
