@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
 import tempfile
 import time
@@ -59,6 +60,9 @@ class App:
     async def _open(self, *, observe: bool, on_outcome: Callable[[Outcome], None] | None) -> None:
         await self.ledger.open()
         self.sink = build_sink(self.config)
+        spool = self.config.state_dir / "spool"
+        # Derived media of a previous run that ended mid-item: rebuilt when needed.
+        await asyncio.to_thread(shutil.rmtree, spool, True)
         self.pool = SyncPool(
             self.ledger,
             self.sink,
@@ -66,6 +70,7 @@ class App:
             self.config.workers,
             on_source_changed=self._source_changed,
             on_outcome=on_outcome,
+            spool_root=str(self.config.state_dir),
         )
         for w in self.config.watches:
             self.runners[w.name] = WatchRunner(w, self.ledger, self._wake_pool, observe=observe)

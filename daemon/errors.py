@@ -31,3 +31,8 @@ class SourceChangedError(SyncError):
 class MediaError(PermanentError):
     """A file's content cannot be used as its type says (corrupt image, unreadable video,
     not DICOM). The reason names the file and what is wrong with it."""
+
+
+class Abandoned(Exception):
+    """The daemon is stopping and gave up this work between chunks; the item stays
+    pending in the ledger and is redone on the next start."""

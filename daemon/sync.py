@@ -11,16 +11,21 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
 
-from daemon.errors import PermanentError, RetriableError, SourceChangedError
+from daemon.errors import Abandoned, MediaError, PermanentError, RetriableError, SourceChangedError
 from daemon.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
+from daemon.media.transform import MediaSettings, transform_slot
 from daemon.model import FilePayload, ItemPayload, ItemPlan, SlotPayload
+from daemon.plan.fingerprint import fingerprint
 from daemon.sinks.base import Sink
 
 log = structlog.get_logger("ingestd.sync")
@@ -46,6 +51,7 @@ class WatchSide:
     root: str
     settle: float
     follow_symlinks: bool
+    media: MediaSettings | None = None  # None: send files as they are
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,24 +62,83 @@ class Outcome:
     error: str | None = None
 
 
-class Abandoned(Exception):
-    """The daemon is stopping; the item stays pending in the ledger."""
-
-
-def prepare(side: WatchSide, plan: ItemPlan, stop: threading.Event | None = None) -> ItemPayload:
+def hash_sources(
+    side: WatchSide, plan: ItemPlan, stop: threading.Event | None = None
+) -> tuple[str, list[str]]:
     """Check each file still is what was planned and hash it (blocking; run in a thread).
+    Returns a key for everything the sent item depends on, and the files' digests.
     A file that changed since it settled, or while it was read, raises
     SourceChangedError so the half-read version is never sent. Setting `stop` abandons
     the work between chunks, so a shutdown never waits for a large file."""
+    digests = [
+        _hash_checked(
+            os.path.join(side.root, f.relpath), f.size, f.mtime_ns, side.follow_symlinks, stop
+        )
+        for slot in plan.slots
+        for f in slot.files
+    ]
+    media = side.media.identity() if side.media is not None else None
+    # Content, not stat: a touch changes mtime but must not count as a change.
+    shape = [
+        plan.path,
+        plan.name,
+        plan.metadata,
+        [[s.name, s.type, s.extra, [f.name for f in s.files]] for s in plan.slots],
+    ]
+    return fingerprint([shape, digests, media]), digests
+
+
+def build_payload(
+    side: WatchSide,
+    plan: ItemPlan,
+    digests: list[str],
+    spool: str,
+    stop: threading.Event | None = None,
+) -> ItemPayload:
+    """The item as sent: source files as they are, or what the media rules derive from
+    them in `spool` (blocking, CPU-heavy: run in the media pool)."""
+    source_digest = {}
+    i = 0
+    for slot in plan.slots:
+        for f in slot.files:
+            source_digest[os.path.join(side.root, f.relpath)] = (digests[i], f.size)
+            i += 1
     slots = []
     for slot in plan.slots:
-        files = []
-        for f in slot.files:
-            path = os.path.join(side.root, f.relpath)
-            digest = _hash_checked(path, f.size, f.mtime_ns, side.follow_symlinks, stop)
-            files.append(FilePayload(f.name, path, f.size, digest))
-        slots.append(SlotPayload(slot.name, slot.type, tuple(files), slot.extra))
+        files = [(f.name, os.path.join(side.root, f.relpath)) for f in slot.files]
+        if side.media is not None:
+            prepared = transform_slot(slot.type, files, side.media, spool, stop)
+            slot_type, files, extra = (
+                prepared.type,
+                prepared.files,
+                {**slot.extra, **prepared.extra},
+            )
+        else:
+            slot_type, extra = slot.type, slot.extra
+        payload_files = []
+        for name, path in files:
+            if path in source_digest:
+                digest, size = source_digest[path]
+            else:
+                size = os.stat(path).st_size
+                digest = _hash_checked(path, size, os.stat(path).st_mtime_ns, True, stop)
+            payload_files.append(FilePayload(name, path, size, digest))
+        slots.append(SlotPayload(slot.name, slot_type, tuple(payload_files), extra))
+    if side.media is not None:
+        # Derived files were made from whatever the sources held while they were read.
+        for slot in plan.slots:
+            for f in slot.files:
+                _check_unchanged(os.path.join(side.root, f.relpath), f.size, f.mtime_ns)
     return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
+
+
+def _check_unchanged(path: str, size: int, mtime_ns: int) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceChangedError(f"{path} vanished while it was prepared") from None
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        raise SourceChangedError(f"{path} changed while it was prepared")
 
 
 def _hash_checked(
@@ -125,6 +190,7 @@ class SyncPool:
         *,
         on_source_changed: Callable[[str, list[str]], None] | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
+        spool_root: str = "",
     ) -> None:
         self.ledger = ledger
         self.sink = sink
@@ -137,6 +203,12 @@ class SyncPool:
         self._wake = asyncio.Event()
         self._stopping = False
         self._stop_event = threading.Event()
+        # CPU-heavy media work (frames, resizing, de-identification) gets its own small
+        # pool so that it cannot starve hashing and store I/O.
+        self._media_pool = ThreadPoolExecutor(
+            max(1, os.cpu_count() or 1), thread_name_prefix="media"
+        )
+        self.spool_root = spool_root
         self._datasets_ready: set[str] = set()
 
     @property
@@ -189,6 +261,11 @@ class SyncPool:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        self._media_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _spool_for(self, claim: Claim) -> str:
+        tag = hashlib.sha256(f"{claim.watch}\0{claim.source_id}".encode()).hexdigest()[:24]
+        return os.path.join(self.spool_root or tempfile.gettempdir(), "spool", tag)
 
     async def _process(self, claim: Claim) -> None:
         k = (claim.watch, claim.source_id)
@@ -228,19 +305,37 @@ class SyncPool:
                 return await self._delete(claim, bound)
             if claim.key_owner is not None:
                 raise _Conflict(key_conflict_reason(claim.key, claim.source_id, claim.key_owner))
-            payload = await asyncio.to_thread(prepare, side, claim.plan, self._stop_event)
-            manifest = payload.manifest()
-            if manifest == claim.synced_manifest:
+            source_key, digests = await asyncio.to_thread(
+                hash_sources, side, claim.plan, self._stop_event
+            )
+            synced = claim.synced_manifest
+            if synced is not None and synced.get("source_key") == source_key:
                 # touched, or re-planned with identical content: nothing to send
                 bound.debug("unchanged content, nothing sent")
-                op = Ledger.op_synced(claim, manifest, claim.backend_id, now())
+                op = Ledger.op_synced(claim, synced, claim.backend_id, now())
                 return Outcome(claim, "unchanged"), op
-            if claim.dataset not in self._datasets_ready:
-                await self.sink.ensure_dataset(claim.dataset)
-                self._datasets_ready.add(claim.dataset)
-            result = await self.sink.put_item(claim.dataset, payload)
+            spool = self._spool_for(claim)
+            try:
+                loop = asyncio.get_running_loop()
+                payload = await loop.run_in_executor(
+                    self._media_pool,
+                    build_payload,
+                    side,
+                    claim.plan,
+                    digests,
+                    spool,
+                    self._stop_event,
+                )
+                if claim.dataset not in self._datasets_ready:
+                    await self.sink.ensure_dataset(claim.dataset)
+                    self._datasets_ready.add(claim.dataset)
+                result = await self.sink.put_item(claim.dataset, payload)
+            finally:
+                if side.media is not None:
+                    await asyncio.to_thread(shutil.rmtree, spool, True)
             size = sum(f.size for s in payload.slots for f in s.files)
             bound.info("synced", version=result.version, bytes=size, changed=result.changed)
+            manifest = {**payload.manifest(), "source_key": source_key}
             op = Ledger.op_synced(claim, manifest, result.backend_id, now())
             return Outcome(claim, "synced", bytes=size), op
         except SourceChangedError as e:
@@ -258,7 +353,15 @@ class SyncPool:
                 claim, e.reason, delay, count=True
             )
         except PermanentError as e:
-            kind = "conflict" if isinstance(e, _Conflict) else "sink"
+            if isinstance(e, MediaError) and self._stop_event.is_set():
+                return Outcome(claim, "abandoned"), _retry_op(claim, None, 0.0, count=False)
+            kind = (
+                "conflict"
+                if isinstance(e, _Conflict)
+                else "media"
+                if isinstance(e, MediaError)
+                else "sink"
+            )
             bound.error("item failed", reason=e.reason)
             return Outcome(claim, "failed", error=e.reason), Ledger.op_failed(
                 claim, e.reason, kind, now()

@@ -169,7 +169,7 @@ def sha256_digest(data: bytes) -> str:
 
 def log_lines(env: Env, event: str, **fields: Any) -> list[dict[str, Any]]:
     """The daemon's JSON log lines with this `event` whose fields equal `fields`
-    (e.g. `log_lines(env, "synced", item="/a.jpg")`)."""
+    (e.g. `log_lines(env, "synced", item="/a.dat")`)."""
     return [
         e
         for e in env.log_events()

@@ -34,11 +34,11 @@ def test_unreadable_file_fails_with_a_reason_others_sync(env: Env, tmp_path: Pat
     drop = env.drop()
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
     env.start(**mode_bits_popen(tmp_path))
-    staged = drop / "sub" / ".unreadable.jpg"  # hidden until renamed, so never read early
+    staged = drop / "sub" / ".unreadable.dat"  # hidden until renamed, so never read early
     write(staged, b"secret")
     staged.chmod(0)
-    staged.rename(drop / "sub" / "unreadable.jpg")
-    goods = {f"good{n}.jpg": f"good {n}".encode() for n in range(5)}
+    staged.rename(drop / "sub" / "unreadable.dat")
+    goods = {f"good{n}.dat": f"good {n}".encode() for n in range(5)}
     for name, data in goods.items():
         write(drop / name, data)
 
@@ -47,16 +47,16 @@ def test_unreadable_file_fails_with_a_reason_others_sync(env: Env, tmp_path: Pat
         what="5 synced and the unreadable file failed",
     )
     [err] = st["last_errors"]
-    assert err["item"] == "/sub/unreadable.jpg"
-    assert "unreadable.jpg" in err["error"] and "permission denied" in err["error"], err
+    assert err["item"] == "/sub/unreadable.dat"
+    assert "unreadable.dat" in err["error"] and "permission denied" in err["error"], err
     items = env.items_by_key()
     assert set(items) == {f"/{n}" for n in goods}
     for name, data in goods.items():
         assert items[f"/{name}"]["slots"][0]["files"][0]["digest"] == sha256_digest(data)
-    assert log_lines(env, "item failed", item="/sub/unreadable.jpg")
+    assert log_lines(env, "item failed", item="/sub/unreadable.dat")
     # The daemon carries on: a file dropped afterwards still syncs.
-    write(drop / "later.jpg", b"later")
-    wait_for(lambda: "/later.jpg" in env.items_by_key(), what="/later.jpg")
+    write(drop / "later.dat", b"later")
+    wait_for(lambda: "/later.dat" in env.items_by_key(), what="/later.dat")
     assert env.daemon is not None and env.daemon.poll() is None
     assert env.stop() == 0
 
@@ -64,22 +64,22 @@ def test_unreadable_file_fails_with_a_reason_others_sync(env: Env, tmp_path: Pat
 def test_files_deleted_right_after_creation(env: Env) -> None:
     drop = env.drop()
     for n in range(300):  # present when the daemon starts: its first scan lists them
-        write(drop / "pre" / f"p{n:03d}.jpg", f"pre {n}".encode())
+        write(drop / "pre" / f"p{n:03d}.dat", f"pre {n}".encode())
     # on_delete: delete makes the end state exact whatever the timing: a file that got
     # synced before it vanished is removed from the dataset again.
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "on_delete": "delete"}])
     env.start()
     # Race the first scan: files vanish between being listed and being read.
     for n in range(0, 300, 3):
-        (drop / "pre" / f"p{n:03d}.jpg").unlink()
+        (drop / "pre" / f"p{n:03d}.dat").unlink()
     # Race the watcher: created, then deleted before (or while) it settles.
     for n in range(200):
-        path = drop / "live" / f"l{n:03d}.jpg"
+        path = drop / "live" / f"l{n:03d}.dat"
         write(path, f"live {n}".encode())
         if n % 4 == 0:
             path.unlink()
-    write(drop / "zz_sentinel.jpg", b"last")
-    present = {"/" + str(p.relative_to(drop)) for p in drop.rglob("*.jpg")}
+    write(drop / "zz_sentinel.dat", b"last")
+    present = {"/" + str(p.relative_to(drop)) for p in drop.rglob("*.dat")}
     assert len(present) == 300 - 100 + 200 - 50 + 1
     wait_for(lambda: set(env.items_by_key()) == present, timeout=60, what=f"{len(present)} items")
     st = wait_for(lambda: watch_where(env, "w", pending=0), timeout=60, what="nothing pending")
@@ -94,11 +94,11 @@ def test_files_deleted_right_after_creation(env: Env) -> None:
 
 
 NAMES = [
-    "with space.jpg",
-    "Ünïcødé 日本.jpg",
-    "hash#tag.jpg",
-    "new\nline.jpg",
-    "100% done?.jpg",
+    "with space.dat",
+    "Ünïcødé 日本.dat",
+    "hash#tag.dat",
+    "new\nline.dat",
+    "100% done?.dat",
 ]
 
 
@@ -133,26 +133,26 @@ def test_odd_names_become_items_with_exactly_those_names(env: Env) -> None:
 
 
 def _loop_tree(folder: Path) -> None:
-    write(folder / "a.jpg", b"a " + folder.name.encode())
-    write(folder / "sub" / "b.jpg", b"b " + folder.name.encode())
+    write(folder / "a.dat", b"a " + folder.name.encode())
+    write(folder / "sub" / "b.dat", b"b " + folder.name.encode())
     os.symlink(".", folder / "loop")  # loop -> the folder itself
-    os.symlink("self.jpg", folder / "self.jpg")  # a link to itself (ELOOP)
+    os.symlink("self.dat", folder / "self.dat")  # a link to itself (ELOOP)
 
 
 def _assert_loop_watch_works(env: Env, folder: Path, name: str, timeout: float = 30) -> None:
     """Files sync once each under their real paths, also one created while it runs;
     what lies behind the loop is the same files, never items of their own."""
-    expected = {"/a.jpg", "/sub/b.jpg"}
+    expected = {"/a.dat", "/sub/b.dat"}
     wait_for(lambda: expected <= set(env.items_by_key(name)), timeout, what=f"items in {name}")
-    write(folder / "sub" / "c.jpg", b"c " + folder.name.encode())
-    expected.add("/sub/c.jpg")
-    wait_for(lambda: expected <= set(env.items_by_key(name)), timeout, what=f"c.jpg in {name}")
+    write(folder / "sub" / "c.dat", b"c " + folder.name.encode())
+    expected.add("/sub/c.dat")
+    wait_for(lambda: expected <= set(env.items_by_key(name)), timeout, what=f"c.dat in {name}")
     st = wait_for(lambda: watch_where(env, name, pending=0), timeout, what=f"{name} settled")
     assert set(env.items_by_key(name)) == expected
     assert st["synced"] == len(expected), st
-    # self.jpg cannot be read; if the watch tracks it at all, it says why.
+    # self.dat cannot be read; if the watch tracks it at all, it says why.
     for e in st["last_errors"]:
-        assert "self.jpg" in e["item"] and "symbolic links" in e["error"], e
+        assert "self.dat" in e["item"] and "symbolic links" in e["error"], e
 
 
 def _assert_stops_promptly(env: Env) -> None:
@@ -223,25 +223,25 @@ def test_bad_sidecar_fails_only_its_item(env: Env) -> None:
         ]
     )
     env.start()
-    write(drop / "bad.jpg.json", b'{"label": "cat",,}')
-    write(drop / "bad.jpg", b"bad")
-    write(drop / "good.jpg.json", b'{"label": "dog"}')
-    write(drop / "good.jpg", b"good")
-    write(drop / "plain.jpg", b"plain")
+    write(drop / "bad.dat.json", b'{"label": "cat",,}')
+    write(drop / "bad.dat", b"bad")
+    write(drop / "good.dat.json", b'{"label": "dog"}')
+    write(drop / "good.dat", b"good")
+    write(drop / "plain.dat", b"plain")
     st = wait_for(
         lambda: watch_where(env, "w", synced=2, failed=1, pending=0),
-        what="bad.jpg to fail and the others to sync",
+        what="bad.dat to fail and the others to sync",
     )
     [err] = st["last_errors"]
-    assert err["item"] == "/bad.jpg"
-    assert "bad.jpg.json" in err["error"] and "JSON" in err["error"], err
+    assert err["item"] == "/bad.dat"
+    assert "bad.dat.json" in err["error"] and "JSON" in err["error"], err
     items = env.items_by_key()
-    assert set(items) == {"/good.jpg", "/plain.jpg"}
-    assert items["/good.jpg"]["metadata"] == {"label": "dog"}
+    assert set(items) == {"/good.dat", "/plain.dat"}
+    assert items["/good.dat"]["metadata"] == {"label": "dog"}
 
     # Fixing the sidecar in place is just a change: the item syncs.
-    write(drop / "bad.jpg.json", b'{"label": "cat"}')
-    item = wait_for(lambda: env.items_by_key().get("/bad.jpg"), what="/bad.jpg after the fix")
+    write(drop / "bad.dat.json", b'{"label": "cat"}')
+    item = wait_for(lambda: env.items_by_key().get("/bad.dat"), what="/bad.dat after the fix")
     assert item["metadata"] == {"label": "cat"}
     st = wait_for(lambda: watch_where(env, "w", synced=3, pending=0), what="3 synced")
     assert (st["failed"], st["last_errors"]) == (0, [])

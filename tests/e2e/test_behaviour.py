@@ -64,10 +64,10 @@ def test_preserve_folders_mirrors_sub_folders(env: Env) -> None:
     )
     env.start()
     files = {
-        "top.jpg": b"top",
-        "a/same.jpg": b"a-same",
-        "b/same.jpg": b"b-same",
-        "a/b/c/deep.jpg": b"deep",
+        "top.dat": b"top",
+        "a/same.dat": b"a-same",
+        "b/same.dat": b"b-same",
+        "a/b/c/deep.dat": b"deep",
     }
     for rel, data in files.items():
         write(drop / rel, data)
@@ -82,8 +82,8 @@ def test_preserve_folders_mirrors_sub_folders(env: Env) -> None:
         assert item["name"] == key.rsplit("/", 1)[1]
         assert file_digest(item) == sha256_digest(data)
         assert item["version"] == 1
-    assert items["/in/a/b/c/deep.jpg"]["path"] == "/in/a/b/c"
-    assert items["/in/top.jpg"]["path"] == "/in"
+    assert items["/in/a/b/c/deep.dat"]["path"] == "/in/a/b/c"
+    assert items["/in/top.dat"]["path"] == "/in"
     assert env.stop() == 0
 
 
@@ -101,33 +101,33 @@ def test_flat_layout_same_name_second_file_fails_first_intact(env: Env) -> None:
         ]
     )
     env.start()
-    first = write(drop / "a" / "same.jpg", b"first, from folder a")
-    write(drop / "x" / "y" / "other.jpg", b"other")
-    wait_for(lambda: "/flat/same.jpg" in env.items_by_key(), what="the first same.jpg")
+    first = write(drop / "a" / "same.dat", b"first, from folder a")
+    write(drop / "x" / "y" / "other.dat", b"other")
+    wait_for(lambda: "/flat/same.dat" in env.items_by_key(), what="the first same.dat")
     # Only now the second one, so which file came first is not a race.
-    write(drop / "b" / "same.jpg", b"second, from folder b -- must not replace the first")
+    write(drop / "b" / "same.dat", b"second, from folder b -- must not replace the first")
 
     def failed() -> dict[str, Any] | None:
         st = env.watch_status()
         return st if st["failed"] == 1 else None
 
-    st = wait_for(failed, what="the second same.jpg to fail")
+    st = wait_for(failed, what="the second same.dat to fail")
     assert st["synced"] == 2 and st["pending"] == 0
-    errors = [e for e in st["last_errors"] if e["item"] == "/flat/same.jpg"]
+    errors = [e for e in st["last_errors"] if e["item"] == "/flat/same.dat"]
     assert len(errors) == 1, st["last_errors"]
     reason = errors[0]["error"]
-    assert "a/same.jpg" in reason and "b/same.jpg" in reason, reason
+    assert "a/same.dat" in reason and "b/same.dat" in reason, reason
 
     items = env.items_by_key()
-    assert set(items) == {"/flat/same.jpg", "/flat/other.jpg"}
+    assert set(items) == {"/flat/same.dat", "/flat/other.dat"}
     for item in items.values():
         assert item["path"] == "/flat"
-    same = items["/flat/same.jpg"]
+    same = items["/flat/same.dat"]
     assert file_digest(same) == sha256_digest(first)
     assert same["version"] == 1, "the first item was overwritten by the second file"
-    assert len(synced_lines(env, "/flat/same.jpg")) == 1
+    assert len(synced_lines(env, "/flat/same.dat")) == 1
     failures = log_lines(env, "item failed", watch="w")
-    assert any("b/same.jpg" in str(e.get("reason")) for e in failures), failures
+    assert any("b/same.dat" in str(e.get("reason")) for e in failures), failures
     assert env.stop() == 0
 
 
@@ -142,8 +142,8 @@ def test_include_exclude_and_temp_names(env: Env) -> None:
                 "name": "picky",
                 "source": str(picky),
                 "dataset": "picky",
-                "include": ["*.jpg", "docs/**/*.txt"],
-                "exclude": ["cache", "raw/**/*.jpg", "*_thumb.jpg"],
+                "include": ["*.dat", "docs/**/*.txt"],
+                "exclude": ["cache", "raw/**/*.dat", "*_thumb.dat"],
             },
             # No patterns at all: every file is taken, except temp and hidden names.
             {"name": "anything", "source": str(anything), "dataset": "anything"},
@@ -151,25 +151,25 @@ def test_include_exclude_and_temp_names(env: Env) -> None:
     )
     env.start()
     taken = [
-        "a.jpg",
-        "sub/b.jpg",
-        "cachefile.jpg",  # `cache` names a folder or file called exactly that
-        "sub/raw/g.jpg",  # `raw/**` is anchored at the watch root
+        "a.dat",
+        "sub/b.dat",
+        "cachefile.dat",  # `cache` names a folder or file called exactly that
+        "sub/raw/g.dat",  # `raw/**` is anchored at the watch root
         "docs/n1.txt",  # `**` also matches no folder at all
         "docs/x/y/n2.txt",
     ]
     dropped = [
-        "c.png",  # not included
+        "c.raw",  # not included
         "notes.txt",  # .txt only under docs/
         "other/docs/n3.txt",  # docs/ is anchored at the root
-        "sub/b_thumb.jpg",  # excluded by name at any depth
-        "cache/c.jpg",  # excluded folder, at the root...
-        "sub/cache/d.jpg",  # ...and deeper
-        "raw/e.jpg",
-        "raw/2024/05/f.jpg",
-        ".hidden.jpg",  # temp and hidden names, even though *.jpg includes them
-        "sub/.h.jpg",
-        "~$x.jpg",
+        "sub/b_thumb.dat",  # excluded by name at any depth
+        "cache/c.dat",  # excluded folder, at the root...
+        "sub/cache/d.dat",  # ...and deeper
+        "raw/e.dat",
+        "raw/2024/05/f.dat",
+        ".hidden.dat",  # temp and hidden names, even though *.dat includes them
+        "sub/.h.dat",
+        "~$x.dat",
     ]
     for rel in taken + dropped:
         write(picky / rel, rel.encode())
@@ -181,14 +181,14 @@ def test_include_exclude_and_temp_names(env: Env) -> None:
         "~$x.docx",
         "x.crdownload",
         "sub/y.tmp",
-        ".cfg/inside.jpg",  # inside a hidden folder
+        ".cfg/inside.dat",  # inside a hidden folder
     ]
     for rel in taken_any + dropped_any:
         write(anything / rel, rel.encode())
     # Written last: once these are items, every file above has been judged.
-    write(picky / "zz_last.jpg", b"sentinel")
+    write(picky / "zz_last.dat", b"sentinel")
     write(anything / "zz_last", b"sentinel")
-    expected_picky = {"/" + r for r in [*taken, "zz_last.jpg"]}
+    expected_picky = {"/" + r for r in [*taken, "zz_last.dat"]}
     expected_any = {"/" + r for r in [*taken_any, "zz_last"]}
     wait_for(
         lambda: expected_picky <= set(env.items_by_key("picky")),
@@ -216,7 +216,7 @@ def test_slowly_written_file_is_uploaded_once_complete(env: Env) -> None:
     env.start()
     chunks = [os.urandom(64 * 1024) for _ in range(10)]
     gaps = []
-    with open(drop / "slow.jpg", "wb") as fh:
+    with open(drop / "slow.dat", "wb") as fh:
         last = time.monotonic()
         for chunk in chunks:
             fh.write(chunk)
@@ -228,14 +228,14 @@ def test_slowly_written_file_is_uploaded_once_complete(env: Env) -> None:
     if max(gaps) >= 0.9:
         pytest.skip(f"the writer itself stalled for {max(gaps):.2f}s, close to settle (1s)")
     content = b"".join(chunks)
-    item = wait_for(lambda: env.items_by_key().get("/slow.jpg"), what="/slow.jpg")
+    item = wait_for(lambda: env.items_by_key().get("/slow.dat"), what="/slow.dat")
     wait_for(lambda: settled(env), what="nothing pending")
-    item = env.items_by_key()["/slow.jpg"]
+    item = env.items_by_key()["/slow.dat"]
     f = item["slots"][0]["files"][0]
     assert f["digest"] == sha256_digest(content)
     assert f["size"] == len(content)
     assert item["version"] == 1, "a partial version was uploaded before the complete one"
-    assert len(synced_lines(env, "/slow.jpg")) == 1
+    assert len(synced_lines(env, "/slow.dat")) == 1
     assert env.stop() == 0
 
 
@@ -243,19 +243,19 @@ def test_changed_file_updates_the_same_item(env: Env) -> None:
     drop = env.drop()
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "path": "/p"}])
     env.start()
-    v1 = write(drop / "sub" / "a.jpg", b"version one")
-    item = wait_for(lambda: env.items_by_key().get("/p/sub/a.jpg"), what="/p/sub/a.jpg")
+    v1 = write(drop / "sub" / "a.dat", b"version one")
+    item = wait_for(lambda: env.items_by_key().get("/p/sub/a.dat"), what="/p/sub/a.dat")
     assert item["version"] == 1 and file_digest(item) == sha256_digest(v1)
-    v2 = write(drop / "sub" / "a.jpg", b"version two, longer than one")
+    v2 = write(drop / "sub" / "a.dat", b"version two, longer than one")
     item = wait_for(
-        lambda: (i := env.items_by_key().get("/p/sub/a.jpg")) and i["version"] == 2 and i,
-        what="version 2 of /p/sub/a.jpg",
+        lambda: (i := env.items_by_key().get("/p/sub/a.dat")) and i["version"] == 2 and i,
+        what="version 2 of /p/sub/a.dat",
     )
     assert file_digest(item) == sha256_digest(v2)
     assert item["slots"][0]["files"][0]["size"] == len(v2)
-    assert list(env.items_by_key()) == ["/p/sub/a.jpg"]
+    assert list(env.items_by_key()) == ["/p/sub/a.dat"]
     wait_for(lambda: settled(env), what="nothing pending")
-    assert [e["version"] for e in synced_lines(env, "/p/sub/a.jpg")] == [1, 2]
+    assert [e["version"] for e in synced_lines(env, "/p/sub/a.dat")] == [1, 2]
     assert env.watch_status()["synced"] == 1
     assert env.stop() == 0
 
@@ -264,9 +264,9 @@ def test_touch_without_change_uploads_nothing(env: Env) -> None:
     drop = env.drop()
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
     env.start()
-    write(drop / "t1.jpg", b"touched by touch(1)")
-    write(drop / "t2.jpg", b"opened for writing and closed unchanged")
-    wait_for(lambda: {"/t1.jpg", "/t2.jpg"} <= set(env.items_by_key()), what="both items")
+    write(drop / "t1.dat", b"touched by touch(1)")
+    write(drop / "t2.dat", b"opened for writing and closed unchanged")
+    wait_for(lambda: {"/t1.dat", "/t2.dat"} <= set(env.items_by_key()), what="both items")
     wait_for(lambda: settled(env), what="nothing pending")
     later = time.time() + 5
 
@@ -278,21 +278,21 @@ def test_touch_without_change_uploads_nothing(env: Env) -> None:
         )
 
     # t2: a writer that opens, changes nothing but the mtime, and closes (close-write).
-    os.utime(drop / "t2.jpg", (later, later))
-    with open(drop / "t2.jpg", "ab"):
+    os.utime(drop / "t2.dat", (later, later))
+    with open(drop / "t2.dat", "ab"):
         pass
-    rechecked("/t2.jpg")
+    rechecked("/t2.dat")
     # t1: a bare mtime change, as touch(1) makes: inotify reports only IN_ATTRIB, which
     # the daemon does not subscribe to, so a rescan finds it.
-    os.utime(drop / "t1.jpg", (later, later))
+    os.utime(drop / "t1.dat", (later, later))
     assert env.daemon is not None
     env.daemon.send_signal(signal.SIGUSR1)  # what `ingestd retry` sends: rescan now
-    rechecked("/t1.jpg")
-    write(drop / "after.jpg", b"sentinel")
-    wait_for(lambda: "/after.jpg" in env.items_by_key(), what="the sentinel item")
+    rechecked("/t1.dat")
+    write(drop / "after.dat", b"sentinel")
+    wait_for(lambda: "/after.dat" in env.items_by_key(), what="the sentinel item")
     wait_for(lambda: settled(env), what="nothing pending")
     items = env.items_by_key()
-    for key in ("/t1.jpg", "/t2.jpg"):
+    for key in ("/t1.dat", "/t2.dat"):
         assert items[key]["version"] == 1, key
         assert len(synced_lines(env, key)) == 1, synced_lines(env, key)
     assert env.watch_status()["synced"] == 3
@@ -319,12 +319,12 @@ def test_sidecar_path_pattern_and_static_metadata(env: Env) -> None:
         ]
     )
     env.start()
-    shot = drop / "cam1" / "2024-05-01" / "a.jpg"
-    sidecar = shot.with_name("a.jpg.json")
+    shot = drop / "cam1" / "2024-05-01" / "a.dat"
+    sidecar = shot.with_name("a.dat.json")
     write(sidecar, json.dumps({"exposure": 1.5, "label": "cat", "tags": ["x"]}).encode())
     write(shot, b"image bytes")
-    write(drop / "loose.jpg", b"no pattern match, no sidecar")
-    key = "/cam1/2024-05-01/a.jpg"
+    write(drop / "loose.dat", b"no pattern match, no sidecar")
+    key = "/cam1/2024-05-01/a.dat"
     item = wait_for(lambda: env.items_by_key().get(key), what=key)
     assert item["metadata"] == {
         "site": "lab",
@@ -336,10 +336,10 @@ def test_sidecar_path_pattern_and_static_metadata(env: Env) -> None:
         "tags": ["x"],
     }
     assert item["version"] == 1
-    loose = wait_for(lambda: env.items_by_key().get("/loose.jpg"), what="/loose.jpg")
+    loose = wait_for(lambda: env.items_by_key().get("/loose.dat"), what="/loose.dat")
     assert loose["metadata"] == {"site": "lab", "rig": 7}
     # The sidecar is metadata, never an item of its own.
-    assert set(env.items_by_key()) == {key, "/loose.jpg"}
+    assert set(env.items_by_key()) == {key, "/loose.dat"}
 
     # Editing the sidecar updates the item; keys it no longer has are dropped.
     write(sidecar, json.dumps({"label": "dog"}).encode())
@@ -384,28 +384,28 @@ def test_metadata_type_conflict_fails_only_the_later_item(env: Env) -> None:
         ]
     )
     env.start()
-    write(drop / "a.jpg.json", b'{"exposure": 1}')
-    write(drop / "a.jpg", b"a")
-    a = wait_for(lambda: env.items_by_key().get("/a.jpg"), what="/a.jpg")
+    write(drop / "a.dat.json", b'{"exposure": 1}')
+    write(drop / "a.dat", b"a")
+    a = wait_for(lambda: env.items_by_key().get("/a.dat"), what="/a.dat")
     assert a["metadata"] == {"exposure": 1}
-    write(drop / "b.jpg.json", b'{"exposure": "high"}')
-    write(drop / "b.jpg", b"b")
-    write(drop / "c.jpg.json", b'{"exposure": 2}')
-    write(drop / "c.jpg", b"c")
+    write(drop / "b.dat.json", b'{"exposure": "high"}')
+    write(drop / "b.dat", b"b")
+    write(drop / "c.dat.json", b'{"exposure": 2}')
+    write(drop / "c.dat", b"c")
 
     def b_failed() -> dict[str, Any] | None:
         st = env.watch_status()
         return st if st["failed"] == 1 and st["synced"] == 2 and st["pending"] == 0 else None
 
     st = wait_for(b_failed, what="b to fail and c to sync")
-    [err] = [e for e in st["last_errors"] if e["item"] == "/b.jpg"]
+    [err] = [e for e in st["last_errors"] if e["item"] == "/b.dat"]
     assert "exposure" in err["error"], err
-    assert "/a.jpg" in err["error"] or "/c.jpg" in err["error"], err
+    assert "/a.dat" in err["error"] or "/c.dat" in err["error"], err
     items = env.items_by_key()
-    assert set(items) == {"/a.jpg", "/c.jpg"}
-    assert items["/a.jpg"]["version"] == 1 and items["/a.jpg"]["metadata"] == {"exposure": 1}
-    assert items["/c.jpg"]["metadata"] == {"exposure": 2}
-    assert not synced_lines(env, "/b.jpg")
+    assert set(items) == {"/a.dat", "/c.dat"}
+    assert items["/a.dat"]["version"] == 1 and items["/a.dat"]["metadata"] == {"exposure": 1}
+    assert items["/c.dat"]["metadata"] == {"exposure": 2}
+    assert not synced_lines(env, "/b.dat")
     assert env.stop() == 0
 
 
@@ -423,25 +423,25 @@ def test_on_delete_keep_and_delete(env: Env) -> None:
     env.start()
     for folder in (keep, delete):
         for n in range(3):
-            write(folder / f"f{n}.jpg", f"{folder.name} {n}".encode())
-    wanted = {f"/f{n}.jpg" for n in range(3)}
+            write(folder / f"f{n}.dat", f"{folder.name} {n}".encode())
+    wanted = {f"/f{n}.dat" for n in range(3)}
     for ds in ("dk", "dd"):
         wait_for(lambda d=ds: set(env.items_by_key(d)) == wanted, what=f"3 items in {ds}")
-    (keep / "f0.jpg").unlink()
-    (delete / "f0.jpg").unlink()
+    (keep / "f0.dat").unlink()
+    (delete / "f0.dat").unlink()
     # on_delete: delete: the item leaves the dataset.
     wait_for(
-        lambda: set(env.items_by_key("dd")) == wanted - {"/f0.jpg"},
-        what="/f0.jpg to leave dataset dd",
+        lambda: set(env.items_by_key("dd")) == wanted - {"/f0.dat"},
+        what="/f0.dat to leave dataset dd",
     )
     # on_delete: keep: the daemon forgets the file (the ledger no longer counts it) ...
-    wait_for(lambda: env.watch_status("keep")["synced"] == 2, what="keep to forget f0.jpg")
+    wait_for(lambda: env.watch_status("keep")["synced"] == 2, what="keep to forget f0.dat")
     assert log_lines(env, "source files gone", watch="keep")
     # ... but the item stays in the dataset, untouched.
     kept = env.items_by_key("dk")
     assert set(kept) == wanted
-    assert kept["/f0.jpg"]["version"] == 1
-    assert file_digest(kept["/f0.jpg"]) == sha256_digest(b"keep 0")
+    assert kept["/f0.dat"]["version"] == 1
+    assert file_digest(kept["/f0.dat"]) == sha256_digest(b"keep 0")
     assert env.watch_status("delete")["synced"] == 2
     assert env.stop() == 0
 
@@ -460,7 +460,7 @@ def _ten_synced(env: Env, drop: Path) -> None:
     )
     env.start()
     for n in range(10):
-        write(drop / f"f{n}.jpg", f"file {n}".encode())
+        write(drop / f"f{n}.dat", f"file {n}".encode())
     wait_for(lambda: len(env.items_by_key()) == 10, what="10 items")
     wait_for(lambda: (s := settled(env)) and s["synced"] == 10, what="10 synced")
 
@@ -480,15 +480,15 @@ def test_max_delete_guard_after_restart(env: Env) -> None:
     _ten_synced(env, drop)
     assert env.stop() == 0
     for n in range(8):
-        (drop / f"f{n}.jpg").unlink()
+        (drop / f"f{n}.dat").unlink()
     env.restart()
     _assert_refused(env)
     # The watch keeps working for everything else.
-    write(drop / "new.jpg", b"new")
-    wait_for(lambda: "/new.jpg" in env.items_by_key(), what="/new.jpg")
+    write(drop / "new.dat", b"new")
+    wait_for(lambda: "/new.dat" in env.items_by_key(), what="/new.dat")
     wait_for(lambda: settled(env), what="nothing pending")
     items = env.items_by_key()
-    assert {f"/f{n}.jpg" for n in range(10)} <= set(items)
+    assert {f"/f{n}.dat" for n in range(10)} <= set(items)
     assert len(items) == 11
     assert not log_lines(env, "deleted from the dataset (on_delete: delete)")
     assert env.watch_status()["synced"] == 11
@@ -500,10 +500,10 @@ def test_max_delete_guard_while_running(env: Env) -> None:
     _ten_synced(env, drop)
     away = env.drop("away")
     for n in range(8):
-        (drop / f"f{n}.jpg").rename(away / f"f{n}.jpg")
+        (drop / f"f{n}.dat").rename(away / f"f{n}.dat")
     _assert_refused(env)
-    write(drop / "new.jpg", b"new")
-    wait_for(lambda: "/new.jpg" in env.items_by_key(), what="/new.jpg")
+    write(drop / "new.dat", b"new")
+    wait_for(lambda: "/new.dat" in env.items_by_key(), what="/new.dat")
     wait_for(lambda: settled(env), what="nothing pending")
     assert len(env.items_by_key()) == 11
     assert not log_lines(env, "deleted from the dataset (on_delete: delete)")
@@ -516,7 +516,7 @@ def test_max_delete_guard_while_running(env: Env) -> None:
 def test_sync_one_pass_and_dry_run(env: Env) -> None:
     drop = env.drop()
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "path": "/p"}])
-    files = {"a.jpg": b"a", "sub/b.jpg": b"b", "sub/deeper/c.png": b"c"}
+    files = {"a.dat": b"a", "sub/b.dat": b"b", "sub/deeper/c.raw": b"c"}
     for rel, data in files.items():
         write(drop / rel, data)
     keys = {f"/p/{rel}" for rel in files}
@@ -545,22 +545,22 @@ def test_sync_one_pass_and_dry_run(env: Env) -> None:
 
     again = env.cli("sync", "--dry-run")
     assert again.returncode == 0 and again.stdout.strip() == "nothing to do", again.stdout
-    write(drop / "a.jpg", b"a, changed")
-    (drop / "sub" / "b.jpg").unlink()
+    write(drop / "a.dat", b"a, changed")
+    (drop / "sub" / "b.dat").unlink()
     changed = env.cli("sync", "--dry-run")
     assert changed.returncode == 0, changed.stderr
     assert set(changed.stdout.split("\n")) - {""} == {
-        "update  ds /p/a.jpg",
-        "forget  ds /p/sub/b.jpg",
+        "update  ds /p/a.dat",
+        "forget  ds /p/sub/b.dat",
     }
     items = env.items_by_key()
-    assert items["/p/a.jpg"]["version"] == 1 and set(items) == keys
+    assert items["/p/a.dat"]["version"] == 1 and set(items) == keys
 
     # A second real pass applies it; the run is idempotent otherwise.
     assert env.cli("sync", timeout=60).returncode == 0
     items = env.items_by_key()
-    assert items["/p/a.jpg"]["version"] == 2
-    assert items["/p/sub/deeper/c.png"]["version"] == 1
+    assert items["/p/a.dat"]["version"] == 2
+    assert items["/p/sub/deeper/c.raw"]["version"] == 1
 
 
 def test_sync_one_pass_exits_1_when_an_item_failed(env: Env) -> None:
@@ -575,13 +575,13 @@ def test_sync_one_pass_exits_1_when_an_item_failed(env: Env) -> None:
             }
         ]
     )
-    write(drop / "good.jpg", b"good")
-    write(drop / "bad.jpg", b"bad")
-    write(drop / "bad.jpg.json", b"{oops")
+    write(drop / "good.dat", b"good")
+    write(drop / "bad.dat", b"bad")
+    write(drop / "bad.dat.json", b"{oops")
     proc = env.cli("sync", timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert set(env.items_by_key()) == {"/good.jpg"}
+    assert set(env.items_by_key()) == {"/good.dat"}
     w = env.watch_status()
     assert (w["synced"], w["failed"]) == (1, 1)
 
@@ -593,29 +593,29 @@ def test_retry_requeues_a_permanently_failed_item(env: Env, tmp_path: Path) -> N
     drop = env.drop()
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
     env.start(**mode_bits_popen(tmp_path))
-    hidden = drop / ".locked.jpg"  # hidden names are ignored until the rename below
+    hidden = drop / ".locked.dat"  # hidden names are ignored until the rename below
     write(hidden, b"locked content")
     hidden.chmod(0)
-    hidden.rename(drop / "locked.jpg")
-    write(drop / "fine.jpg", b"fine")
+    hidden.rename(drop / "locked.dat")
+    write(drop / "fine.dat", b"fine")
 
     def failed() -> dict[str, Any] | None:
         st = env.watch_status()
         return st if (st["failed"], st["synced"], st["pending"]) == (1, 1, 0) else None
 
-    st = wait_for(failed, what="locked.jpg to fail and fine.jpg to sync")
+    st = wait_for(failed, what="locked.dat to fail and fine.dat to sync")
     [err] = st["last_errors"]
-    assert err["item"] == "/locked.jpg"
+    assert err["item"] == "/locked.dat"
     assert "permission denied" in err["error"].lower(), err
     assert st["synced"] == 1
-    assert set(env.items_by_key()) == {"/fine.jpg"}
+    assert set(env.items_by_key()) == {"/fine.dat"}
 
     # Fixing the mode changes neither content nor mtime: only `retry` brings it back.
-    (drop / "locked.jpg").chmod(0o644)
+    (drop / "locked.dat").chmod(0o644)
     proc = env.cli("retry", "w")
     assert proc.returncode == 0, proc.stderr
     assert "queued 1" in proc.stdout, proc.stdout
-    item = wait_for(lambda: env.items_by_key().get("/locked.jpg"), what="/locked.jpg")
+    item = wait_for(lambda: env.items_by_key().get("/locked.dat"), what="/locked.dat")
     assert file_digest(item) == sha256_digest(b"locked content")
     st = wait_for(lambda: settled(env), what="nothing pending")
     assert (st["synced"], st["failed"], st["last_errors"]) == (2, 0, [])
@@ -645,8 +645,8 @@ def test_sigterm_when_idle_exits_0_quickly(env: Env) -> None:
     drop = env.drop()
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
     env.start()
-    write(drop / "a.jpg", b"a")
-    wait_for(lambda: "/a.jpg" in env.items_by_key(), what="/a.jpg")
+    write(drop / "a.dat", b"a")
+    wait_for(lambda: "/a.dat" in env.items_by_key(), what="/a.dat")
     started = time.monotonic()
     assert env.stop(timeout=10) == 0
     assert time.monotonic() - started < 10
@@ -662,7 +662,7 @@ def test_sigterm_during_a_large_upload_then_restart_syncs_everything_once(env: E
     staging = drop / ".big.bin"  # hidden: ignored until it is complete
     staging.write_bytes(big_data)
     big = drop / "big.bin"
-    small = {f"s{n}.jpg": f"small {n}".encode() for n in range(20)}
+    small = {f"s{n}.dat": f"small {n}".encode() for n in range(20)}
     staging.rename(big)
     for name, data in small.items():
         write(drop / name, data)

@@ -10,8 +10,8 @@ def test_dropped_file_becomes_item(env: Env) -> None:
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "path": "/in"}])
     env.start()
     (drop / "sub").mkdir()
-    (drop / "sub" / "a.jpg").write_bytes(b"abc")
-    items = wait_for(lambda: env.items_by_key().get("/in/sub/a.jpg"), what="item /in/sub/a.jpg")
+    (drop / "sub" / "a.dat").write_bytes(b"abc")
+    items = wait_for(lambda: env.items_by_key().get("/in/sub/a.dat"), what="item /in/sub/a.dat")
     assert items["path"] == "/in/sub"
     assert items["slots"][0]["files"][0]["size"] == 3
     assert env.stop() == 0

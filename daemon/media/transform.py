@@ -1,0 +1,93 @@
+"""What a slot's files become before they are sent: oversize images downscaled, videos
+sampled into frames, DICOM de-identified. Originals are never modified; derived files
+go to a spool folder that the caller removes once the sink has answered.
+
+Blocking and CPU-heavy: the sync step runs it in its media thread pool (OpenCV, PIL
+and pydicom's writers release the GIL for the heavy parts)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.config import DicomConfig, ImagesConfig, VideoConfig
+from daemon.errors import Abandoned
+from daemon.model import SlotType
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSettings:
+    images: ImagesConfig
+    video: VideoConfig
+    dicom: DicomConfig
+    deid_key: bytes | None = None  # set when dicom.deidentify is on
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change what is sent (part of the 'nothing changed' check)."""
+        return {
+            "images": self.images.model_dump(),
+            "video": self.video.model_dump(),
+            "deidentify": self.dicom.deidentify,
+        }
+
+
+@dataclass(slots=True)
+class PreparedSlot:
+    type: SlotType
+    files: list[tuple[str, str]]  # (name shown in the dataset, path to read)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def transform_slot(
+    slot_type: SlotType,
+    files: list[tuple[str, str]],
+    settings: MediaSettings,
+    spool: str,
+    stop: threading.Event | None = None,
+) -> PreparedSlot:
+    """Turn one planned slot's (name, source path) files into what is sent."""
+    if slot_type == "image":
+        from daemon.media.images import prepare_image
+
+        os.makedirs(spool, exist_ok=True)
+        out = []
+        for name, path in files:
+            derived = prepare_image(
+                path, spool, settings.images.max_dimension, settings.images.oversize
+            )
+            out.append((name, derived or path))
+        return PreparedSlot("image", out)
+    if slot_type == "video":
+        video = settings.video
+        if video.mode == "native":
+            return PreparedSlot("video", files, {"fps": video.fps})
+        from daemon.media.video import SamplingAbandoned, sample_frames
+
+        if len(files) != 1:
+            raise ValueError("a video slot holds one file")
+        name, path = files[0]
+        try:
+            frames = sample_frames(
+                path, os.path.join(spool, "frames"), video.fps, video.format, video.quality, stop
+            )
+        except SamplingAbandoned as e:
+            raise Abandoned(path) from e
+        return PreparedSlot(
+            "frames",
+            [(os.path.basename(f), f) for f in frames.files],
+            {"timestamps": frames.timestamps, "fps": video.fps, "source": name},
+        )
+    if slot_type == "dicom" and settings.dicom.deidentify:
+        from daemon.media.dicom import deidentify
+
+        assert settings.deid_key is not None
+        os.makedirs(spool, exist_ok=True)
+        out = []
+        for i, (name, path) in enumerate(files):
+            dst = os.path.join(spool, f"deid-{i:06d}.dcm")
+            deidentify(path, dst, settings.deid_key)
+            out.append((name, dst))
+        return PreparedSlot("dicom", out)
+    return PreparedSlot(slot_type, files)
