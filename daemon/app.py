@@ -17,6 +17,7 @@ import structlog
 
 from daemon.config import Config
 from daemon.ledger import DELETED, ITEM, AsyncLedger
+from daemon.media.transform import MediaSettings
 from daemon.model import Entry
 from daemon.service import PidLock, install_signals
 from daemon.sinks.base import Sink
@@ -34,8 +35,26 @@ def build_sink(config: Config) -> Sink:
     return LocalSink(config.backend.path)
 
 
-def _sides(config: Config) -> dict[str, WatchSide]:
-    return {w.name: WatchSide(str(w.source), w.settle, w.follow_symlinks) for w in config.watches}
+def deid_key(config: Config) -> bytes | None:
+    """One key per state dir: the same UID always maps to the same new UID, across runs
+    and watches, so series stay consistent."""
+    if not any(w.dicom.deidentify for w in config.watches):
+        return None
+    from daemon.media.dicom import load_or_create_key
+
+    return load_or_create_key(str(config.state_dir))
+
+
+def _sides(config: Config, key: bytes | None) -> dict[str, WatchSide]:
+    return {
+        w.name: WatchSide(
+            str(w.source),
+            w.settle,
+            w.follow_symlinks,
+            MediaSettings(w.images, w.video, w.dicom, key if w.dicom.deidentify else None),
+        )
+        for w in config.watches
+    }
 
 
 class App:
@@ -60,20 +79,23 @@ class App:
     async def _open(self, *, observe: bool, on_outcome: Callable[[Outcome], None] | None) -> None:
         await self.ledger.open()
         self.sink = build_sink(self.config)
+        key = await asyncio.to_thread(deid_key, self.config)
         spool = self.config.state_dir / "spool"
         # Derived media of a previous run that ended mid-item: rebuilt when needed.
         await asyncio.to_thread(shutil.rmtree, spool, True)
         self.pool = SyncPool(
             self.ledger,
             self.sink,
-            _sides(self.config),
+            _sides(self.config, key),
             self.config.workers,
             on_source_changed=self._source_changed,
             on_outcome=on_outcome,
             spool_root=str(self.config.state_dir),
         )
         for w in self.config.watches:
-            self.runners[w.name] = WatchRunner(w, self.ledger, self._wake_pool, observe=observe)
+            self.runners[w.name] = WatchRunner(
+                w, self.ledger, self._wake_pool, observe=observe, deid_key=key
+            )
 
     async def _close(self) -> None:
         for runner in self.runners.values():

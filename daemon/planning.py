@@ -93,10 +93,15 @@ def _join(parent: str, name: str) -> str:
 
 
 class Planner:
-    def __init__(self, watch: Watch, path_filter: WatchFilter) -> None:
+    def __init__(
+        self, watch: Watch, path_filter: WatchFilter, deid_key: bytes | None = None
+    ) -> None:
         self.watch = watch
         self.root = str(watch.source)
         self.filter = path_filter
+        # With de-identification on, names and metadata come from the header as the
+        # de-identified copy will have it, so no patient data leaks through them.
+        self.deid_key = deid_key if watch.dicom.deidentify else None
 
     def membership(self, relpath: str) -> GroupMembership:
         if self.watch.group is None:
@@ -255,18 +260,17 @@ class Planner:
         return sizes
 
     def _headers(self, members: Sequence[Entry]) -> dict[str, object]:
-        from daemon.media.dicom import read_header
+        from daemon.media.dicom import deidentify_header, read_header
 
         headers: dict[str, object] = {}
         for e in members:
             if slot_type_for(e.name) not in ("dicom", "file"):
                 continue
             try:
-                headers[e.relpath] = read_header(
-                    os.path.join(self.root, e.relpath), self.watch.dicom.tags
-                )
+                h = read_header(os.path.join(self.root, e.relpath), self.watch.dicom.tags)
             except MediaError:
                 continue  # the planner fails the group if a .dcm file has no header
+            headers[e.relpath] = deidentify_header(h, self.deid_key) if self.deid_key else h
         return headers
 
 

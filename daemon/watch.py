@@ -46,12 +46,13 @@ class WatchRunner:
         on_planned: Callable[[], None],
         *,
         observe: bool = True,
+        deid_key: bytes | None = None,
     ) -> None:
         self.watch = watch
         self.ledger = ledger
         self.root = str(watch.source)
         self.filter = WatchFilter(watch)
-        self.planner = Planner(watch, self.filter)
+        self.planner = Planner(watch, self.filter, deid_key)
         self.source = LocalSource(watch.source, self.filter, follow_symlinks=watch.follow_symlinks)
         self.settler = Settler(
             watch.settle,
