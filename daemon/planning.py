@@ -12,7 +12,7 @@ from stat import S_ISREG
 from daemon.config import Watch
 from daemon.errors import MediaError
 from daemon.ledger import ITEM, MEMBER, SIDECAR
-from daemon.media.detect import slot_type_for
+from daemon.media.detect import slot_type_for, sniff
 from daemon.model import Entry, ItemPlan, item_key
 from daemon.plan.fingerprint import fingerprint
 from daemon.plan.groups import GroupMembership, group_of, group_sidecar_relpath, plan_group
@@ -122,8 +122,11 @@ class Planner:
             if sidecar is not None:
                 entries.append((Entry(rel, sidecar.size, sidecar.mtime_ns), SIDECAR))
         key = item_key(dataset_folder(w.path, w.preserve_folders, entry.parent), entry.name)
+        sniffed = None
+        if slot_type_for(entry.name) == "file":
+            sniffed = sniff(os.path.join(self.root, entry.relpath))
         try:
-            plan = plan_file(w, entry, sidecar)
+            plan = plan_file(w, entry, sidecar, sniffed)
         except PlanError as e:
             return Planned(entry.relpath, key, None, e.reason, entries)
         return Planned(entry.relpath, plan.key, plan, None, entries)
@@ -241,7 +244,10 @@ class Planner:
                 entries.append((Entry(side_rel, sidecar.size, sidecar.mtime_ns), SIDECAR))
         try:
             sizes = self._sizes(members) if group.mode == "channels" else None
-            headers = self._headers(members) if group.mode == "series" else None
+            # Outside series mode headers only tell extension-less DICOM files apart.
+            headers = self._headers(
+                members if group.mode == "series" else self._sniffed_dicom(members)
+            )
             plans = plan_group(w, group_dir, members, sizes=sizes, headers=headers, sidecar=sidecar)
         except (PlanError, MediaError) as e:
             return [Planned(group_dir, key, None, e.reason, entries)]
@@ -258,6 +264,14 @@ class Planner:
             if slot_type_for(e.name) == "image":
                 sizes[e.relpath] = image_size(os.path.join(self.root, e.relpath))
         return sizes
+
+    def _sniffed_dicom(self, members: Sequence[Entry]) -> list[Entry]:
+        return [
+            e
+            for e in members
+            if slot_type_for(e.name) == "file"
+            and sniff(os.path.join(self.root, e.relpath)) == "dicom"
+        ]
 
     def _headers(self, members: Sequence[Entry]) -> dict[str, object]:
         from daemon.media.dicom import deidentify_header, read_header

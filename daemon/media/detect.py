@@ -1,14 +1,21 @@
-"""The slot type a file becomes, judged from its name alone.
-
-Content checks (magic bytes, DICOM preambles for extension-less files) belong to the
-prepare step, which reads the file anyway; the planner must stay free of I/O.
+"""The slot type a file becomes: from its name, and, for names that say nothing, from
+its first bytes (`sniff`, which the impure planning layer calls; the planner itself
+stays free of I/O).
 """
 
 from __future__ import annotations
 
 from daemon.model import SlotType
 
-__all__ = ["DICOM_EXTENSIONS", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "extension", "slot_type_for"]
+__all__ = [
+    "DICOM_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "extension",
+    "is_dicom_prefix",
+    "slot_type_for",
+    "sniff",
+]
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "avi", "mkv", "webm", "m4v", "mpg", "mpeg"})
@@ -31,3 +38,20 @@ def extension(name: str) -> str:
 def slot_type_for(name: str) -> SlotType:
     """`image`, `video` or `dicom` by extension (case-insensitive), else `file`."""
     return _BY_EXTENSION.get(extension(name), "file")
+
+
+def is_dicom_prefix(head: bytes) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then `DICM`."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def sniff(path: str) -> SlotType | None:
+    """The type the content shows, for files whose name says `file`: DICOM files from
+    PACS exports and scanners often have no extension at all. None when unknown or
+    unreadable (the sync step reports unreadable files)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    return "dicom" if is_dicom_prefix(head) else None

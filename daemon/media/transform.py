@@ -14,6 +14,7 @@ from typing import Any
 
 from daemon.config import DicomConfig, ImagesConfig, VideoConfig
 from daemon.errors import Abandoned
+from daemon.media.detect import sniff
 from daemon.model import SlotType
 
 
@@ -79,6 +80,13 @@ def transform_slot(
             [(os.path.basename(f), f) for f in frames.files],
             {"timestamps": frames.timestamps, "fps": video.fps, "source": name},
         )
+    if (
+        slot_type == "file"
+        and settings.dicom.deidentify
+        and all(sniff(path) == "dicom" for _, path in files)
+    ):
+        # A safety net: whatever the planner decided, DICOM bytes never leave un-stripped.
+        slot_type = "dicom"
     if slot_type == "dicom" and settings.dicom.deidentify:
         from daemon.media.dicom import deidentify
 

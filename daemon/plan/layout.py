@@ -10,7 +10,7 @@ from typing import Any
 
 from daemon.config import Watch
 from daemon.media.detect import slot_type_for
-from daemon.model import Entry, ItemPlan, PlannedFile, PlannedSlot
+from daemon.model import Entry, ItemPlan, PlannedFile, PlannedSlot, SlotType
 from daemon.plan.fingerprint import fingerprint
 from daemon.plan.metadata import Sidecar, bind_path_pattern, build_metadata, is_sidecar_name
 
@@ -76,9 +76,12 @@ def _check_relpath(relpath: str) -> None:
             raise ValueError(f"entry relpath {relpath!r} has an empty, . or .. segment or NUL")
 
 
-def plan_file(watch: Watch, entry: Entry, sidecar: Sidecar | None) -> ItemPlan:
+def plan_file(
+    watch: Watch, entry: Entry, sidecar: Sidecar | None, slot_type: SlotType | None = None
+) -> ItemPlan:
     """The item one file becomes: named after the file, in `dataset_folder(...)`, with
     one slot `"0"` holding the file, and metadata from static < path pattern < sidecar.
+    `slot_type` overrides the type the name gives (the caller sniffed the content).
 
     A path that does not match `metadata.path_pattern` simply gets no path fields: the
     pattern describes the usual layout, and a stray file is still worth syncing.
@@ -115,7 +118,7 @@ def plan_file(watch: Watch, entry: Entry, sidecar: Sidecar | None) -> ItemPlan:
     slots = (
         PlannedSlot(
             name="0",
-            type=slot_type_for(name),
+            type=slot_type or slot_type_for(name),
             files=(PlannedFile(name, entry.relpath, entry.size, entry.mtime_ns),),
         ),
     )

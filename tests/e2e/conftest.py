@@ -226,3 +226,10 @@ def mode_bits_popen(tmp: Path) -> dict[str, Any]:
     if proc.returncode == 0:
         pytest.skip("cannot start a process that obeys file mode bits (mode 000 stays readable)")
     return popen
+
+
+def blob_path(env: Env, digest: str) -> Path:
+    """Where the local store keeps the bytes with this `sha256:<hex>` digest."""
+    algo, _, hexdigest = digest.partition(":")
+    assert algo == "sha256" and len(hexdigest) == 64, digest
+    return env.store / "blobs" / "sha256" / hexdigest[:2] / hexdigest
