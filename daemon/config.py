@@ -224,6 +224,8 @@ class DicomConfig(_Strict):
             "StudyInstanceUID",
             "SeriesInstanceUID",
             "SeriesDescription",
+            "BodyPartExamined",
+            "Manufacturer",
         ],
         description="DICOM header keywords copied into the item's metadata",
     )

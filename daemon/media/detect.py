@@ -15,6 +15,7 @@ __all__ = [
     "is_dicom_prefix",
     "slot_type_for",
     "sniff",
+    "type_of_prefix",
 ]
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"})
@@ -47,11 +48,37 @@ def is_dicom_prefix(head: bytes) -> bool:
 
 def sniff(path: str) -> SlotType | None:
     """The type the content shows, for files whose name says `file`: DICOM files from
-    PACS exports and scanners often have no extension at all. None when unknown or
-    unreadable (the sync step reports unreadable files)."""
+    PACS exports and scanners often have no extension at all, and cameras or pipelines
+    write images and videos under generic names. None when unknown or unreadable (the
+    sync step reports unreadable files)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
         return None
-    return "dicom" if is_dicom_prefix(head) else None
+    return type_of_prefix(head)
+
+
+def type_of_prefix(head: bytes) -> SlotType | None:
+    """The slot type magic bytes at the start of a file announce, if any."""
+    if is_dicom_prefix(head):
+        return "dicom"
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if head[:2] == b"BM" and head[6:10] == b"\x00\x00\x00\x00":  # BMP: reserved bytes are 0
+        return "image"
+    if head[4:8] == b"ftyp" or head.startswith(b"\x1aE\xdf\xa3"):  # MP4/MOV, Matroska/WebM
+        return "video"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video"
+    return None
+
+
+_IMAGE_MAGIC = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)

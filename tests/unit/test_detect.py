@@ -1,6 +1,8 @@
-"""slot_type_for: the slot type from the file name alone."""
+"""Slot types: from the file name, and from the first bytes when the name says nothing."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,8 @@ from daemon.media.detect import (
     VIDEO_EXTENSIONS,
     extension,
     slot_type_for,
+    sniff,
+    type_of_prefix,
 )
 
 
@@ -71,3 +75,33 @@ def test_slot_type_for(name: str, slot_type: str) -> None:
 )
 def test_extension(name: str, ext: str) -> None:
     assert extension(name) == ext
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"\x00" * 128 + b"DICM" + b"\x02\x00", "dicom"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "image"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "image"),
+        (b"GIF89a\x01\x00", "image"),
+        (b"BM\x36\x00\x0c\x00\x00\x00\x00\x00\x36\x00", "image"),
+        (b"BMW,Audi,Opel\n", None),  # text that happens to start with BM
+        (b"II*\x00\x08\x00", "image"),
+        (b"MM\x00*\x00\x00", "image"),
+        (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "image"),
+        (b"\x00\x00\x00\x18ftypmp42\x00\x00", "video"),
+        (b"\x1aE\xdf\xa3\x01\x00", "video"),
+        (b"RIFF\x24\x00\x00\x00AVI LIST", "video"),
+        (b"seed:1\nrandom", None),
+        (b"", None),
+    ],
+)
+def test_type_of_prefix(head: bytes, expected: str | None) -> None:
+    assert type_of_prefix(head) == expected
+
+
+def test_sniff_reads_the_file(tmp_path: Path) -> None:
+    dcm = tmp_path / "IM0001"
+    dcm.write_bytes(b"\x00" * 128 + b"DICM" + b"rest")
+    assert sniff(str(dcm)) == "dicom"
+    assert sniff(str(tmp_path / "missing")) is None
