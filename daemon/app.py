@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.config import Config
+from daemon.config import Config, HttpBackend
 from daemon.ledger import DELETED, ITEM, AsyncLedger
 from daemon.media.transform import MediaSettings
 from daemon.model import Entry
@@ -32,7 +32,12 @@ ONE_PASS_MAX_ATTEMPTS = 5
 
 
 def build_sink(config: Config) -> Sink:
-    return LocalSink(config.backend.path)
+    backend = config.backend
+    if isinstance(backend, HttpBackend):
+        from daemon.sinks.http import HttpSink
+
+        return HttpSink(backend.url, backend.token(), workers=config.workers)
+    return LocalSink(backend.path)
 
 
 def deid_key(config: Config) -> bytes | None:

@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Config, ConfigError, find_config, json_schema, load_config
+from daemon.config import Config, ConfigError, HttpBackend, find_config, json_schema, load_config
+from daemon.errors import SyncError
 from daemon.ledger import LEDGER_FILE, Ledger
 from daemon.service import AlreadyRunning, running_pid
 
@@ -48,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     _config_arg(p)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("serve", help="the ingestion HTTP server over a store")
+    p.add_argument("--store", default="var/datasets", help="store folder (default: var/datasets)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8750)
+    p.add_argument("--token-file", help="bearer tokens, one per line (also: $INGESTD_SERVE_TOKENS)")
+    p.add_argument(
+        "--max-body", type=int, default=8 << 30, help="largest request body in bytes (8 GiB)"
+    )
+    p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
     p = sub.add_parser("retry", help="queue failed items again")
     _config_arg(p)
     p.add_argument("watch", nargs="?")
@@ -66,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as e:
         pid = f" (pid {e.pid})" if e.pid else ""
         print(f"ingestd is already running on this state_dir{pid}", file=sys.stderr)
+        return EXIT_FAILED
+    except SyncError as e:  # e.g. `items` against an unreachable or refusing server
+        print(f"ingestd {args.command}: {e.reason}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -95,6 +108,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _items(args)
     if cmd == "retry":
         return _retry(args)
+    if cmd == "serve":
+        return _serve(args)
     raise AssertionError(cmd)
 
 
@@ -206,17 +221,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _items(args: argparse.Namespace) -> int:
-    from daemon.store.catalog import Catalog
-
     config, _ = _load(args, check_paths=False)
-    catalog_path = Path(config.backend.path) / "catalog.sqlite"
-    items: list[dict[str, Any]] = []
-    if catalog_path.exists():
-        catalog = Catalog(catalog_path)
-        try:
-            items = catalog.list_items(args.dataset)
-        finally:
-            catalog.close()
+    items = asyncio.run(_list_items(config, args.dataset))
     if args.json:
         print(json.dumps(items, indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -225,6 +231,42 @@ def _items(args: argparse.Namespace) -> int:
         print(f"{it['key']}\tv{it['version']}\t{len(it['slots'])} slots, {files} files")
     if not items:
         print(f"no items in dataset {args.dataset!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _list_items(config: Config, dataset: str) -> list[dict[str, Any]]:
+    backend = config.backend
+    if isinstance(backend, HttpBackend):
+        from daemon.sinks.http import HttpSink
+
+        sink = HttpSink(backend.url, backend.token())
+        try:
+            return [item async for item in sink.list_items(dataset)]
+        finally:
+            await sink.close()
+    from daemon.store.catalog import Catalog
+
+    catalog_path = Path(backend.path) / "catalog.sqlite"
+    if not catalog_path.exists():
+        return []
+    catalog = Catalog(catalog_path)
+    try:
+        return catalog.list_items(dataset)
+    finally:
+        catalog.close()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from daemon import logs
+    from daemon.server.app import ServeError, load_tokens, serve
+
+    logs.setup("info", args.log_format)
+    try:
+        tokens = load_tokens(args.token_file, os.environ.get("INGESTD_SERVE_TOKENS"))
+        asyncio.run(serve(Path(args.store), args.host, args.port, tokens, args.max_body))
+    except ServeError as e:
+        print(f"ingestd serve: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -139,8 +140,58 @@ class LocalBackend(_Strict):
         return _resolve_path(v, info)
 
 
-Backend = LocalBackend
-AVAILABLE_BACKENDS = ("local",)
+class HttpBackend(_Strict):
+    """An `ingestd serve` ingestion server. The token comes from the environment or a
+    file, never from this file."""
+
+    kind: Literal["http"]
+    url: str = Field(description="e.g. http://ingest.example:8750")
+    token_env: str | None = Field(
+        default=None, description="environment variable holding the token"
+    )
+    token_file: Path | None = Field(default=None, description="file holding the token")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL such as http://ingest.example:8750")
+        if parts.username or parts.password:
+            raise ValueError("put no credentials in the URL; use token_env or token_file")
+        return v.rstrip("/")
+
+    @field_validator("token_env")
+    @classmethod
+    def _env(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if (
+            v is not None
+            and (info.context or {}).get("check_paths", True)
+            and not os.environ.get(v)
+        ):
+            raise ValueError(f"environment variable {v} is not set (it must hold the token)")
+        return v
+
+    @field_validator("token_file", mode="after")
+    @classmethod
+    def _file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return v
+        v = _resolve_path(v, info)
+        if (info.context or {}).get("check_paths", True) and not os.access(v, os.R_OK):
+            raise ValueError(f"{v} does not exist or is not readable")
+        return v
+
+    def token(self) -> str | None:
+        if self.token_file is not None:
+            return self.token_file.read_text(encoding="utf-8").strip() or None
+        if self.token_env is not None:
+            return os.environ.get(self.token_env) or None
+        return None
+
+
+Backend = Annotated[LocalBackend | HttpBackend, Field(discriminator="kind")]
+AVAILABLE_BACKENDS = ("local", "http")
 
 
 class MetadataConfig(_Strict):
@@ -415,6 +466,8 @@ def _field_name(loc: Sequence[str | int]) -> str:
             out += f"[{part}]"
         elif part in ("function-after", "function-before", "function-wrap") or "[" in part:
             continue
+        elif out == "backend" and part in AVAILABLE_BACKENDS:
+            continue  # pydantic names the union member; users know the field
         else:
             out += f".{part}" if out else part
     return out
