@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+# INGESTD_BENCH_REPO: measure another checkout (e.g. `git archive <rev> | tar -x -C dir`)
+# with these scripts, to compare revisions on the same machine.
+REPO = Path(os.environ.get("INGESTD_BENCH_REPO") or Path(__file__).resolve().parents[1])
 PYTHON = sys.executable
 INGESTD = [PYTHON, "-m", "daemon.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -203,7 +205,19 @@ def machine() -> dict[str, str]:
         "bench dir": f"{base} ({run_cmd(['findmnt', '-no', 'FSTYPE', '-T', base])})",
         "commit": commit + (" + uncommitted changes under daemon/" if dirty else ""),
         "load average (1/5/15 min)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "cpu pressure before the run (PSI some avg60/avg300)": pressure("cpu"),
+        "io pressure before the run (PSI some avg60/avg300)": pressure("io"),
     }
+
+
+def pressure(kind: str) -> str:
+    """Share of time some task waited for the CPU or I/O (other processes' load)."""
+    try:
+        first = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return "?"
+    fields = dict(f.split("=") for f in first[1:])
+    return f"{fields['avg60']}% / {fields['avg300']}%"
 
 
 def machine_md() -> str:

@@ -58,7 +58,10 @@ def one_run(ws: Workspace, i: int) -> dict[str, float]:
     drop = run / "drop"
     drop.mkdir()
     cfg = write_config(
-        run / "ingestd.yaml", state=run / "state", store=run / "store", source=drop,
+        run / "ingestd.yaml",
+        state=run / "state",
+        store=run / "store",
+        source=drop,
         settle=f"{SETTLE}s",
     )
     log = run / "daemon.log"
@@ -97,6 +100,8 @@ def one_run(ws: Workspace, i: int) -> dict[str, float]:
         daemon.wait(timeout=30)
     lat = [done[k] - created[k] for k in created]
     return {
+        # a first look that caught the file before its writer finished restarts settle
+        "resettled": sum(x >= 2 * SETTLE - 0.02 for x in lat) / len(lat),
         "p50": percentile(lat, 50),
         "p99": percentile(lat, 99),
         "max": max(lat),
@@ -112,13 +117,17 @@ def main(runs: int | None = None) -> str:
         for i in range(runs):
             r = one_run(ws, i)
             res.append(r)
-            print(f"run {i + 1}/{runs}: p50 {r['p50'] * 1e3:.0f} ms, p99 {r['p99'] * 1e3:.0f} ms,"
-                  f" max {r['max'] * 1e3:.0f} ms, pace {r['pace']:.1f} files/s", file=sys.stderr)
+            print(
+                f"run {i + 1}/{runs}: p50 {r['p50'] * 1e3:.0f} ms, p99 {r['p99'] * 1e3:.0f} ms,"
+                f" max {r['max'] * 1e3:.0f} ms, pace {r['pace']:.1f} files/s",
+                file=sys.stderr,
+            )
 
     def col(k: str) -> list[float]:
         return [r[k] * 1e3 for r in res]
 
     p99_over = median(col("p99")) - SETTLE * 1e3
+    resettled = ", ".join(f"{r['resettled']:.2%}" for r in res)
     rows = [
         ["settle (the floor, baseline)", f"{SETTLE * 1e3:.0f}", "–"],
         ["min", f"{median(col('min')):.0f}", spread(col("min"))],
@@ -128,21 +137,27 @@ def main(runs: int | None = None) -> str:
         ["p50 − settle", f"{median(col('p50')) - SETTLE * 1e3:.0f}", "–"],
         ["p99 − settle", f"{p99_over:.0f}", "–"],
     ]
-    return "\n".join([
-        f"### (c) event → synced latency, {RATE} files/s for {SECONDS} s, settle {SETTLE}s",
-        "",
-        f"`.venv/bin/python bench/latency.py --runs {runs}` (runs `python -m daemon.cli run`,"
-        f" {SIZE // 1024} KB files written straight into the watched folder)",
-        "",
-        table(["latency", "ms (median of runs)", "ms (spread)"], rows),
-        "",
-        f"- {runs} runs of {RATE * SECONDS:,} files each, fresh folders per run; achieved pace"
-        f" {median([r['pace'] for r in res]):.1f} files/s. Latency = timestamp of the file's"
-        " \"synced\" log line − the moment its writer closed it.",
-        f"- Target p99 ≤ settle + {TARGET_MS} ms: "
-        + ("met" if p99_over <= TARGET_MS else "**missed**")
-        + f" (p99 − settle = {p99_over:.0f} ms).",
-    ])
+    return "\n".join(
+        [
+            f"### (c) event → synced latency, {RATE} files/s for {SECONDS} s, settle {SETTLE}s",
+            "",
+            f"`.venv/bin/python bench/latency.py --runs {runs}` (runs `python -m daemon.cli run`,"
+            f" {SIZE // 1024} KB files written straight into the watched folder)",
+            "",
+            table(["latency", "ms (median of runs)", "ms (spread)"], rows),
+            "",
+            f"- {runs} runs of {RATE * SECONDS:,} files each, fresh folders per run; achieved pace"
+            f" {median([r['pace'] for r in res]):.1f} files/s. Latency = timestamp of the file's"
+            ' "synced" log line − the moment its writer closed it.',
+            f"- Files at ≥ 2 × settle (the daemon's first look saw the file before its writer"
+            f" had finished, so settle restarted at the next look): median"
+            f" {median([r['resettled'] for r in res]):.2%} of files per run"
+            f" ({resettled}).",
+            f"- Target p99 ≤ settle + {TARGET_MS} ms: "
+            + ("met" if p99_over <= TARGET_MS else "**missed**")
+            + f" (p99 − settle = {p99_over:.0f} ms).",
+        ]
+    )
 
 
 if __name__ == "__main__":

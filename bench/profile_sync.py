@@ -84,17 +84,39 @@ def main() -> None:
         make_tree(src, files, 10 * 1024)
         run = ws.fresh("run")
         cfg = write_config(
-            run / "ingestd.yaml", state=run / "state", store=run / "store", source=src,
-            settle="0s", workers=workers,
+            run / "ingestd.yaml",
+            state=run / "state",
+            store=run / "store",
+            source=src,
+            settle="0s",
+            workers=workers,
         )
         raw = run / "pyspy.txt"
         os.sync()
         t = time.perf_counter()
         with open(run / "stderr.log", "wb") as err:
             spy = subprocess.Popen(
-                [pyspy, "record", "--gil", "--threads", "-r", "250", "-f", "raw", "-o", str(raw),
-                 "--", *INGESTD, "sync", "-c", str(cfg)],
-                stdout=subprocess.DEVNULL, stderr=err, env=ENV, cwd=REPO,
+                [
+                    pyspy,
+                    "record",
+                    "--gil",
+                    "--threads",
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raw),
+                    "--",
+                    *INGESTD,
+                    "sync",
+                    "-c",
+                    str(cfg),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=ENV,
+                cwd=REPO,
             )
             pid = _child_pid(spy.pid)
             seen: dict[int, tuple[str, float, float]] = {}
@@ -119,13 +141,20 @@ def main() -> None:
             cpu[name] += u + k
             usr[name] += u
         total_cpu = sum(cpu.values())
-        print(f"{files} files, workers {workers}: {wall:.2f}s wall under py-spy,"
-              f" {files / wall:,.0f} files/s; CPU {total_cpu:.2f}s"
-              f" ({total_cpu / files * 1e3:.2f} ms per file)\n")
-        print(table(["thread", "CPU s (user+sys)", "of which sys", "share of CPU"], [
-            [k, f"{v:.2f}", f"{v - usr[k]:.2f}", f"{v / total_cpu:.0%}"]
-            for k, v in cpu.most_common()
-        ]))
+        print(
+            f"{files} files, workers {workers}: {wall:.2f}s wall under py-spy,"
+            f" {files / wall:,.0f} files/s; CPU {total_cpu:.2f}s"
+            f" ({total_cpu / files * 1e3:.2f} ms per file)\n"
+        )
+        print(
+            table(
+                ["thread", "CPU s (user+sys)", "of which sys", "share of CPU"],
+                [
+                    [k, f"{v:.2f}", f"{v - usr[k]:.2f}", f"{v / total_cpu:.0%}"]
+                    for k, v in cpu.most_common()
+                ],
+            )
+        )
 
         per_thread: dict[str, collections.Counter[str]] = collections.defaultdict(
             collections.Counter
@@ -145,22 +174,47 @@ def main() -> None:
                 per_thread[_norm_thread(frames[0])][f] += n
             self_[_frame(frames[-1])] += n
         rate = 250
-        print(f"\nGIL held in {total} samples of {wall * rate:.0f} possible"
-              f" ({total / (wall * rate):.0%} of wall time)\n")
-        print(table(["thread holding the GIL", "share"],
-                    [[k, f"{v / total:.1%}"] for k, v in threads.most_common()]))
+        print(
+            f"\nGIL held in {total} samples of {wall * rate:.0f} possible"
+            f" ({total / (wall * rate):.0%} of wall time)\n"
+        )
+        print(
+            table(
+                ["thread holding the GIL", "share"],
+                [[k, f"{v / total:.1%}"] for k, v in threads.most_common()],
+            )
+        )
         skip = ("threading.py", "runpy", "<module>", "asyncio/runners.py", "cli.py)")
-        print("\n" + table(["function (inclusive, GIL samples)", "share"], [
-            [f, f"{v / total:.1%}"] for f, v in incl.most_common(60)
-            if not any(s in f for s in skip)
-        ][:35]))
+        print(
+            "\n"
+            + table(
+                ["function (inclusive, GIL samples)", "share"],
+                [
+                    [f, f"{v / total:.1%}"]
+                    for f, v in incl.most_common(60)
+                    if not any(s in f for s in skip)
+                ][:35],
+            )
+        )
         for th, _ in threads.most_common(4):
-            print("\n" + table([f"{th}: function (inclusive)", "share of all GIL samples"], [
-                [f, f"{v / total:.1%}"] for f, v in per_thread[th].most_common(40)
-                if not any(s in f for s in skip)
-            ][:15]))
-        print("\n" + table(["function (self, GIL samples)", "share"],
-                           [[f, f"{v / total:.1%}"] for f, v in self_.most_common(25)]))
+            print(
+                "\n"
+                + table(
+                    [f"{th}: function (inclusive)", "share of all GIL samples"],
+                    [
+                        [f, f"{v / total:.1%}"]
+                        for f, v in per_thread[th].most_common(40)
+                        if not any(s in f for s in skip)
+                    ][:15],
+                )
+            )
+        print(
+            "\n"
+            + table(
+                ["function (self, GIL samples)", "share"],
+                [[f, f"{v / total:.1%}"] for f, v in self_.most_common(25)],
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from common import (
     write_config,
 )
 
+from daemon import logs
 from daemon.config import load_config
 from daemon.ledger import AsyncLedger
 from daemon.watch import WatchRunner
@@ -91,6 +92,7 @@ async def daemon_scan(watch, state) -> tuple[float, int]:  # type: ignore[no-unt
 
 def main(runs: int | None = None) -> str:
     runs = runs or runs_arg(5)
+    logs.setup("warning", "json")  # the daemon's own debug lines would land in the timing
     with Workspace("rescan") as ws:
         src = ws.fresh("src")
         t = time.perf_counter()
@@ -98,7 +100,10 @@ def main(runs: int | None = None) -> str:
         print(f"tree: {time.perf_counter() - t:.1f}s", file=sys.stderr)
         state = ws.fresh("state")
         cfg = write_config(
-            ws.root / "ingestd.yaml", state=state, store=ws.fresh("store"), source=src,
+            ws.root / "ingestd.yaml",
+            state=state,
+            store=ws.fresh("store"),
+            source=src,
             settle="0s",
         )
         watch = load_config(cfg).watches[0]
@@ -119,7 +124,7 @@ def main(runs: int | None = None) -> str:
 
         for i in range(runs):
             passes = ["walk", "scan"] if i % 2 == 0 else ["scan", "walk"]
-            for cold in ([True, False] if cold_ok else [False]):
+            for cold in [True, False] if cold_ok else [False]:
                 for p in passes:
                     if cold:
                         drop_caches()
@@ -135,8 +140,10 @@ def main(runs: int | None = None) -> str:
                     else:
                         secs, files = asyncio.run(daemon_scan(watch, state))
                         record(label, secs, files)
-            print(f"run {i + 1}/{runs}: " + ", ".join(
-                f"{k} {v[-1]:,.0f}/s" for k, v in res.items()), file=sys.stderr)
+            print(
+                f"run {i + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in res.items()),
+                file=sys.stderr,
+            )
 
     rows = []
     verdicts = []
@@ -145,29 +152,33 @@ def main(runs: int | None = None) -> str:
             continue
         walk, scan = res[f"{temp} walk"], res[f"{temp} scan"]
         ratio = median(scan) / median(walk)
-        rows.append([f"os.scandir walk (size, mtime), {temp}", f"{median(walk):,.0f}",
-                     spread(walk), "1.00"])
-        rows.append([f'WatchRunner.scan(""), {temp}', f"{median(scan):,.0f}", spread(scan),
-                     f"{ratio:.2f}"])
+        rows.append(
+            [f"os.scandir walk (size, mtime), {temp}", f"{median(walk):,.0f}", spread(walk), "1.00"]
+        )
+        rows.append(
+            [f'WatchRunner.scan(""), {temp}', f"{median(scan):,.0f}", spread(scan), f"{ratio:.2f}"]
+        )
         verdicts.append(f"{temp} {ratio:.0%} of scandir")
     warm_ratio = median(res["warm scan"]) / median(res["warm walk"])
-    return "\n".join([
-        f"### (b) rescan of {FILES:,} unchanged files ({PER_DIR} per folder)",
-        "",
-        f"`.venv/bin/python bench/rescan.py --runs {runs}`",
-        "",
-        table(["what", "files/s (median)", "files/s (spread)", "ratio vs scandir"], rows),
-        "",
-        f"- {runs} runs; warm passes follow one untimed pass; cold passes follow"
-        " `sync; echo 3 > /proc/sys/vm/drop_caches` (the scan's cold pass also reads the"
-        " ledger from disk)." + ("" if cold_ok else " Cold passes skipped (not root)."),
-        "- The scan is timed in-process around `await WatchRunner.scan(\"\")` on a fresh"
-        " runner (opens a read-only ledger connection, walks, diffs each folder against"
-        " `entries`, judges deletions, records watch health); every pass checked to find"
-        " 0 changed and 0 gone.",
-        f"- Target ≥ 50 % of scandir: {'met' if warm_ratio >= TARGET else '**missed**'}"
-        f" ({'; '.join(verdicts)}).",
-    ])
+    return "\n".join(
+        [
+            f"### (b) rescan of {FILES:,} unchanged files ({PER_DIR} per folder)",
+            "",
+            f"`.venv/bin/python bench/rescan.py --runs {runs}`",
+            "",
+            table(["what", "files/s (median)", "files/s (spread)", "ratio vs scandir"], rows),
+            "",
+            f"- {runs} runs; warm passes follow one untimed pass; cold passes follow"
+            " `sync; echo 3 > /proc/sys/vm/drop_caches` (the scan's cold pass also reads the"
+            " ledger from disk)." + ("" if cold_ok else " Cold passes skipped (not root)."),
+            '- The scan is timed in-process around `await WatchRunner.scan("")` on a fresh'
+            " runner (opens a read-only ledger connection, walks, diffs each folder against"
+            " `entries`, judges deletions, records watch health); every pass checked to find"
+            " 0 changed and 0 gone.",
+            f"- Target ≥ 50 % of scandir: {'met' if warm_ratio >= TARGET else '**missed**'}"
+            f" ({'; '.join(verdicts)}).",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,12 @@ def ingestd_sync(ws: Workspace, src: Path, settle: str, expect: int) -> float:
     with open(run / "stderr.log", "wb") as err:
         t = time.perf_counter()
         proc = subprocess.run(
-            [*INGESTD, "sync", "-c", str(cfg)], stdout=subprocess.DEVNULL, stderr=err, env=ENV,
-            cwd=REPO, timeout=900,
+            [*INGESTD, "sync", "-c", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=ENV,
+            cwd=REPO,
+            timeout=900,
         )
         dt = time.perf_counter() - t
     tail = (run / "stderr.log").read_text(errors="replace").strip().splitlines()[-1:]
@@ -87,8 +91,10 @@ def main(runs: int | None = None) -> str:
             r = one_run(ws, i)
             for k, v in r.items():
                 results.setdefault(k, []).append(v)
-            print(f"run {i + 1}/{runs}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.items()),
-                  file=sys.stderr)
+            print(
+                f"run {i + 1}/{runs}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.items()),
+                file=sys.stderr,
+            )
     base = median(results["cp -r"])
     rows = []
     for name, secs in results.items():
@@ -96,14 +102,16 @@ def main(runs: int | None = None) -> str:
             rows.append([name, f"{median(secs):.2f}", spread(secs), "–", "–", "–"])
             continue
         rates = [FILES / s for s in secs]
-        rows.append([
-            name,
-            f"{median(secs):.2f}",
-            spread(secs),
-            f"{median(rates):,.0f}",
-            spread(rates),
-            f"{base / median(secs):.2f}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{median(secs):.2f}",
+                spread(secs),
+                f"{median(rates):,.0f}",
+                spread(rates),
+                f"{base / median(secs):.2f}",
+            ]
+        )
     fixed = median(results["ingestd sync, empty folder (fixed cost)"])
     s0 = median(results["ingestd sync, settle 0s"])
     s2 = median(results["ingestd sync, settle 2s"])
@@ -117,21 +125,29 @@ def main(runs: int | None = None) -> str:
         f"- Target ≥ {TARGET:,} files/s (settle 0s): "
         + ("met." if FILES / s0 >= TARGET else f"**missed** ({FILES / s0:,.0f} files/s)."),
     ]
-    return "\n".join([
-        f"### (a) one-pass sync, {FILES:,} × {SIZE // 1024} KB files",
-        "",
-        "`.venv/bin/python bench/sync_throughput.py --runs "
-        f"{runs}` (runs `python -m daemon.cli sync -c <cfg>`, default workers, JSON info logs"
-        " to a file)",
-        "",
-        table(
-            ["what", "seconds (median)", "seconds (spread)", "files/s (median)",
-             "files/s (spread)", "speed vs cp -r"],
-            rows,
-        ),
-        "",
-        *notes,
-    ])
+    return "\n".join(
+        [
+            f"### (a) one-pass sync, {FILES:,} × {SIZE // 1024} KB files",
+            "",
+            "`.venv/bin/python bench/sync_throughput.py --runs "
+            f"{runs}` (runs `python -m daemon.cli sync -c <cfg>`, default workers, JSON info logs"
+            " to a file)",
+            "",
+            table(
+                [
+                    "what",
+                    "seconds (median)",
+                    "seconds (spread)",
+                    "files/s (median)",
+                    "files/s (spread)",
+                    "speed vs cp -r",
+                ],
+                rows,
+            ),
+            "",
+            *notes,
+        ]
+    )
 
 
 if __name__ == "__main__":

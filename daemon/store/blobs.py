@@ -263,3 +263,143 @@ class BlobStore:
         except OSError as e:
             raise _store_error(e, tmp) from e
         return "sha256:" + h.hexdigest(), size
+
+    # --- streaming writers (for bytes that arrive in pieces, e.g. an HTTP body) -------
+
+    def begin(self) -> BlobWriter:
+        """A writer to feed a blob's bytes in pieces, then `commit` (or `abort`).
+
+        Its temp file follows put_file's naming, so the stale-temp cleanup on open treats
+        both alike. Nothing touches the disk until the first `write`, so creating a writer
+        is safe on an event loop; every other method does blocking I/O."""
+        return BlobWriter(self, self._tmp / f"{os.getpid()}-{self._token}-{next(self._serial)}.tmp")
+
+    def adopt(
+        self, src: str | Path, expected_digest: str, actual_digest: str | None = None
+    ) -> BlobWrite:
+        """Move the file `src` (on the store's filesystem) into place as a blob.
+
+        For bytes that were staged elsewhere under the root, e.g. a resumable upload.
+        `actual_digest` is the digest the caller computed while writing `src`; without
+        it the file is hashed here. A mismatch raises DigestMismatch and leaves `src`
+        alone (the caller decides what to do with it); on success `src` is gone."""
+        check_digest(expected_digest)
+        src = Path(src)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _store_error(e, src) from e
+        try:
+            if actual_digest is None:
+                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                    actual_digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            if actual_digest != expected_digest:
+                raise DigestMismatch(expected_digest, actual_digest)
+            size = os.fstat(fd).st_size
+            # The caller may not have fsynced (or may have crashed and come back since):
+            # a blob must be durable before it has its final name.
+            os.fsync(fd)
+        except OSError as e:
+            raise _store_error(e, src) from e
+        finally:
+            os.close(fd)
+        final = self.path(expected_digest)
+        try:
+            if final.is_file():
+                os.unlink(src)
+                return BlobWrite(expected_digest, size, created=False)
+            os.chmod(src, 0o444)  # blobs are read-only, as put_file creates them
+            os.rename(src, final)
+        except OSError as e:
+            raise _store_error(e, final) from e
+        return BlobWrite(expected_digest, size, created=True)
+
+
+class BlobWriter:
+    """One blob being written in pieces: `write` each piece, then `commit` or `abort`.
+
+    Used by one task at a time (its calls may run on different threads, one after the
+    other). Leaving without commit or abort leaves a temp file that the next open of
+    the store removes, like a crash in put_file."""
+
+    def __init__(self, store: BlobStore, tmp: Path) -> None:
+        self._store = store
+        self.tmp = tmp
+        self._fd: int | None = None
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """Committed or aborted: nothing is left to clean up."""
+        return self._done
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._done:
+            raise ValueError("blob writer already committed or aborted")
+        if self._fd is None:
+            try:
+                self._fd = os.open(
+                    self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444
+                )
+            except OSError as e:
+                raise _store_error(e, self.tmp) from e
+        view = memoryview(data)
+        self._hash.update(view)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            raise _store_error(e, self.tmp) from e
+        self.size += len(data)
+
+    def commit(
+        self, expected_digest: str | None = None, expected_size: int | None = None
+    ) -> BlobWrite:
+        """Fsync, check, and rename into place. DigestMismatch (and any error) aborts:
+        no blob and no temp file remain."""
+        if self._done:
+            raise ValueError("blob writer already committed or aborted")
+        try:
+            if expected_digest is not None:
+                check_digest(expected_digest)
+            digest = "sha256:" + self._hash.hexdigest()
+            if expected_digest is not None and digest != expected_digest:
+                raise DigestMismatch(expected_digest, digest)
+            if expected_size is not None and self.size != expected_size:
+                raise DigestMismatch(f"{expected_size} bytes", f"{self.size} bytes", "size")
+            if self._fd is None:  # the empty blob: nothing was written yet
+                self.write(b"")
+            assert self._fd is not None
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise _store_error(e, self.tmp) from e
+            final = self._store.path(digest)
+            if final.is_file():
+                self.abort()
+                return BlobWrite(digest, self.size, created=False)
+            try:
+                os.rename(self.tmp, final)
+            except OSError as e:
+                raise _store_error(e, final) from e
+            self._close()
+            return BlobWrite(digest, self.size, created=True)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the bytes written so far. Idempotent."""
+        if self._done:
+            return
+        self._close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+    def _close(self) -> None:
+        self._done = True
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

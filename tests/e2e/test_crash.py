@@ -103,6 +103,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(env: Env) -> Non
     )
 
     kills: list[dict] = []
+    batch = FILES_WHILE_DOWN
     for k, delay in enumerate(delays):
         env.restart()
         # The delay is the experiment's input, not a wait for some state.
@@ -120,8 +121,12 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(env: Env) -> Non
         caught_up = kills[-1]["items"] == kills[-1]["files"]
         if k < KILLS - 1 and (caught_up or k % 3 == 0):
             # More files while the daemon is down: the next start must find them, and
-            # has a backlog again, so the next kill is likely to land mid-sync too.
-            tree.add_small(FILES_WHILE_DOWN, f"down{k:02d}")
+            # has a backlog again, so the next kill is likely to land mid-sync too. A
+            # daemon that caught up before the kill gets a bigger backlog next time, so
+            # the test keeps killing mid-sync on faster machines too.
+            if caught_up:
+                batch = min(batch * 2, 8 * FILES_WHILE_DOWN)
+            tree.add_small(batch, f"down{k:02d}")
             tree.add_big(2, f"down{k:02d}")
 
     print(f"\ncrash test seed {SEED}")

@@ -1,0 +1,109 @@
+"""Bearer tokens for `ingestd serve`: where they come from, how requests are checked,
+and which addresses the server may bind without them.
+
+Tokens are secrets: nothing here puts them in a message, a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+TOKENS_ENV = "INGESTD_SERVE_TOKENS"
+
+_ENV_SPLIT = re.compile(r"[\s,]+")
+
+
+class ServeConfigError(ValueError):
+    """The server cannot start as configured (the CLI exits 2 with this message)."""
+
+
+def parse_token_file(text: str) -> list[str]:
+    """One token per line; blank lines and `#` comments are skipped."""
+    tokens = []
+    for line in text.splitlines():
+        token = line.split("#", 1)[0].strip()
+        if token:
+            tokens.append(token)
+    return tokens
+
+
+def load_tokens(token_file: Path | None = None, env: Mapping[str, str] | None = None) -> list[str]:
+    """Tokens from `--token-file` and from $INGESTD_SERVE_TOKENS (comma- or whitespace-
+    separated), in that order, without duplicates."""
+    env = os.environ if env is None else env
+    tokens: list[str] = []
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ServeConfigError(f"cannot read token file {token_file}: {e.strerror}") from e
+        tokens += parse_token_file(text)
+    tokens += [t for t in _ENV_SPLIT.split(env.get(TOKENS_ENV, "")) if t]
+    return list(dict.fromkeys(tokens))
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback address. Unresolvable names
+    and the wildcard ('' / 0.0.0.0 / ::) are not loopback."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(a).split("%", 1)[0]).is_loopback for a in addresses
+    )
+
+
+def check_bind(host: str, tokens: Sequence[str]) -> None:
+    """An unauthenticated server is only safe where only this machine can reach it."""
+    if not tokens and not is_loopback(host):
+        raise ServeConfigError(
+            f"refusing to listen on {host or 'all interfaces'} without a token: "
+            f"use --token-file or ${TOKENS_ENV}, or bind to 127.0.0.1"
+        )
+
+
+class TokenAuth:
+    """Checks `Authorization: Bearer <token>` against the configured tokens."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        for t in tokens:
+            if not t or any(c.isspace() for c in t):
+                raise ServeConfigError("a token must be non-empty and contain no whitespace")
+        self._tokens = [t.encode("utf-8") for t in tokens]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tokens)
+
+    def allows(self, authorization: str | None) -> bool:
+        if not self._tokens:
+            return True
+        if not authorization:
+            return False
+        scheme, _, given = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        candidate = given.strip().encode("utf-8", "surrogateescape")
+        # Compare against every token without stopping at a match, so the time taken
+        # says nothing about which token (or how much of one) was right.
+        ok = False
+        for token in self._tokens:
+            ok |= hmac.compare_digest(candidate, token)
+        return ok
+
+    def __repr__(self) -> str:  # never show the tokens, e.g. in a traceback's locals
+        return f"TokenAuth(<{len(self._tokens)} tokens>)"

@@ -1,0 +1,821 @@
+"""`ingestd serve` over real HTTP on 127.0.0.1: every route of API.md, resumable uploads
+across disconnects, restarts and SIGKILL, items and paging, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from daemon.server.app import DEFAULT_MAX_BODY, STATE, make_app
+from daemon.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "tkn-0123456789abcdef-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def item_url(dataset: str, *segments: str) -> str:
+    enc = "/".join(quote(s, safe="") for s in segments)
+    return f"/v1/datasets/{quote(dataset, safe='')}/items/{enc}"
+
+
+def slots_for(*files: tuple[str, bytes]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "0",
+            "type": "image",
+            "files": [{"name": n, "digest": sha(d), "size": len(d)} for n, d in files],
+        }
+    ]
+
+
+@dataclass
+class Running:
+    app: web.Application
+    session: aiohttp.ClientSession
+    port: int
+    store: Path
+
+    def url(self, raw: str) -> URL:
+        # encoded=True: send the path exactly as written (no dot-segment clean-up,
+        # no re-quoting), as a hostile client could.
+        return URL(f"http://127.0.0.1:{self.port}{raw}", encoded=True)
+
+    async def call(
+        self, method: str, raw: str, **kw: Any
+    ) -> tuple[int, Any, CIMultiDictProxy[str]]:
+        kw.setdefault("headers", AUTH)
+        async with self.session.request(method, self.url(raw), **kw) as r:
+            body = await r.read()
+            data: Any = body
+            if body and r.content_type == "application/json":
+                data = json.loads(body)
+            return r.status, data, r.headers
+
+    async def put_blob(self, data: bytes) -> str:
+        status, body, _ = await self.call("PUT", f"/v1/blobs/{sha(data)}", data=data)
+        assert status in (200, 201), body
+        return sha(data)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    store: Path,
+    *,
+    tokens: tuple[str, ...] = (TOKEN,),
+    max_body: int = DEFAULT_MAX_BODY,
+    cancel_on_disconnect: bool = False,
+    **kw: Any,
+) -> AsyncIterator[Running]:
+    """The app on a real socket. `cancel_on_disconnect` mirrors aiohttp's TestServer
+    (handler_cancellation=True); the default is what `serve` runs."""
+    app = make_app(store, tokens, max_body, **kw)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel_on_disconnect)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session:
+            yield Running(app, session, port, store)
+    finally:
+        await runner.cleanup()
+
+
+async def raw_request(
+    port: int, head: bytes, body: bytes = b"", *, close_early: bool = False
+) -> bytes:
+    """Send bytes on a fresh connection; with close_early, hang up without reading."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        if close_early:
+            await asyncio.sleep(0.1)
+            return b""
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def wait_until(cond: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def metric(text: bytes, series: str) -> float:
+    """The value of one series in Prometheus text output."""
+    for line in text.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    raise AssertionError(f"{series} not in metrics")
+
+
+def temps(store: Path) -> list[str]:
+    return os.listdir(store / "tmp")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+# --- service -------------------------------------------------------------------------
+
+
+async def test_healthz_and_metrics_need_no_token(store: Path) -> None:
+    async with running(store) as srv:
+        status, body, _ = await srv.call("GET", "/healthz", headers={})
+        assert (status, body) == (200, {"ok": True})
+        status, _, headers = await srv.call("GET", "/metrics", headers={})
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+
+
+async def test_metrics_count_requests_bytes_errors_and_latency(store: Path) -> None:
+    async with running(store) as srv:
+        await srv.put_blob(b"x" * 1000)
+        await srv.call("PUT", f"/v1/blobs/{sha(b'y')}", data=b"z")  # mismatch
+        await srv.call("HEAD", "/v1/datasets/none")
+        _, text, _ = await srv.call("GET", "/metrics")
+    text = text.decode()
+    assert (
+        'ingestd_serve_requests_total{method="PUT",route="/v1/blobs/{digest}",status="201"} 1.0'
+        in text
+    )
+    assert (
+        'ingestd_serve_requests_total{method="HEAD",route="/v1/datasets/{dataset}",status="404"} 1.0'
+        in text
+    )
+    assert 'ingestd_serve_bytes_received_total{route="/v1/blobs/{digest}"} 1001.0' in text
+    assert 'ingestd_serve_errors_total{code="digest_mismatch"} 1.0' in text
+    assert (
+        'ingestd_serve_request_seconds_count{method="PUT",route="/v1/blobs/{digest}"} 2.0' in text
+    )
+
+
+async def test_each_app_has_its_own_metrics(store: Path, tmp_path: Path) -> None:
+    async with running(store) as a, running(tmp_path / "other") as b:
+        await a.call("PUT", "/v1/datasets/ds")
+        _, text, _ = await b.call("GET", "/metrics")
+        assert b"/v1/datasets/{dataset}" not in text
+
+
+async def test_unknown_route_and_method_give_the_json_error_shape(store: Path) -> None:
+    async with running(store) as srv:
+        status, body, _ = await srv.call("GET", "/v1/nothing-here")
+        assert status == 404 and body["code"] == "not_found" and "error" in body
+        status, body, headers = await srv.call("POST", f"/v1/blobs/{sha(b'')}")
+        assert status == 405 and body["code"] == "method_not_allowed"
+        assert "PUT" in headers["Allow"]
+
+
+# --- datasets ------------------------------------------------------------------------
+
+
+async def test_datasets_create_idempotently_and_exist(store: Path) -> None:
+    async with running(store) as srv:
+        assert (await srv.call("HEAD", "/v1/datasets/photos"))[0] == 404
+        status, body, _ = await srv.call("PUT", "/v1/datasets/photos")
+        assert (status, body) == (201, {"dataset": "photos", "created": True})
+        status, body, _ = await srv.call("PUT", "/v1/datasets/photos")
+        assert (status, body) == (200, {"dataset": "photos", "created": False})
+        assert (await srv.call("HEAD", "/v1/datasets/photos"))[0] == 200
+        # Any characters but '/' and NUL, percent-encoded.
+        name = "scans 2024 #1 é"
+        assert (await srv.call("PUT", f"/v1/datasets/{quote(name, safe='')}"))[0] == 201
+    with Store.open(store) as s:
+        assert s.catalog.datasets() == ["photos", name]
+
+
+@pytest.mark.parametrize("raw", ["%2E%2E", "%2E", "a%2Fb", "a%00b", "x" * 129, "%FF"])
+async def test_bad_dataset_names(store: Path, raw: str) -> None:
+    async with running(store) as srv:
+        status, body, _ = await srv.call("PUT", f"/v1/datasets/{raw}")
+        assert status == 400 and body["code"] == "bad_name"
+        status, body, _ = await srv.call("PUT", f"/v1/datasets/{raw}/items/x", json={"slots": []})
+        assert status == 400 and body["code"] == "bad_name"
+
+
+# --- blobs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 10, 3 * 1024 * 1024 + 5])
+async def test_blob_put_verifies_and_head_reports_the_size(store: Path, size: int) -> None:
+    data = os.urandom(size)
+    digest = sha(data)
+    async with running(store) as srv:
+        assert (await srv.call("HEAD", f"/v1/blobs/{digest}"))[0] == 404
+        status, body, _ = await srv.call("PUT", f"/v1/blobs/{digest}", data=data)
+        assert (status, body) == (201, {"digest": digest, "size": size, "created": True})
+        status, _, headers = await srv.call("HEAD", f"/v1/blobs/{digest}")
+        assert status == 200 and headers["Content-Length"] == str(size)
+        status, body, _ = await srv.call("PUT", f"/v1/blobs/{digest}", data=data)
+        assert (status, body) == (200, {"digest": digest, "size": size, "created": False})
+        assert temps(store) == []
+    with Store.open(store) as s:
+        assert s.blobs.path(digest).read_bytes() == data
+
+
+async def test_blob_put_accepts_a_chunked_body(store: Path) -> None:
+    parts = [os.urandom(700_000) for _ in range(5)]
+    data = b"".join(parts)
+
+    async def gen() -> AsyncIterator[bytes]:
+        for p in parts:
+            yield p
+
+    async with running(store) as srv:
+        status, body, _ = await srv.call("PUT", f"/v1/blobs/{sha(data)}", data=gen())
+        assert status == 201 and body["size"] == len(data)
+    with Store.open(store) as s:
+        assert s.blobs.path(sha(data)).read_bytes() == data
+
+
+@pytest.mark.parametrize("size", [10, 3 * 1024 * 1024])
+async def test_blob_digest_mismatch_stores_nothing(store: Path, size: int) -> None:
+    data = os.urandom(size)
+    claimed = sha(b"something else")
+    async with running(store) as srv:
+        status, body, _ = await srv.call("PUT", f"/v1/blobs/{claimed}", data=data)
+        assert status == 400
+        assert body["code"] == "digest_mismatch"
+        assert (body["expected"], body["actual"]) == (claimed, sha(data))
+        assert (await srv.call("HEAD", f"/v1/blobs/{claimed}"))[0] == 404
+        assert (await srv.call("HEAD", f"/v1/blobs/{sha(data)}"))[0] == 404
+        assert temps(store) == []
+    assert not [p for p in (store / "blobs").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["sha256:" + "A" * 64, "sha256:" + "a" * 63, "md5:" + "a" * 32, "a" * 64, "sha256:..%2Fx"],
+)
+async def test_malformed_digests_are_refused(store: Path, digest: str) -> None:
+    async with running(store) as srv:
+        for method in ("HEAD", "PUT"):
+            status, body, _ = await srv.call(method, f"/v1/blobs/{digest}", data=b"x")
+            assert status == 400
+            if method == "PUT":
+                assert body["code"] == "bad_digest"
+
+
+async def test_client_gone_mid_blob_leaves_no_blob_and_no_temp(store: Path) -> None:
+    data = os.urandom(3 << 20)
+    async with running(store) as srv:
+        head = (
+            f"PUT /v1/blobs/{sha(data)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        await raw_request(srv.port, head, data[: 2 << 20], close_early=True)
+
+        async def settled() -> bool:
+            return temps(store) == []
+
+        await wait_until(settled)
+        assert (await srv.call("HEAD", f"/v1/blobs/{sha(data)}"))[0] == 404
+
+
+# --- resumable uploads ---------------------------------------------------------------
+
+
+async def start_upload(srv: Running, **declared: Any) -> str:
+    status, body, headers = await srv.call("POST", "/v1/uploads", json=declared or None)
+    assert status == 201 and body["offset"] == 0
+    assert headers["Location"] == f"/v1/uploads/{body['id']}"
+    return str(body["id"])
+
+
+async def patch(srv: Running, upload_id: str, start: int, chunk: bytes) -> tuple[int, Any]:
+    status, body, headers = await srv.call(
+        "PATCH",
+        f"/v1/uploads/{upload_id}",
+        data=chunk,
+        headers={**AUTH, "Content-Range": f"bytes {start}-{start + len(chunk) - 1}/*"},
+    )
+    if status == 202:
+        assert headers["Upload-Offset"] == str(body["offset"])
+    return status, body
+
+
+async def offset_of(srv: Running, upload_id: str) -> int:
+    status, _, headers = await srv.call("HEAD", f"/v1/uploads/{upload_id}")
+    assert status == 200
+    return int(headers["Upload-Offset"])
+
+
+async def test_upload_in_three_patches_then_complete(store: Path) -> None:
+    data = os.urandom(5_000_000)
+    a, b = 1_000_000, 3_500_000
+    async with running(store) as srv:
+        uid = await start_upload(srv)
+        assert await offset_of(srv, uid) == 0
+        assert await patch(srv, uid, 0, data[:a]) == (202, {"offset": a})
+        assert await offset_of(srv, uid) == a
+        # A retry of a chunk already held, and a gap: both 416 with the real offset.
+        status, body = await patch(srv, uid, 0, data[:a])
+        assert (status, body["code"], body["offset"]) == (416, "bad_offset", a)
+        status, body = await patch(srv, uid, a + 1, data[a + 1 : b])
+        assert (status, body["offset"]) == (416, a)
+        assert await patch(srv, uid, a, data[a:b]) == (202, {"offset": b})
+        assert await patch(srv, uid, b, data[b:]) == (202, {"offset": len(data)})
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={sha(data)}")
+        assert (status, body) == (201, {"digest": sha(data), "size": len(data), "created": True})
+        assert (await srv.call("HEAD", f"/v1/uploads/{uid}"))[0] == 404
+        status, _, headers = await srv.call("HEAD", f"/v1/blobs/{sha(data)}")
+        assert status == 200 and headers["Content-Length"] == str(len(data))
+    assert os.listdir(store / "uploads") == []
+    with Store.open(store) as s:
+        assert s.blobs.path(sha(data)).read_bytes() == data
+
+
+async def test_upload_final_chunk_in_the_completing_put(store: Path) -> None:
+    data = os.urandom(300_000)
+    async with running(store) as srv:
+        uid = await start_upload(srv, digest=sha(data), size=len(data))
+        await patch(srv, uid, 0, data[:100_000])
+        status, body, _ = await srv.call(
+            "PUT",
+            f"/v1/uploads/{uid}?digest={sha(data)}",
+            data=data[100_000:],
+            headers={**AUTH, "Content-Range": f"bytes 100000-{len(data) - 1}/{len(data)}"},
+        )
+        assert status == 201 and body["size"] == len(data)
+
+
+async def test_upload_of_a_blob_already_stored(store: Path) -> None:
+    data = b"already here"
+    async with running(store) as srv:
+        await srv.put_blob(data)
+        uid = await start_upload(srv)
+        await patch(srv, uid, 0, data)
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={sha(data)}")
+        assert (status, body["created"]) == (201, False)
+    assert os.listdir(store / "uploads") == []
+
+
+async def test_upload_digest_mismatch_discards_the_upload(store: Path) -> None:
+    async with running(store) as srv:
+        uid = await start_upload(srv)
+        await patch(srv, uid, 0, b"abc")
+        wrong = sha(b"abd")
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={wrong}")
+        assert status == 400 and body["code"] == "digest_mismatch"
+        assert (body["expected"], body["actual"]) == (wrong, sha(b"abc"))
+        assert (await srv.call("HEAD", f"/v1/uploads/{uid}"))[0] == 404
+        assert (await srv.call("HEAD", f"/v1/blobs/{wrong}"))[0] == 404
+    assert os.listdir(store / "uploads") == []
+
+
+async def test_upload_errors(store: Path) -> None:
+    async with running(store) as srv:
+        uid = await start_upload(srv)
+        # No Content-Range, a malformed one, one that disagrees with the body.
+        status, body, _ = await srv.call("PATCH", f"/v1/uploads/{uid}", data=b"abc")
+        assert (status, body["code"]) == (400, "bad_range")
+        status, body, _ = await srv.call(
+            "PATCH", f"/v1/uploads/{uid}", data=b"abc", headers={**AUTH, "Content-Range": "0-2"}
+        )
+        assert (status, body["code"]) == (400, "bad_range")
+        status, body, _ = await srv.call(
+            "PATCH",
+            f"/v1/uploads/{uid}",
+            data=b"abc",
+            headers={**AUTH, "Content-Range": "bytes 0-9/*"},
+        )
+        assert (status, body["code"]) == (400, "bad_range")
+        assert await offset_of(srv, uid) == 0
+        # Completing without any digest, or with a body but no Content-Range.
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}")
+        assert (status, body["code"]) == (400, "bad_digest")
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={sha(b'x')}", data=b"x")
+        assert (status, body["code"]) == (400, "bad_range")
+        # Unknown ids, including ones shaped like paths.
+        for bad in ("0" * 32, "nope", "..", "%2E%2E%2Fblobs"):
+            assert (await srv.call("HEAD", f"/v1/uploads/{bad}"))[0] == 404
+            status, body = await patch(srv, bad, 0, b"x")
+            assert (status, body["code"]) == (404, "not_found")
+        status, body, _ = await srv.call("POST", "/v1/uploads", json={"digest": "md5:x"})
+        assert (status, body["code"]) == (400, "bad_digest")
+
+
+async def test_upload_delete(store: Path) -> None:
+    async with running(store) as srv:
+        uid = await start_upload(srv)
+        await patch(srv, uid, 0, b"abc")
+        assert (await srv.call("DELETE", f"/v1/uploads/{uid}"))[0] == 204
+        assert (await srv.call("HEAD", f"/v1/uploads/{uid}"))[0] == 404
+        assert (await srv.call("DELETE", f"/v1/uploads/{uid}"))[0] == 404
+    assert os.listdir(store / "uploads") == []
+
+
+@pytest.mark.parametrize("cancel_on_disconnect", [False, True])
+async def test_interrupted_patch_keeps_what_arrived_and_resumes(
+    store: Path, cancel_on_disconnect: bool
+) -> None:
+    data = os.urandom(6_000_000)
+    sent = 2_500_000
+    async with running(store, cancel_on_disconnect=cancel_on_disconnect) as srv:
+        uid = await start_upload(srv)
+        head = (
+            f"PATCH /v1/uploads/{uid} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Range: bytes 0-{len(data) - 1}/*\r\nContent-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        await raw_request(srv.port, head, data[:sent], close_early=True)
+
+        async def all_held() -> bool:
+            return await offset_of(srv, uid) == sent
+
+        await wait_until(all_held)
+        assert await patch(srv, uid, sent, data[sent:]) == (202, {"offset": len(data)})
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={sha(data)}")
+        assert status == 201 and body["size"] == len(data)
+        _, text, _ = await srv.call("GET", "/metrics")
+    # The interrupted bytes were received once and not sent again.
+    received = metric(text, 'ingestd_serve_bytes_received_total{route="/v1/uploads/{upload_id}"}')
+    assert received == len(data)
+
+
+async def test_upload_resumes_after_the_server_is_recreated(store: Path) -> None:
+    data = os.urandom(3_000_000)
+    async with running(store) as srv:
+        uid = await start_upload(srv)
+        await patch(srv, uid, 0, data[:1_000_000])
+        await patch(srv, uid, 1_000_000, data[1_000_000:2_000_000])
+    # Bytes past the durable offset (a write the crash tore) must not count.
+    with open(store / "uploads" / uid / "data", "ab") as f:
+        f.write(b"torn write")
+    async with running(store) as srv:
+        assert await offset_of(srv, uid) == 2_000_000
+        status, body = await patch(srv, uid, 2_000_000, data[2_000_000:])
+        assert (status, body) == (202, {"offset": len(data)})
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={sha(data)}")
+        assert status == 201, body
+    with Store.open(store) as s:
+        assert s.blobs.path(sha(data)).read_bytes() == data
+
+
+async def test_completing_right_after_a_restart_ignores_a_torn_tail(store: Path) -> None:
+    data = os.urandom(100_000)
+    async with running(store) as srv:
+        uid = await start_upload(srv)
+        await patch(srv, uid, 0, data)
+    with open(store / "uploads" / uid / "data", "ab") as f:
+        f.write(b"junk")
+    async with running(store) as srv:
+        status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={sha(data)}")
+        assert (status, body["size"]) == (201, len(data))
+
+
+async def test_idle_uploads_expire(store: Path) -> None:
+    async with running(store) as srv:
+        uid = await start_upload(srv)
+        old = time.time() - 25 * 3600
+        os.utime(store / "uploads" / uid / "offset", (old, old))
+        uploads = srv.app[STATE].uploads
+        assert uploads is not None
+        assert await uploads.expire(max_idle=3600) == 0  # touched just now, in this process
+        uploads._live.clear()  # as after a restart
+        assert await uploads.expire(max_idle=3600) == 1
+        assert (await srv.call("HEAD", f"/v1/uploads/{uid}"))[0] == 404
+
+
+SERVER_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+import daemon.server.uploads as uploads
+from daemon.logs import setup
+from daemon.server.app import serve
+setup("info", "json")  # logs to stderr; stdout carries only the port
+uploads.CHECKPOINT = int(sys.argv[2])
+asyncio.run(serve(Path(sys.argv[1]), "127.0.0.1", 0, [],
+                  ready=lambda host, port: print(port, flush=True)))
+"""
+
+
+def start_server_process(store: Path, checkpoint: int) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(store), str(checkpoint)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip().isdigit(), f"server did not start: {line!r}"
+    return proc, int(line)
+
+
+async def test_upload_resumes_after_the_server_is_sigkilled_mid_patch(store: Path) -> None:
+    checkpoint = 4 << 20
+    data = os.urandom(12 << 20)
+    sent = 10 << 20
+    proc, port = start_server_process(store, checkpoint)
+    try:
+        async with aiohttp.ClientSession() as session:
+            srv = Running(web.Application(), session, port, store)
+            uid = await start_upload(srv)
+            head = (
+                f"PATCH /v1/uploads/{uid} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Range: bytes 0-{len(data) - 1}/*\r\nContent-Length: {len(data)}\r\n\r\n"
+            ).encode()
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + data[:sent])
+            await writer.drain()
+            data_file = store / "uploads" / uid / "data"
+
+            async def written() -> bool:
+                # The server keeps up to ~1 MiB in its buffer before writing it.
+                return data_file.stat().st_size >= sent - (2 << 20)
+
+            await wait_until(written)
+            # Mid-PATCH, the connection still open: bytes past the last checkpoint are
+            # in the file but not vouched for.
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            writer.close()
+            on_disk = data_file.stat().st_size
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc, port = start_server_process(store, checkpoint)
+    try:
+        async with aiohttp.ClientSession() as session:
+            srv = Running(web.Application(), session, port, store)
+            offset = await offset_of(srv, uid)
+            # Resumes from the last checkpoint before the kill, not from zero and not
+            # from the end of the file (which held bytes never fsynced and acknowledged).
+            assert checkpoint <= offset <= on_disk and on_disk - offset < checkpoint + (2 << 20)
+            assert await patch(srv, uid, offset, data[offset:]) == (202, {"offset": len(data)})
+            status, body, _ = await srv.call("PUT", f"/v1/uploads/{uid}?digest={sha(data)}")
+            assert (status, body["size"]) == (201, len(data))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0  # SIGTERM stops the server cleanly
+
+
+async def test_streaming_keeps_memory_small(store: Path) -> None:
+    piece = os.urandom(1 << 20)
+    n = 48
+    h = hashlib.sha256()
+    for _ in range(n):
+        h.update(piece)
+    digest = "sha256:" + h.hexdigest()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(n):
+            yield piece
+
+    async with running(store) as srv:
+        tracemalloc.start()
+        try:
+            status, _, _ = await srv.call("PUT", f"/v1/blobs/{digest}", data=body())
+            uid = await start_upload(srv)
+            await srv.call(
+                "PATCH",
+                f"/v1/uploads/{uid}",
+                data=body(),
+                headers={**AUTH, "Content-Range": f"bytes 0-{n * len(piece) - 1}/*"},
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert status == 201
+    # Two 48 MiB bodies went through; client and server together held a few buffers.
+    assert peak < 12 << 20, peak
+
+
+# --- items ---------------------------------------------------------------------------
+
+
+async def test_item_upsert_unchanged_changed_and_delete(store: Path) -> None:
+    a, b = b"image a", b"image b"
+    async with running(store) as srv:
+        await srv.put_blob(a)
+        await srv.put_blob(b)
+        url = item_url("ds", "cams", "north", "a.jpg")
+        manifest = {"slots": slots_for(("a.jpg", a)), "metadata": {"camera": "north"}}
+        status, body, _ = await srv.call("PUT", url, json=manifest)
+        expect = {"key": "/cams/north/a.jpg", "path": "/cams/north", "name": "a.jpg"}
+        assert (status, body) == (201, {**expect, "version": 1, "changed": True})
+        status, body, _ = await srv.call("PUT", url, json=manifest)
+        assert (status, body) == (200, {**expect, "version": 1, "changed": False})
+        manifest["slots"] = slots_for(("a.jpg", b))
+        status, body, _ = await srv.call("PUT", url, json=manifest)
+        assert (status, body) == (200, {**expect, "version": 2, "changed": True})
+        status, body, _ = await srv.call("GET", "/v1/datasets/ds/items")
+        assert body == {
+            "items": [
+                {
+                    **expect,
+                    "version": 2,
+                    "slots": manifest["slots"],
+                    "metadata": {"camera": "north"},
+                }
+            ],
+            "next_cursor": None,
+        }
+        assert (await srv.call("DELETE", url))[0] == 204
+        status, body, _ = await srv.call("DELETE", url)
+        assert (status, body["code"]) == (404, "not_found")
+        status, body, _ = await srv.call("GET", "/v1/datasets/ds/items")
+        assert body == {"items": [], "next_cursor": None}
+
+
+async def test_item_at_the_root_with_remote_urls_and_extra_slot_keys(store: Path) -> None:
+    frame = b"frame"
+    async with running(store) as srv:
+        await srv.put_blob(frame)
+        slots = [
+            {
+                "name": "v",
+                "type": "frames",
+                "timestamps": [0.0],
+                "files": [{"name": "0.jpg", "digest": sha(frame), "size": len(frame)}],
+            },
+            {"name": "r", "type": "image", "files": [{"name": "x.png", "url": "s3://b/x.png"}]},
+        ]
+        status, body, _ = await srv.call("PUT", item_url("ds", "clip"), json={"slots": slots})
+        assert status == 201 and (body["key"], body["path"]) == ("/clip", "/")
+    with Store.open(store) as s:
+        item = s.catalog.get_item("ds", "/", "clip")
+        assert item is not None and item["slots"] == slots and item["metadata"] == {}
+
+
+async def test_item_names_with_odd_characters_round_trip(store: Path) -> None:
+    data = b"x"
+    names = ["with space.png", "hash#1.png", "new\nline.png", "ünï 🙂.png", "100%.png", "q?.png"]
+    async with running(store) as srv:
+        await srv.put_blob(data)
+        for name in names:
+            status, body, _ = await srv.call(
+                "PUT", item_url("ds", "dir one", name), json={"slots": slots_for((name, data))}
+            )
+            assert status == 201 and body["name"] == name, body
+        _, body, _ = await srv.call("GET", "/v1/datasets/ds/items")
+    assert sorted(i["name"] for i in body["items"]) == sorted(names)
+    assert {i["path"] for i in body["items"]} == {"/dir one"}
+
+
+async def test_item_with_missing_blobs_is_refused_naming_them(store: Path) -> None:
+    held, gone1, gone2 = b"held", b"gone 1", b"gone 2"
+    async with running(store) as srv:
+        await srv.put_blob(held)
+        manifest = {"slots": slots_for(("a", held), ("b", gone1), ("c", gone2))}
+        status, body, _ = await srv.call("PUT", item_url("ds", "x"), json=manifest)
+        assert status == 409 and body["code"] == "missing_blobs"
+        assert body["missing"] == sorted([sha(gone1), sha(gone2)])
+        status, _, _ = await srv.call("GET", "/v1/datasets/ds/items")
+        # Nothing was written, not even the dataset.
+        assert status == 404
+
+
+async def test_item_size_must_match_the_stored_blob(store: Path) -> None:
+    data = b"12345"
+    async with running(store) as srv:
+        await srv.put_blob(data)
+        manifest = {
+            "slots": [
+                {
+                    "name": "0",
+                    "type": "file",
+                    "files": [{"name": "f", "digest": sha(data), "size": 4}],
+                }
+            ]
+        }
+        status, body, _ = await srv.call("PUT", item_url("ds", "x"), json=manifest)
+        assert (status, body["code"]) == (400, "size_mismatch")
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        [],
+        {"slots": "x"},
+        {"slots": [], "metadata": []},
+        {"slots": [{"name": "0", "type": "hologram", "files": []}]},
+        {"slots": [{"type": "image", "files": []}]},
+        {"slots": [{"name": "0", "type": "image", "files": [{"name": "f"}]}]},
+        {
+            "slots": [
+                {
+                    "name": "0",
+                    "type": "image",
+                    "files": [{"name": "f", "digest": sha(b""), "size": -1}],
+                }
+            ]
+        },
+    ],
+)
+async def test_bad_manifests(store: Path, manifest: Any) -> None:
+    async with running(store) as srv:
+        status, body, _ = await srv.call("PUT", item_url("ds", "x"), json=manifest)
+        assert (status, body["code"]) == (400, "bad_manifest")
+
+
+async def test_manifest_that_is_not_json(store: Path) -> None:
+    async with running(store) as srv:
+        for raw in (b"{", b'{"slots": [], "metadata": {"x": NaN}}', b"\xff"):
+            status, body, _ = await srv.call(
+                "PUT",
+                item_url("ds", "x"),
+                data=raw,
+                headers={**AUTH, "Content-Type": "application/json"},
+            )
+            assert (status, body["code"]) == (400, "bad_json"), raw
+
+
+async def test_items_page_with_a_cursor_and_prefix(store: Path) -> None:
+    data = b"d"
+    async with running(store) as srv:
+        await srv.put_blob(data)
+        keys = []
+        for i in range(23):
+            folder = "a" if i % 2 else "b"
+            name = f"item{i:02d}"
+            keys.append(f"/{folder}/{name}")
+            await srv.call(
+                "PUT", item_url("ds", folder, name), json={"slots": slots_for((name, data))}
+            )
+        seen: list[str] = []
+        cursor = None
+        pages = 0
+        while True:
+            query = "limit=5" + (f"&cursor={cursor}" if cursor else "")
+            status, body, _ = await srv.call("GET", f"/v1/datasets/ds/items?{query}")
+            assert status == 200 and len(body["items"]) <= 5
+            seen += [i["key"] for i in body["items"]]
+            pages += 1
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == sorted(keys) and pages == 5
+        _, body, _ = await srv.call("GET", "/v1/datasets/ds/items?prefix=/a/&limit=5000")
+        assert [i["key"] for i in body["items"]] == sorted(k for k in keys if k.startswith("/a/"))
+        # Exactly `limit` items left: no further (empty) page is announced.
+        _, body, _ = await srv.call("GET", "/v1/datasets/ds/items?limit=23")
+        assert len(body["items"]) == 23 and body["next_cursor"] is None
+
+
+async def test_items_listing_errors(store: Path) -> None:
+    async with running(store) as srv:
+        status, body, _ = await srv.call("GET", "/v1/datasets/none/items")
+        assert (status, body["code"]) == (404, "not_found")
+        await srv.call("PUT", "/v1/datasets/ds")
+        for query, code in (
+            ("limit=0", "bad_limit"),
+            ("limit=x", "bad_limit"),
+            ("cursor=%FF%FE", "bad_cursor"),
+        ):
+            status, body, _ = await srv.call("GET", f"/v1/datasets/ds/items?{query}")
+            assert (status, body["code"]) == (400, code), query
+
+
+async def test_catalog_work_stays_off_the_event_loop(store: Path) -> None:
+    async with running(store) as srv:
+        state = srv.app[STATE]
+        assert state.store is not None
+        catalog = state.store.catalog
+        threads: list[bool] = []
+        for name in ("ensure_dataset", "upsert_item", "list_items", "delete_item", "has_dataset"):
+            original = getattr(catalog, name)
+
+            def spy(*args: Any, _original: Any = original, **kw: Any) -> Any:
+                threads.append(threading.current_thread() is threading.main_thread())
+                return _original(*args, **kw)
+
+            setattr(catalog, name, spy)
+        await srv.call("PUT", "/v1/datasets/ds")
+        await srv.call("HEAD", "/v1/datasets/ds")
+        await srv.call("PUT", item_url("ds", "x"), json={"slots": []})
+        await srv.call("GET", "/v1/datasets/ds/items")
+        await srv.call("DELETE", item_url("ds", "x"))
+    assert len(threads) >= 5 and not any(threads)
