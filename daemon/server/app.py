@@ -33,12 +33,23 @@ from urllib.parse import unquote
 import structlog
 from aiohttp import hdrs, web
 
-from daemon.server.auth import TokenAuth, check_bind
+from daemon.server.auth import ServeError, TokenAuth, check_bind, load_tokens
 from daemon.server.metrics import ServerMetrics
-from daemon.server.uploads import CHUNK, Upload, UploadBusy, UploadNotFound, Uploads, pump
+from daemon.server.uploads import (
+    CHUNK,
+    PumpResult,
+    Upload,
+    UploadBusy,
+    UploadNotFound,
+    Uploads,
+    pump,
+)
 from daemon.store import DigestMismatch, Store, StoreIOError
 from daemon.store.blobs import BlobWrite, BlobWriter, check_digest
 from daemon.store.catalog import check_item_path
+
+# The CLI imports these from here: the server's whole public face in one module.
+__all__ = ["STATE", "ServeError", "load_tokens", "make_app", "serve"]
 
 T = TypeVar("T")
 
@@ -199,7 +210,8 @@ def _item_location(request: web.Request) -> tuple[str, str, str]:
             )
         if len(s.encode()) > MAX_SEGMENT_BYTES:
             raise ApiError(400, "bad_path", f"item path segment over {MAX_SEGMENT_BYTES} bytes")
-    key = "/" + "/".join(segments)
+    # The key as it appears in the URL (path/name, no leading '/'), as API.md counts it.
+    key = "/".join(segments)
     if not segments or len(key.encode()) > MAX_KEY_BYTES:
         raise ApiError(400, "bad_path", f"item key must be 1-{MAX_KEY_BYTES} bytes")
     path, name = "/" + "/".join(segments[:-1]), segments[-1]
@@ -235,6 +247,21 @@ def _content_range(request: web.Request) -> tuple[int, int]:
     if end < start or (total != "*" and end >= int(total)):
         raise ApiError(400, "bad_range", f"empty or impossible Content-Range {value!r}")
     return start, end
+
+
+async def _pump(
+    request: web.Request, write: Callable[[list[bytes]], None] | None, limit: int
+) -> PumpResult:
+    st = _state(request)
+    assert st.executor is not None, "the app is not running"
+    return await pump(
+        request.content,
+        write,
+        st.executor,
+        limit=limit,
+        on_bytes=_count_bytes(request),
+        idle_timeout=st.body_timeout,
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -305,10 +332,9 @@ def _blob_size(store: Store, digest: str) -> int | None:
         return None
 
 
-def _finish_blob(writer: BlobWriter, tail: bytearray, digest: str) -> BlobWrite:
-    # The last piece and the commit in one trip to a thread: for small blobs, the only one.
-    if tail:
-        writer.write(tail)
+def _finish_blob(writer: BlobWriter, tail: list[bytes], digest: str) -> BlobWrite:
+    # The last pieces and the commit in one trip to a thread: for small blobs, the only one.
+    writer.write_many(tail)
     return writer.commit(digest)
 
 
@@ -400,30 +426,40 @@ async def put_blob(request: web.Request) -> web.Response:
     st, digest = _state(request), _digest(request.match_info["digest"])
     store, _ = st.opened
     length = _body_length(request, st.max_body)
-    stream = {
-        "executor": st.executor,
-        "limit": st.max_body,
-        "on_bytes": _count_bytes(request),
-        "idle_timeout": st.body_timeout,
-    }
+    written: BlobWrite | None = None
     if length is None or length > CHUNK:
         # Big and already stored: take the body without writing it anywhere.
         size = await st.run(_blob_size, store, digest)
         if size is not None:
-            result = await pump(request.content, None, **stream)  # type: ignore[arg-type]
-            result.raise_if_cancelled()
-            if result.overflow:
-                raise ApiError(413, "too_large", f"body over the {st.max_body}-byte limit")
-            return web.json_response({"digest": digest, "size": size, "created": False})
+            await _discard_body(request, st.max_body)
+            written = BlobWrite(digest, size, created=False)
+    if written is None:
+        written = await _receive_blob(request, store, digest)
+    return web.json_response(
+        {"digest": written.digest, "size": written.size, "created": written.created},
+        status=201 if written.created else 200,
+    )
+
+
+async def _discard_body(request: web.Request, limit: int) -> None:
+    result = await _pump(request, None, limit)
+    result.raise_if_cancelled()
+    if result.overflow:
+        raise ApiError(413, "too_large", f"body over the {limit}-byte limit")
+
+
+async def _receive_blob(request: web.Request, store: Store, digest: str) -> BlobWrite:
+    """Stream the body into a new blob, verified against `digest` before it exists."""
+    st = _state(request)
     writer = store.blobs.begin()
     try:
-        result = await pump(request.content, writer.write, **stream)  # type: ignore[arg-type]
+        result = await _pump(request, writer.write_many, st.max_body)
         result.raise_if_cancelled()
         if result.overflow:
             raise ApiError(413, "too_large", f"body over the {st.max_body}-byte limit")
         if result.interrupted:
-            raise ApiError(400, "interrupted", "the body ended before its end; nothing stored")
-        written = await st.run(_finish_blob, writer, result.tail, digest)
+            raise ApiError(400, "interrupted", "the body stopped early; nothing stored")
+        return await st.run(_finish_blob, writer, result.tail, digest)
     except DigestMismatch as e:
         raise ApiError(
             400,
@@ -435,10 +471,6 @@ async def put_blob(request: web.Request) -> web.Response:
     finally:
         if not writer.done:
             await asyncio.shield(st.run(writer.abort))
-    return web.json_response(
-        {"digest": written.digest, "size": written.size, "created": written.created},
-        status=201 if written.created else 200,
-    )
 
 
 # --- resumable uploads ---------------------------------------------------------------
@@ -451,7 +483,8 @@ def _upload_id(request: web.Request) -> str:
 async def post_upload(request: web.Request) -> web.Response:
     st = _state(request)
     _, uploads = st.opened
-    body = await _read_json(request, SMALL_JSON_MAX) if request.body_exists else {}
+    body = await _read_json(request, SMALL_JSON_MAX) if request.body_exists else None
+    body = {} if body is None else body
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "body must be a JSON object")
     declared: dict[str, Any] = {}
@@ -525,14 +558,7 @@ async def put_upload(request: web.Request) -> web.Response:
             await _append(request, uploads, up)
         else:
             # No Content-Range: the body must be empty (limit 0 flags any byte).
-            result = await pump(
-                request.content,
-                None,
-                st.executor,  # type: ignore[arg-type]
-                limit=0,
-                on_bytes=_count_bytes(request),
-                idle_timeout=st.body_timeout,
-            )
+            result = await _pump(request, None, 0)
             result.raise_if_cancelled()
             if result.overflow:
                 raise ApiError(400, "bad_range", "a final chunk needs a Content-Range")
@@ -828,7 +854,7 @@ async def serve(
     *,
     ready: Callable[[str, int], None] | None = None,
 ) -> None:
-    """Run the server until SIGTERM/SIGINT (or cancellation). Raises ServeConfigError
+    """Run the server until SIGTERM/SIGINT (or cancellation). Raises ServeError
     before binding when a non-loopback address is asked for without tokens."""
     check_bind(host, tokens)
     app = make_app(store_root, tokens, max_body)

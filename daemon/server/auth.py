@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 TOKENS_ENV = "INGESTD_SERVE_TOKENS"
@@ -19,7 +18,7 @@ TOKENS_ENV = "INGESTD_SERVE_TOKENS"
 _ENV_SPLIT = re.compile(r"[\s,]+")
 
 
-class ServeConfigError(ValueError):
+class ServeError(ValueError):
     """The server cannot start as configured (the CLI exits 2 with this message)."""
 
 
@@ -33,18 +32,18 @@ def parse_token_file(text: str) -> list[str]:
     return tokens
 
 
-def load_tokens(token_file: Path | None = None, env: Mapping[str, str] | None = None) -> list[str]:
-    """Tokens from `--token-file` and from $INGESTD_SERVE_TOKENS (comma- or whitespace-
-    separated), in that order, without duplicates."""
-    env = os.environ if env is None else env
+def load_tokens(token_file: str | Path | None = None, env_value: str | None = None) -> list[str]:
+    """Tokens from `--token-file` and from the value of $INGESTD_SERVE_TOKENS (comma- or
+    whitespace-separated; the caller passes it, so tests need not touch os.environ),
+    in that order, without duplicates."""
     tokens: list[str] = []
     if token_file is not None:
         try:
             text = Path(token_file).read_text(encoding="utf-8")
         except OSError as e:
-            raise ServeConfigError(f"cannot read token file {token_file}: {e.strerror}") from e
+            raise ServeError(f"cannot read token file {token_file}: {e.strerror}") from e
         tokens += parse_token_file(text)
-    tokens += [t for t in _ENV_SPLIT.split(env.get(TOKENS_ENV, "")) if t]
+    tokens += [t for t in _ENV_SPLIT.split(env_value or "") if t]
     return list(dict.fromkeys(tokens))
 
 
@@ -70,7 +69,7 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, tokens: Sequence[str]) -> None:
     """An unauthenticated server is only safe where only this machine can reach it."""
     if not tokens and not is_loopback(host):
-        raise ServeConfigError(
+        raise ServeError(
             f"refusing to listen on {host or 'all interfaces'} without a token: "
             f"use --token-file or ${TOKENS_ENV}, or bind to 127.0.0.1"
         )
@@ -82,7 +81,7 @@ class TokenAuth:
     def __init__(self, tokens: Sequence[str]) -> None:
         for t in tokens:
             if not t or any(c.isspace() for c in t):
-                raise ServeConfigError("a token must be non-empty and contain no whitespace")
+                raise ServeError("a token must be non-empty and contain no whitespace")
         self._tokens = [t.encode("utf-8") for t in tokens]
 
     @property

@@ -1,9 +1,10 @@
 """Request-body streaming and resumable uploads for `ingestd serve`.
 
-`pump` moves a request body to disk without holding it in memory: it reads the body
-in pieces, gathers them into ~1 MiB buffers and hands each buffer to a worker thread
-(hash + write), reading the next buffer while the previous one is written. At most
-two buffers per request are alive, whatever the body's size.
+`pump` moves a request body to disk without holding it in memory: it takes the body
+in the pieces the transport delivered, batches them up to ~1 MiB and hands each batch
+to a worker thread (hash + writev), reading the next batch while the previous one is
+written. Per request at most two batches plus aiohttp's read-ahead (2 MiB, see
+pump) are alive, whatever the body's size.
 
 A resumable upload lives in `<store>/uploads/<id>/`:
 
@@ -51,7 +52,9 @@ from daemon.store.blobs import BlobStore, BlobWrite, DigestMismatch
 T = TypeVar("T")
 
 UPLOADS_DIR = "uploads"
-CHUNK = 1 << 20  # the size of the buffers handed to the writer threads
+CHUNK = 1 << 20  # about how many bytes each trip to a writer thread takes
+_MAX_PARTS = 256
+_IOV_MAX = 1024  # Linux's limit on buffers per writev
 CHECKPOINT = 64 << 20  # a PATCH makes its bytes durable at least this often
 IDLE_EXPIRY_S = 24 * 3600.0
 _STRAY_EXPIRY_S = 3600.0  # half-created upload dirs (a crash during POST)
@@ -72,14 +75,14 @@ class UploadBusy(Exception):
 @dataclass(slots=True)
 class PumpResult:
     fed: int  # bytes handed to `write`
-    tail: bytearray  # bytes received after those, not written yet (the caller's to write)
+    tail: list[bytes]  # bytes received after those, not written yet (the caller's to write)
     interrupted: bool  # the body ended early: client gone, broken framing, idle too long
     overflow: bool  # more than `limit` bytes arrived; only `limit` were kept
     cancelled: bool = False  # the handler was cancelled while reading (see pump)
 
     @property
     def received(self) -> int:
-        return self.fed + len(self.tail)
+        return self.fed + sum(map(len, self.tail))
 
     def raise_if_cancelled(self) -> None:
         """Pass on a cancellation that pump held back while the caller saved its bytes."""
@@ -89,32 +92,37 @@ class PumpResult:
 
 async def pump(
     body: StreamReader,
-    write: Callable[[bytearray], None] | None,
+    write: Callable[[list[bytes]], None] | None,
     executor: Executor,
     *,
     limit: int,
     on_bytes: Callable[[int], None],
     idle_timeout: float,
 ) -> PumpResult:
-    """Stream `body` into `write` (called on `executor`, one call at a time, in order).
+    """Stream `body` into `write` (called on `executor`, one call at a time, in order),
+    in batches of about CHUNK bytes.
 
-    `write=None` reads and discards. The last partial buffer is returned unwritten, so
+    `write=None` reads and discards. The last partial batch is returned unwritten, so
     the caller can write it together with its final step in one trip to a thread (for
     small bodies the only trip). Write errors propagate, after any write in flight
-    has finished, so the caller may close what `write` writes to."""
+    has finished, so the caller may close what `write` writes to.
+
+    Pieces are taken with readchunk(), as the transport delivered them, and written
+    with writev: iter_chunked(CHUNK) would join them into a fresh 1 MiB bytes first, a
+    copy into newly mapped memory that cost about as much CPU as hashing the bytes
+    (profiled on a 1 GiB upload: 0.84 s in the join vs 0.70 s in sha256)."""
     loop = asyncio.get_running_loop()
+    # Let the transport read ahead up to 2*CHUNK while a batch is being written.
+    body.set_read_chunk_size(CHUNK)
     pending: asyncio.Future[None] | None = None
-    buf = bytearray()
-    fed = 0
+    parts: list[bytes] = []
+    batched = fed = 0
     interrupted = overflow = cancelled = False
-    chunks = body.iter_chunked(CHUNK).__aiter__()
     try:
         while True:
             try:
                 async with asyncio.timeout(idle_timeout):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
+                    chunk, _ = await body.readchunk()
             except _BODY_ERRORS:
                 interrupted = True
                 break
@@ -124,20 +132,27 @@ async def pump(
                 # arrive still count: the caller keeps them and then re-raises.
                 interrupted = cancelled = True
                 break
+            if not chunk:
+                if body.at_eof():
+                    break
+                continue  # the end of an HTTP chunk: no data
             on_bytes(len(chunk))
-            room = limit - fed - len(buf)
+            room = limit - fed - batched
             if len(chunk) > room:
                 chunk, overflow = chunk[:room], True
-            if write is not None:
-                buf += chunk
-            else:
+            if write is None:
                 fed += len(chunk)
-            if len(buf) >= CHUNK:
+            elif chunk:
+                parts.append(chunk)
+                batched += len(chunk)
+            # A count bound too: a body of tiny HTTP chunks must not pile up objects.
+            if batched >= CHUNK or len(parts) >= _MAX_PARTS:
                 if pending is not None:
                     await pending
-                full, buf = buf, bytearray()
-                pending = loop.run_in_executor(executor, write, full)  # type: ignore[arg-type]
-                fed += len(full)
+                assert write is not None
+                pending = loop.run_in_executor(executor, write, parts)
+                fed += batched
+                parts, batched = [], 0
             if overflow:
                 break
     except BaseException:
@@ -149,7 +164,24 @@ async def pump(
         raise
     if pending is not None:
         await pending
-    return PumpResult(fed, buf, interrupted, overflow, cancelled)
+    return PumpResult(fed, parts, interrupted, overflow, cancelled)
+
+
+def write_all(fd: int, parts: list[bytes], offset: int | None = None) -> int:
+    """Write every part (at `offset`, or at the file position), however many calls the
+    kernel needs; returns the byte count."""
+    total = 0
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        batch = views[:_IOV_MAX]
+        n = os.writev(fd, batch) if offset is None else os.pwritev(fd, batch, offset + total)
+        total += n
+        # Drop what was written, keep the unwritten end of a part written in half.
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return total
 
 
 def _fsync_dir(path: Path) -> None:
@@ -209,18 +241,15 @@ class _Appender:
         self.pos = up.offset
         self.hasher = up.hasher.copy() if up.hasher is not None else None
 
-    def write(self, data: bytearray) -> None:
+    def write(self, parts: list[bytes]) -> None:
         with self._lock:
-            self._write(data)
+            self._write(parts)
 
-    def _write(self, data: bytearray) -> None:
-        view = memoryview(data)
+    def _write(self, parts: list[bytes]) -> None:
         if self.hasher is not None:
-            self.hasher.update(view)
-        while view:
-            n = os.pwrite(self.fd, view, self.pos)
-            self.pos += n
-            view = view[n:]
+            for p in parts:
+                self.hasher.update(p)
+        self.pos += write_all(self.fd, parts, self.pos)
         if self.pos - self.up.offset >= CHECKPOINT:
             self.checkpoint()
 
@@ -232,7 +261,7 @@ class _Appender:
         self.up.offset = self.pos
         self.up.hasher = self.hasher.copy() if self.hasher is not None else None
 
-    def finish(self, tail: bytearray) -> int:
+    def finish(self, tail: list[bytes]) -> int:
         with self._lock:
             try:
                 if tail:
@@ -376,16 +405,19 @@ class Uploads:
         known = "sha256:" + up.hasher.hexdigest() if up.hasher is not None else None
         try:
             written = await self._run(self._complete_sync, up, digest, known)
-        except DigestMismatch:
+        except (DigestMismatch, UploadNotFound):
             await self.discard(up)
             raise
         await self.discard(up)  # the data file is now the blob; remove the rest
         return written
 
     def _complete_sync(self, up: Upload, digest: str, known: str | None) -> BlobWrite:
-        with open(up.data, "r+b") as f:  # bytes past the durable offset do not count
-            if os.fstat(f.fileno()).st_size != up.offset:
-                f.truncate(up.offset)
+        try:
+            with open(up.data, "r+b") as f:  # bytes past the durable offset do not count
+                if os.fstat(f.fileno()).st_size != up.offset:
+                    f.truncate(up.offset)
+        except FileNotFoundError as e:  # removed behind our back: nothing to complete
+            raise UploadNotFound(up.id) from e
         return self._blobs.adopt(up.data, digest, known)
 
     async def discard(self, up: Upload) -> None:

@@ -819,3 +819,56 @@ async def test_catalog_work_stays_off_the_event_loop(store: Path) -> None:
         await srv.call("GET", "/v1/datasets/ds/items")
         await srv.call("DELETE", item_url("ds", "x"))
     assert len(threads) >= 5 and not any(threads)
+
+
+# --- the store additions the server streams through ------------------------------------
+
+
+def test_blob_writer_streams_pieces_and_commits_atomically(tmp_path: Path) -> None:
+    from daemon.store import BlobStore, DigestMismatch
+
+    blobs = BlobStore(tmp_path)
+    parts = [b"a" * 10, b"", bytearray(b"b" * 5000), memoryview(b"c" * 3)]
+    data = b"".join(bytes(p) for p in parts)
+    w = blobs.begin()
+    assert not w.tmp.exists()  # nothing on disk before the first write
+    w.write_many(parts[:2])
+    w.write(parts[2])
+    w.write_many(parts[3:])
+    written = w.commit(sha(data), len(data))
+    assert (written.digest, written.size, written.created) == (sha(data), len(data), True)
+    assert blobs.path(sha(data)).read_bytes() == data and w.done
+    again = blobs.begin()
+    again.write(data)
+    assert again.commit().created is False
+    bad = blobs.begin()
+    bad.write(b"x")
+    with pytest.raises(DigestMismatch):
+        bad.commit(sha(b"y"))
+    empty = blobs.begin()
+    assert empty.commit(sha(b"")).size == 0
+    aborted = blobs.begin()
+    aborted.write(b"z")
+    aborted.abort()
+    aborted.abort()
+    assert os.listdir(tmp_path / "tmp") == []
+    assert not blobs.has(sha(b"x")) and not blobs.has(sha(b"z"))
+    blobs.close()
+
+
+def test_blob_adopt_moves_a_staged_file_into_place(tmp_path: Path) -> None:
+    from daemon.store import BlobStore, DigestMismatch
+
+    blobs = BlobStore(tmp_path / "store")
+    staged = tmp_path / "store" / "staged"
+    staged.write_bytes(b"payload")
+    with pytest.raises(DigestMismatch):
+        blobs.adopt(staged, sha(b"other"))
+    assert staged.exists()  # left for the caller to decide
+    written = blobs.adopt(staged, sha(b"payload"), actual_digest=sha(b"payload"))
+    assert written.created and not staged.exists()
+    assert blobs.path(sha(b"payload")).read_bytes() == b"payload"
+    assert blobs.path(sha(b"payload")).stat().st_mode & 0o777 == 0o444  # as put_file makes them
+    staged.write_bytes(b"payload")
+    assert blobs.adopt(staged, sha(b"payload")).created is False and not staged.exists()
+    blobs.close()

@@ -18,7 +18,7 @@ import structlog
 import daemon.server.app as server_app
 from daemon.server.app import STATE, serve
 from daemon.server.auth import (
-    ServeConfigError,
+    ServeError,
     TokenAuth,
     check_bind,
     is_loopback,
@@ -143,7 +143,7 @@ BAD_ITEM_PATHS = [
     "/v1/datasets/ds/items/a%00b",
     "/v1/datasets/ds/items/a/b%00.png",
     "/v1/datasets/ds/items/" + "n" * 256,
-    "/v1/datasets/ds/items/" + "/".join(["d" * 200] * 6),  # key over 1024 bytes
+    "/v1/datasets/ds/items/" + "/".join(["d" * 204] * 4 + ["d" * 205]),  # key of 1025 bytes
     "/v1/datasets/ds/items/" + quote("é" * 128),  # 256 bytes in UTF-8
     "/v1/datasets/ds/items/%C3%28",  # not UTF-8
 ]
@@ -168,7 +168,7 @@ async def test_bad_item_paths_are_refused_and_nothing_is_written(tmp_path: Path)
         assert state.store is not None
         assert state.store.catalog.datasets() == []
         # The longest allowed key and segment still work.
-        ok = "/".join(["d" * 200] * 5)
+        ok = "/".join(["d" * 204] * 5)  # 1024 bytes with the slashes
         assert (await srv.call("PUT", item_url("ds", *ok.split("/")), json={"slots": []}))[0] == 201
         assert (await srv.call("PUT", item_url("ds", "n" * 255), json={"slots": []}))[0] == 201
     after = tree(tmp_path)
@@ -351,13 +351,13 @@ def test_non_loopback_bind_needs_a_token() -> None:
     check_bind("127.0.0.1", [])
     check_bind("0.0.0.0", [TOKEN])
     for host in ("0.0.0.0", "", "::", "10.0.0.5"):
-        with pytest.raises(ServeConfigError, match="without a token"):
+        with pytest.raises(ServeError, match="without a token"):
             check_bind(host, [])
 
 
 async def test_serve_refuses_before_binding_or_touching_the_store(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    with pytest.raises(ServeConfigError):
+    with pytest.raises(ServeError):
         await serve(store, "0.0.0.0", 0, [])
     assert not store.exists()
 
@@ -381,11 +381,11 @@ async def test_serve_defaults_to_loopback(tmp_path: Path) -> None:
 def test_tokens_from_file_and_environment(tmp_path: Path) -> None:
     f = tmp_path / "tokens"
     f.write_text(f"# team tokens\n{TOKEN}\n\n  {OTHER_TOKEN}  # lab pc\n")
-    env = {"INGESTD_SERVE_TOKENS": f"env-one, env-two\nenv-three {TOKEN}"}
-    assert load_tokens(f, env) == [TOKEN, OTHER_TOKEN, "env-one", "env-two", "env-three"]
-    assert load_tokens(None, {}) == []
-    with pytest.raises(ServeConfigError, match="cannot read token file"):
-        load_tokens(tmp_path / "missing", {})
+    env = f"env-one, env-two\nenv-three {TOKEN}"
+    assert load_tokens(str(f), env) == [TOKEN, OTHER_TOKEN, "env-one", "env-two", "env-three"]
+    assert load_tokens(None, None) == [] and load_tokens(None, " , ") == []
+    with pytest.raises(ServeError, match="cannot read token file"):
+        load_tokens(tmp_path / "missing", None)
 
 
 def test_token_auth_hides_tokens_and_refuses_odd_ones() -> None:
@@ -393,5 +393,5 @@ def test_token_auth_hides_tokens_and_refuses_odd_ones() -> None:
     assert TOKEN not in repr(auth) and TOKEN not in str(auth)
     assert auth.allows(f"Bearer {TOKEN}") and not auth.allows(None)
     assert not auth.allows("Bearer \udcff")
-    with pytest.raises(ServeConfigError):
+    with pytest.raises(ServeError):
         TokenAuth(["has space"])
