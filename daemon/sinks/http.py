@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import email.utils
 import json
 import os
@@ -63,6 +64,10 @@ FILES_PER_ITEM = 4  # blobs of one item uploaded at once (a DICOM series can hav
 PAGE_SIZE = 500
 
 _FileHandle = aiofiles.threadpool.binary.AsyncBufferedReader
+
+# The probe ticket of the attempt running in this task (see _Gate), so that _send can
+# tell the probe's requests from those of attempts admitted before the outage began.
+_TICKET: contextvars.ContextVar[int | None] = contextvars.ContextVar("ticket", default=None)
 
 
 class _Retry(Exception):
@@ -256,6 +261,12 @@ class _Gate:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._up.wait(), until - now)
         return None
+
+    def check(self, ticket: int | None) -> None:
+        """Just before a request: while the server is down only the probe may send;
+        an attempt admitted before the outage began gives way instead."""
+        if self.down and (ticket is None or ticket != self._probe):
+            raise _Retry(f"ingestion server {self.where} unreachable ({self.reason})")
 
     def release(self, ticket: int | None) -> None:
         if ticket is not None and ticket == self._probe:
@@ -727,6 +738,7 @@ class HttpSink:
         where = f"{method} {self.url}{path.split('?')[0]}"
         body: _FileBody | None = None
         async with slots:
+            gate.check(_TICKET.get())  # after the queue: the server may have gone meanwhile
             # Bounds idle time while connecting and sending: a server that stops reading
             # a body would otherwise block the upload forever (sock_read only starts
             # once the body is sent). Every chunk taken pushes the deadline back.
@@ -848,9 +860,11 @@ class HttpSink:
         while True:
             try:
                 ticket = await gate.admit(wait, patience)
+                token = _TICKET.set(ticket)
                 try:
                     return await attempt()
                 finally:
+                    _TICKET.reset(token)
                     gate.release(ticket)
             except _Retry as e:
                 failures += 1

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 
@@ -459,6 +460,28 @@ async def test_an_unreadable_file_is_a_permanent_failure(
         f.chmod(0o644)
 
 
+@pytest.mark.parametrize("size", [10, 3 * MiB])
+async def test_permission_denied_is_permanent_even_as_root(
+    size: int,
+    sink: HttpSink,
+    server: FakeIngestServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import daemon.sinks.http as http_module
+
+    f = write(tmp_path / "f.bin", os.urandom(size))
+    item = item_of(f)
+
+    def denied(*a: Any, **kw: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(f))
+
+    monkeypatch.setattr(http_module, "open", denied, raising=False)  # small files
+    monkeypatch.setattr(http_module.aiofiles, "open", denied)  # streamed files
+    with pytest.raises(PermanentError, match="permission denied"):
+        await sink.put_item("ds", item)
+
+
 async def test_a_bad_name_is_rejected_with_the_servers_message(
     sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
@@ -537,23 +560,46 @@ async def test_an_outage_is_one_warning_one_probe_at_a_time_and_one_info(
     sink = make_sink(server)
     sink.backoff_base, sink.backoff_cap = 0.05, 0.4
     await sink.ensure_dataset("ds")
-    sends = 0
+    sends = 0  # requests that reach the network
     in_flight = 0
     max_in_flight_while_down = 0
-    original = HttpSink._send
+    original = aiohttp.ClientSession.request
 
-    async def counting_send(self: HttpSink, *a: Any, **kw: Any) -> Any:
-        nonlocal sends, in_flight, max_in_flight_while_down
-        sends += 1
-        in_flight += 1
-        if self._gate is not None and self._gate.down:
-            max_in_flight_while_down = max(max_in_flight_while_down, in_flight)
-        try:
-            return await original(self, *a, **kw)
-        finally:
-            in_flight -= 1
+    class Counted:
+        """Counts requests, and how many of those started while the gate was down
+        (probes) were under way at once."""
 
-    monkeypatch.setattr(HttpSink, "_send", counting_send)
+        def __init__(self, cm: Any) -> None:
+            self.cm = cm
+            self.while_down = False
+
+        async def __aenter__(self) -> Any:
+            nonlocal sends, in_flight, max_in_flight_while_down
+            sends += 1
+            self.while_down = sink._gate is not None and sink._gate.down
+            if self.while_down:
+                in_flight += 1
+                max_in_flight_while_down = max(max_in_flight_while_down, in_flight)
+            try:
+                return await self.cm.__aenter__()
+            except BaseException:
+                self._done()
+                raise
+
+        async def __aexit__(self, *exc: Any) -> Any:
+            self._done()
+            return await self.cm.__aexit__(*exc)
+
+        def _done(self) -> None:
+            nonlocal in_flight
+            if self.while_down:
+                in_flight -= 1
+                self.while_down = False
+
+    def counting(self: aiohttp.ClientSession, *a: Any, **kw: Any) -> Any:
+        return Counted(original(self, *a, **kw))
+
+    monkeypatch.setattr(aiohttp.ClientSession, "request", counting)
     await server.stop()
     try:
         with structlog.testing.capture_logs() as logs:
