@@ -23,7 +23,7 @@ import structlog
 
 from daemon.errors import Abandoned, MediaError, PermanentError, RetriableError, SourceChangedError
 from daemon.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
-from daemon.media.transform import MediaSettings, transform_slot
+from daemon.media.transform import MediaSettings, transform_slot, transforms
 from daemon.model import FilePayload, ItemPayload, ItemPlan, SlotPayload
 from daemon.plan.fingerprint import fingerprint
 from daemon.sinks.base import Sink
@@ -104,6 +104,7 @@ def build_payload(
             source_digest[os.path.join(side.root, f.relpath)] = (digests[i], f.size)
             i += 1
     slots = []
+    derived = False
     for slot in plan.slots:
         files = [(f.name, os.path.join(side.root, f.relpath)) for f in slot.files]
         if side.media is not None:
@@ -120,11 +121,12 @@ def build_payload(
             if path in source_digest:
                 digest, size = source_digest[path]
             else:
+                derived = True
                 size = os.stat(path).st_size
                 digest = _hash_checked(path, size, os.stat(path).st_mtime_ns, True, stop)
             payload_files.append(FilePayload(name, path, size, digest))
         slots.append(SlotPayload(slot.name, slot_type, tuple(payload_files), extra))
-    if side.media is not None:
+    if derived:
         # Derived files were made from whatever the sources held while they were read.
         for slot in plan.slots:
             for f in slot.files:
@@ -315,23 +317,31 @@ class SyncPool:
                 op = Ledger.op_synced(claim, synced, claim.backend_id, now())
                 return Outcome(claim, "unchanged"), op
             spool = self._spool_for(claim)
+            spooled = False
             try:
-                loop = asyncio.get_running_loop()
-                payload = await loop.run_in_executor(
-                    self._media_pool,
-                    build_payload,
-                    side,
-                    claim.plan,
-                    digests,
-                    spool,
-                    self._stop_event,
+                media = side.media
+                spooled = media is not None and any(
+                    transforms(s.type, media) for s in claim.plan.slots
                 )
+                if spooled:
+                    loop = asyncio.get_running_loop()
+                    payload = await loop.run_in_executor(
+                        self._media_pool,
+                        build_payload,
+                        side,
+                        claim.plan,
+                        digests,
+                        spool,
+                        self._stop_event,
+                    )
+                else:  # nothing to derive: no thread hop, no spool
+                    payload = build_payload(side, claim.plan, digests, spool)
                 if claim.dataset not in self._datasets_ready:
                     await self.sink.ensure_dataset(claim.dataset)
                     self._datasets_ready.add(claim.dataset)
                 result = await self.sink.put_item(claim.dataset, payload)
             finally:
-                if side.media is not None:
+                if spooled:
                     await asyncio.to_thread(shutil.rmtree, spool, True)
             size = sum(f.size for s in payload.slots for f in s.files)
             bound.info("synced", version=result.version, bytes=size, changed=result.changed)

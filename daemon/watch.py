@@ -201,13 +201,11 @@ class WatchRunner:
         try:
 
             def known_in_dir(reldir: str) -> dict[str, tuple[int, int]]:
-                return {
-                    r: (s, m)
-                    for r, s, m in conn.execute(
-                        "SELECT relpath, size, mtime_ns FROM entries WHERE watch=? AND parent=?",
-                        (name, reldir),
-                    )
-                }
+                rows = conn.execute(
+                    "SELECT relpath, size, mtime_ns FROM entries WHERE watch=? AND parent=?",
+                    (name, reldir),
+                ).fetchall()
+                return {r: (sz, m) for r, sz, m in rows}
 
             def known_dirs(sub: str) -> set[str]:
                 if not sub:

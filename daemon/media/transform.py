@@ -99,3 +99,13 @@ def transform_slot(
             out.append((name, dst))
         return PreparedSlot("dicom", out)
     return PreparedSlot(slot_type, files)
+
+
+def transforms(slot_type: SlotType, settings: MediaSettings) -> bool:
+    """Whether transform_slot may read or derive anything for this slot type (if not,
+    the files go as they are and no media work needs scheduling)."""
+    if slot_type == "image":
+        return True  # checked, and maybe downscaled, every time
+    if slot_type == "video":
+        return settings.video.mode == "frames"
+    return slot_type in ("dicom", "file") and settings.dicom.deidentify

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -180,17 +180,19 @@ class LocalSource:
             known = known_in_dir(reldir)
             for bad in result.errors:
                 known.pop(bad, None)  # unreadable is not gone
-            for entry in files:
-                result.files += 1
-                before = known.pop(entry.relpath, None)
-                if before != (entry.size, entry.mtime_ns):
-                    chunk.append(entry)
-                    result.changed += 1
-            result.gone.extend(known)
+            result.files += len(files)
+            # The hot loop of a rescan: tuples only, an Entry just for what changed.
+            for rel, size, mtime_ns in files:
+                if known.pop(rel, None) != (size, mtime_ns):
+                    chunk.append(Entry(rel, size, mtime_ns))
+            if known:
+                result.gone.extend(known)
             if len(chunk) >= 1000:
+                result.changed += len(chunk)
                 emit_changed(chunk)
                 chunk = []
         if chunk:
+            result.changed += len(chunk)
             emit_changed(chunk)
         for reldir in known_dirs(subdir) - visited:
             if any(reldir == e or reldir.startswith(e + "/") for e in result.errors):
@@ -198,13 +200,19 @@ class LocalSource:
             result.gone.extend(known_in_dir(reldir))
         return result
 
-    def _walk(self, subdir: str, result: ScanResult) -> Iterator[tuple[str, list[Entry]]]:
+    def _walk(
+        self, subdir: str, result: ScanResult
+    ) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
+        """Per folder: (reldir, [(relpath, size, mtime_ns)]) of the files the watch takes."""
         seen_dirs: set[tuple[int, int]] = set()
         stack = [subdir]
         while stack:
             reldir = stack.pop()
             absdir = os.path.join(self.root, reldir) if reldir else self.root
-            files: list[Entry] = []
+            files: list[tuple[str, int, int]] = []
+            follow = self.follow_symlinks
+            accepts = self.filter.accepts
+            prefix = f"{reldir}/" if reldir else ""
             try:
                 if self.follow_symlinks:
                     st = os.stat(absdir)
@@ -214,24 +222,23 @@ class LocalSource:
                     seen_dirs.add(ident)
                 with os.scandir(absdir) as it:
                     for de in it:
-                        name = de.name
-                        rel = f"{reldir}/{name}" if reldir else name
+                        rel = prefix + de.name
                         try:
-                            if de.is_dir(follow_symlinks=self.follow_symlinks):
+                            if de.is_dir(follow_symlinks=follow):
                                 if not self.filter.prunes_dir(rel):
                                     stack.append(rel)
                                 continue
-                            if not self.filter.accepts(rel):
+                            if not accepts(rel):
                                 continue
-                            s = de.stat(follow_symlinks=self.follow_symlinks)
+                            s = de.stat(follow_symlinks=follow)
                         except OSError as e:
                             if isinstance(e, FileNotFoundError):
                                 continue  # vanished between listing and stat
                             # e.g. a symlink loop when following links: report, go on
                             result.errors.append(rel)
                             continue
-                        if stat.S_ISREG(s.st_mode):
-                            files.append(Entry(rel, s.st_size, s.st_mtime_ns))
+                        if S_ISREG(s.st_mode):
+                            files.append((rel, s.st_size, s.st_mtime_ns))
             except FileNotFoundError:
                 if reldir == subdir and not subdir:
                     result.root_missing = True
