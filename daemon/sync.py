@@ -358,7 +358,9 @@ class SyncPool:
             return Outcome(claim, "abandoned"), _retry_op(claim, None, 0.0, count=False)
         except RetriableError as e:
             delay = backoff_delay(claim.attempts, e.retry_after)
-            bound.warning("sync failed, will retry", reason=e.reason, retry_in=round(delay, 1))
+            # During an outage the sink logs it once; one line per item would flood.
+            emit = bound.warning if getattr(self.sink, "reachable", True) else bound.debug
+            emit("sync failed, will retry", reason=e.reason, retry_in=round(delay, 1))
             return Outcome(claim, "retry", error=e.reason), _retry_op(
                 claim, e.reason, delay, count=True
             )
