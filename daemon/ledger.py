@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS entries (
     role TEXT NOT NULL,
     PRIMARY KEY (watch, relpath)
 ) WITHOUT ROWID;
+DROP INDEX IF EXISTS entries_parent;
+CREATE INDEX IF NOT EXISTS items_watch_status ON items(watch, status, attempts);
 -- Covering: a rescan reads a folder's entries from the index alone.
 CREATE INDEX IF NOT EXISTS entries_dir ON entries(watch, parent, relpath, size, mtime_ns);
 CREATE TABLE IF NOT EXISTS meta_types (
@@ -675,7 +677,14 @@ class AsyncLedger:
         return await fut
 
     async def write_many(self, ops: Sequence[Callable[[sqlite3.Connection], T]]) -> list[T]:
-        return list(await asyncio.gather(*(self.write(op) for op in ops)))
+        # Plain futures, not one Task per op: a batch can hold thousands of ops.
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[T]] = [loop.create_future() for _ in ops]
+        self._batch.extend(zip(ops, futs, strict=True))
+        if ops and not self._flushing:
+            self._flushing = True
+            self._flusher = loop.create_task(self._flush())
+        return list(await asyncio.gather(*futs))
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()

@@ -83,6 +83,10 @@ class Settler:
         elif stat is not False and stat != st.stat:
             st.stat, st.since = stat, now
             self._push(relpath, st, now + self.settle)
+        elif stat is False and st.due > now:
+            # Look again now: if our last look caught the writer mid-way (say, size 0
+            # just after its open), waiting for the old due would cost a second settle.
+            self._push(relpath, st, now)
 
     def pending_under(self, prefix: str) -> bool:
         """Is any path below `prefix` (ending in '/') still settling?"""

@@ -118,3 +118,17 @@ def test_overflow_drops_new_paths_and_reports_once() -> None:
     h.step(1.0)
     assert sorted(e.relpath for e in h.ready) == ["a", "b"]
     assert not h.s.overflowed  # drained: the rescan it asked for will find c and d
+
+
+def test_a_hint_after_a_mid_write_look_looks_again_at_once() -> None:
+    # The first look caught the writer just after its open (size 0); its close event
+    # must not leave the file waiting a second settle.
+    h = Harness(0.5)
+    h.stats["a"] = (0, 1)
+    h.s.hint("a")
+    h.step(0)
+    h.stats["a"] = (10, 2)  # written and closed
+    h.s.hint("a")
+    h.step(0.01)
+    h.step(0.5)
+    assert h.ready == [Entry("a", 10, 2)]
