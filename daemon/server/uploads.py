@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 from aiohttp import ClientPayloadError, StreamReader
 from aiohttp.http_exceptions import HttpProcessingError
 
-from daemon.store.blobs import BlobStore, BlobWrite, DigestMismatch
+from daemon.store.blobs import BlobStore, BlobWrite, DigestMismatch, fsync_dir
 
 T = TypeVar("T")
 
@@ -184,14 +184,6 @@ def write_all(fd: int, parts: list[bytes], offset: int | None = None) -> int:
     return total
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_offset(directory: Path, offset: int) -> None:
     tmp = directory / "offset.tmp"
     with open(tmp, "w", encoding="ascii") as f:
@@ -199,7 +191,7 @@ def _write_offset(directory: Path, offset: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / "offset")
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 @dataclass(eq=False)
@@ -324,7 +316,7 @@ class Uploads:
         (staging / "info.json").write_text(json.dumps(declared), encoding="utf-8")
         _write_offset(staging, 0)
         os.rename(staging, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     async def get(self, upload_id: str) -> Upload:
         up = self._live.get(upload_id)

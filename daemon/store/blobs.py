@@ -82,7 +82,8 @@ def _buffer() -> bytearray:
     return buf
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -137,7 +138,7 @@ class BlobStore:
         if created:
             # Once, so that puts never have to fsync a directory (see module docstring).
             for d in (self._blobs, self.root / "blobs", self.root):
-                _fsync_dir(d)
+                fsync_dir(d)
 
     def _remove_stale_temps(self) -> None:
         me = os.getpid()
