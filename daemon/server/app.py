@@ -497,6 +497,17 @@ async def post_upload(request: web.Request) -> web.Response:
         if size > st.max_body:
             raise ApiError(413, "too_large", f"{size} bytes is over the {st.max_body}-byte limit")
         declared["size"] = size
+    try:
+        found = await uploads.find(declared)
+    except UploadNotFound:  # completed or discarded meanwhile
+        found = None
+    if found is not None:
+        offset = await uploads.settled_offset(found.id)
+        return web.json_response(
+            {"id": found.id, "offset": offset},
+            status=200,
+            headers={hdrs.LOCATION: f"/v1/uploads/{found.id}"},
+        )
     up = await uploads.create(declared)
     location = f"/v1/uploads/{up.id}"
     return web.json_response(

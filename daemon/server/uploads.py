@@ -299,6 +299,29 @@ class Uploads:
 
     # --- lifecycle -------------------------------------------------------------------
 
+    async def find(self, declared: dict[str, Any]) -> Upload | None:
+        """A live upload declared with the same digest and size. A client that died
+        mid-upload (and so forgot its upload id) resumes it instead of starting over;
+        two clients sending the same bytes share it, the offset checks keep them honest."""
+        if "digest" not in declared or "size" not in declared:
+            return None
+        for up in list(self._live.values()):
+            if up.declared == declared and not up.gone:
+                return up
+        found = await self._run(self._find_sync, declared)
+        return await self.get(found) if found is not None else None
+
+    def _find_sync(self, declared: dict[str, Any]) -> str | None:
+        for directory in self.root.iterdir():
+            if not _ID_RE.fullmatch(directory.name):
+                continue
+            try:
+                if json.loads((directory / "info.json").read_text(encoding="utf-8")) == declared:
+                    return directory.name
+            except (OSError, ValueError):
+                continue
+        return None
+
     async def create(self, declared: dict[str, Any]) -> Upload:
         upload_id = secrets.token_hex(16)
         final = self.root / upload_id
