@@ -157,41 +157,27 @@ def _sync(args: argparse.Namespace) -> int:
 
 def _status_data(config: Config, path: Path) -> dict[str, Any]:
     pid = running_pid(config.state_dir)
-    ledger_path = config.state_dir / LEDGER_FILE
-    watches = []
-    if ledger_path.exists():
+    ledger = None
+    if (config.state_dir / LEDGER_FILE).exists():  # no ledger yet: nothing happened
         ledger = Ledger(config.state_dir, readonly=True)
-        try:
-            counts = ledger.counts()
-            problems = ledger.watch_problems()
-            for w in config.watches:
-                c = counts.get(w.name)
-                watches.append(
-                    {
-                        "name": w.name,
-                        "dataset": w.dataset,
-                        "synced": c.synced if c else 0,
-                        "pending": c.pending if c else 0,
-                        "failed": c.failed if c else 0,
-                        "last_errors": ledger.last_errors(w.name),
-                        "problem": problems.get(w.name),
-                    }
-                )
-        finally:
-            ledger.close()
-    else:
+    try:
+        counts = ledger.counts() if ledger else {}
+        problems = ledger.watch_problems() if ledger else {}
         watches = [
             {
                 "name": w.name,
                 "dataset": w.dataset,
-                "synced": 0,
-                "pending": 0,
-                "failed": 0,
-                "last_errors": [],
-                "problem": None,
+                "synced": counts[w.name].synced if w.name in counts else 0,
+                "pending": counts[w.name].pending if w.name in counts else 0,
+                "failed": counts[w.name].failed if w.name in counts else 0,
+                "last_errors": ledger.last_errors(w.name) if ledger else [],
+                "problem": problems.get(w.name),
             }
             for w in config.watches
         ]
+    finally:
+        if ledger is not None:
+            ledger.close()
     return {
         "daemon": {"running": pid is not None, "pid": pid},
         "config": {"path": str(path), "rejected": []},

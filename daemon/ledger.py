@@ -222,21 +222,6 @@ class Ledger:
             )
         ]
 
-    def entry(self, watch: str, relpath: str) -> tuple[Entry, str] | None:
-        row = self.conn.execute(
-            "SELECT size, mtime_ns, role FROM entries WHERE watch=? AND relpath=?", (watch, relpath)
-        ).fetchone()
-        return (Entry(relpath, row[0], row[1]), row[2]) if row else None
-
-    def sibling_entries(self, watch: str, parent: str) -> list[tuple[Entry, str]]:
-        return [
-            (Entry(r, s, m), role)
-            for r, s, m, role in self.conn.execute(
-                "SELECT relpath, size, mtime_ns, role FROM entries WHERE watch=? AND parent=?",
-                (watch, parent),
-            )
-        ]
-
     def item_row(self, watch: str, source_id: str) -> dict[str, Any] | None:
         cur = self.conn.execute(
             "SELECT * FROM items WHERE watch=? AND source_id=?", (watch, source_id)
@@ -302,13 +287,7 @@ class Ledger:
         self, dataset: str, key: str, watch: str, source_id: str
     ) -> tuple[str, str] | None:
         """Another live item that already holds this dataset key, if any."""
-        row = self.conn.execute(
-            "SELECT watch, source_id FROM items WHERE dataset=? AND key=? AND status != 'deleted'"
-            " AND coalesce(error_kind, '') != 'conflict' AND NOT (watch=? AND source_id=?)"
-            " LIMIT 1",
-            (dataset, key, watch, source_id),
-        ).fetchone()
-        return (row[0], row[1]) if row else None
+        return _key_owner(self.conn, dataset, key, watch, source_id)
 
     # -- writes (each is an op for transaction(); also callable directly) -------------------
 
@@ -554,6 +533,18 @@ class _Failed:
         self.error = error
 
 
+def _key_owner(
+    conn: sqlite3.Connection, dataset: str, key: str, watch: str, source_id: str
+) -> tuple[str, str] | None:
+    # Items failed for a key conflict do not own the key they wanted.
+    row = conn.execute(
+        "SELECT watch, source_id FROM items WHERE dataset=? AND key=? AND status != 'deleted'"
+        " AND coalesce(error_kind, '') != 'conflict' AND NOT (watch=? AND source_id=?) LIMIT 1",
+        (dataset, key, watch, source_id),
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
 def _drop_item(
     conn: sqlite3.Connection, watch: str, source_id: str, on_delete: str, now: float
 ) -> None:
@@ -593,11 +584,7 @@ def _plan_problem(
     check_types: ConflictCheck,
     type_of: TypeOf,
 ) -> tuple[str | None, str | None]:
-    owner = conn.execute(
-        "SELECT watch, source_id FROM items WHERE dataset=? AND key=? AND status != 'deleted'"
-        " AND coalesce(error_kind, '') != 'conflict' AND NOT (watch=? AND source_id=?) LIMIT 1",
-        (dataset, plan.key, watch, plan.source_id),
-    ).fetchone()
+    owner = _key_owner(conn, dataset, plan.key, watch, plan.source_id)
     if owner:
         return key_conflict_reason(plan.key, plan.source_id, owner), "conflict"
     keys = list(plan.metadata)

@@ -122,8 +122,9 @@ def build_payload(
                 digest, size = source_digest[path]
             else:
                 derived = True
-                size = os.stat(path).st_size
-                digest = _hash_checked(path, size, os.stat(path).st_mtime_ns, True, stop)
+                st = os.stat(path)
+                size = st.st_size
+                digest = _hash_checked(path, size, st.st_mtime_ns, True, stop)
             payload_files.append(FilePayload(name, path, size, digest))
         slots.append(SlotPayload(slot.name, slot_type, tuple(payload_files), extra))
     if derived:

@@ -92,9 +92,6 @@ class Settler:
         """Is any path below `prefix` (ending in '/') still settling?"""
         return any(rel.startswith(prefix) for rel in self._state)
 
-    def forget(self, relpath: str) -> None:
-        self._state.pop(relpath, None)
-
     def _push(self, relpath: str, st: _State, due: float) -> None:
         # Heap entries whose due no longer matches the state are skipped as stale.
         st.due = due
