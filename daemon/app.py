@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.config import Config, HttpBackend
+from daemon.config import Config, DarwinBackend, HttpBackend, LabelboxBackend, NucleusBackend
 from daemon.ledger import DELETED, ITEM, AsyncLedger
 from daemon.media.transform import MediaSettings
 from daemon.model import Entry
@@ -37,6 +37,18 @@ def build_sink(config: Config) -> Sink:
         from daemon.sinks.http import HttpSink
 
         return HttpSink(backend.url, backend.token(), workers=config.workers)
+    if isinstance(backend, DarwinBackend):
+        from daemon.sinks.darwin import DarwinSink
+
+        return DarwinSink(backend, workers=config.workers)
+    if isinstance(backend, LabelboxBackend):
+        from daemon.sinks.labelbox import LabelboxSink
+
+        return LabelboxSink(backend, workers=config.workers)
+    if isinstance(backend, NucleusBackend):
+        from daemon.sinks.nucleus import NucleusSink
+
+        return NucleusSink(backend, workers=config.workers)
     return LocalSink(backend.path)
 
 

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from daemon.plan.metadata import check_sidecar_template, compile_path_pattern
@@ -190,8 +191,169 @@ class HttpBackend(_Strict):
         return None
 
 
-Backend = Annotated[LocalBackend | HttpBackend, Field(discriminator="kind")]
-AVAILABLE_BACKENDS = ("local", "http")
+class _PlatformBackend(_Strict):
+    """A labeling platform. The API key comes from the environment or a file, never
+    from this file, and is never logged."""
+
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding the API key"
+    )
+    api_key_file: Path | None = Field(default=None, description="file holding the API key")
+    base_url: str | None = Field(
+        default=None, description="the platform's API root (default: the public service)"
+    )
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="client-side request budget (default: the platform's)"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        if parts.username or parts.password:
+            raise ValueError("put no credentials in the URL; use api_key_env or api_key_file")
+        return v.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if (
+            v is not None
+            and (info.context or {}).get("check_paths", True)
+            and not os.environ.get(v)
+        ):
+            raise ValueError(f"environment variable {v} is not set (it must hold the API key)")
+        return v
+
+    @field_validator("api_key_file", mode="after")
+    @classmethod
+    def _key_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return v
+        v = _resolve_path(v, info)
+        if (info.context or {}).get("check_paths", True) and not os.access(v, os.R_OK):
+            raise ValueError(f"{v} does not exist or is not readable")
+        return v
+
+    def api_key(self) -> str:
+        if self.api_key_file is not None:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        elif self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env, "").strip()
+        else:
+            key = ""
+        if not key:
+            raise ValueError("no API key: set api_key_env or api_key_file")
+        return key
+
+
+class DarwinBackend(_PlatformBackend):
+    """V7 Darwin (see ../shared/platforms.md)."""
+
+    kind: Literal["darwin"]
+    team: str = Field(description="the team slug")
+    storage_slug: str | None = Field(
+        default=None, description="external storage name, for transfer: register"
+    )
+    replace: Literal["archive", "delete"] = Field(
+        default="archive", description="what happens to the old item when its content changes"
+    )
+
+
+class LabelboxBackend(_PlatformBackend):
+    """Labelbox (see ../shared/platforms.md)."""
+
+    kind: Literal["labelbox"]
+
+
+class NucleusBackend(_PlatformBackend):
+    """Scale Nucleus (see ../shared/platforms.md)."""
+
+    kind: Literal["nucleus"]
+
+
+Backend = Annotated[
+    LocalBackend | HttpBackend | DarwinBackend | LabelboxBackend | NucleusBackend,
+    Field(discriminator="kind"),
+]
+AVAILABLE_BACKENDS = ("local", "http", "darwin", "labelbox", "nucleus")
+
+
+class StatusConfig(_Strict):
+    listen: str | None = Field(
+        default="127.0.0.1:8751",
+        description="HOST:PORT, or unix:PATH (relative to state_dir), or null for none",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None or v.startswith("unix:"):
+            if v is not None and len(v) <= len("unix:"):
+                raise ValueError("unix: needs a socket path, e.g. unix:ingestd.sock")
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{v!r} is not HOST:PORT (e.g. 127.0.0.1:8751) or unix:PATH")
+        return v
+
+
+class SourceOptions(_Strict):
+    """Bucket connection settings. Credentials come from each cloud's standard chain
+    (environment, profile, workload identity), never from this file."""
+
+    endpoint: str | None = Field(
+        default=None, description="S3-compatible stores (MinIO, Ceph) or an emulator"
+    )
+    region: str | None = None
+    allow_http: bool = False
+    anonymous: bool = False
+    account: str | None = Field(default=None, description="Azure storage account")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL such as http://127.0.0.1:9000")
+        if parts.username or parts.password:
+            raise ValueError("put no credentials in the URL; use the cloud's environment")
+        return v.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class BucketUrl:
+    scheme: Literal["s3", "gs", "az"]
+    bucket: str  # the bucket (S3, GCS) or container (Azure)
+    prefix: str  # '' or ends with '/'
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.prefix}"
+
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+
+
+def parse_bucket_url(url: str) -> BucketUrl:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("s3", "gs", "az"):
+        raise ValueError(
+            f"{url!r}: use s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+        )
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET_NAME.match(bucket):
+        raise ValueError(
+            f"{url!r}: {bucket!r} is not a valid bucket or container name "
+            "(3-63 lower-case letters, digits, '.', '-')"
+        )
+    prefix = prefix.strip("/")
+    return BucketUrl(scheme, bucket, prefix + "/" if prefix else "")  # type: ignore[arg-type]
 
 
 class MetadataConfig(_Strict):
@@ -283,7 +445,6 @@ class DicomConfig(_Strict):
 
 
 _WATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_BUCKET_SCHEMES = ("s3://", "gs://", "az://", "abfs://", "gcs://")
 
 
 def _normalise_dataset_path(v: str) -> str:
@@ -298,7 +459,17 @@ def _normalise_dataset_path(v: str) -> str:
 
 class Watch(_Strict):
     name: str = Field(description="unique; the key for status and reload diffs")
-    source: Path = Field(description="a local folder (relative to this file)")
+    source: str = Field(
+        description="a local folder (relative to this file), or s3://bucket/prefix, "
+        "gs://bucket/prefix, az://container/prefix"
+    )
+    source_options: SourceOptions = Field(default_factory=SourceOptions)
+    transfer: Literal["copy", "register"] | None = Field(
+        default=None,
+        description="buckets: register (reference the object URL; the default where the "
+        "backend takes remote URLs) or copy (move the bytes)",
+    )
+    poll_interval: Duration = Field(default=60.0, description="buckets: listing interval")
     dataset: str
     path: str = "/"
     preserve_folders: bool = True
@@ -326,24 +497,40 @@ class Watch(_Strict):
 
     @field_validator("source", mode="before")
     @classmethod
-    def _no_buckets(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.startswith(_BUCKET_SCHEMES):
-            raise ValueError(
-                f"{v!r}: bucket sources are not available in this version; use a local folder"
-            )
-        return v
+    def _source(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, Path):
+            v = str(v)
+        if not isinstance(v, str) or not v:
+            raise ValueError("must be a folder or a bucket URL")
+        if "://" in v:
+            return str(parse_bucket_url(v))
+        path = _resolve_path(Path(v), info)
+        if (info.context or {}).get("check_paths", True):
+            if not path.exists():
+                raise ValueError(f"folder {path} does not exist; create it or fix the path")
+            if not path.is_dir():
+                raise ValueError(f"{path} is not a folder")
+        return str(path)
 
-    @field_validator("source", mode="after")
-    @classmethod
-    def _source_exists(cls, v: Path, info: ValidationInfo) -> Path:
-        v = _resolve_path(v, info)
-        if not (info.context or {}).get("check_paths", True):
-            return v
-        if not v.exists():
-            raise ValueError(f"folder {v} does not exist; create it or fix the path")
-        if not v.is_dir():
-            raise ValueError(f"{v} is not a folder")
-        return v
+    @model_validator(mode="after")
+    def _bucket_only(self) -> Watch:
+        if self.bucket is None:
+            for key in ("source_options", "transfer", "poll_interval"):
+                if key in self.model_fields_set:
+                    raise ValueError(
+                        f"{key} applies to bucket sources only; {self.source} is a folder"
+                    )
+        return self
+
+    @property
+    def bucket(self) -> BucketUrl | None:
+        """The bucket prefix this watch polls, or None for a local folder."""
+        return parse_bucket_url(self.source) if "://" in self.source else None
+
+    @property
+    def folder(self) -> Path:
+        assert "://" not in self.source, "a bucket watch has no folder"
+        return Path(self.source)
 
     @field_validator("dataset")
     @classmethod
@@ -357,7 +544,7 @@ class Watch(_Strict):
     def _path(cls, v: str) -> str:
         return _normalise_dataset_path(v)
 
-    @field_validator("rescan")
+    @field_validator("rescan", "poll_interval")
     @classmethod
     def _rescan(cls, v: float) -> float:
         if v < 1:
@@ -380,6 +567,7 @@ class Watch(_Strict):
 class Config(_Strict):
     state_dir: Path = Path("var/state")
     log: LogConfig = Field(default_factory=LogConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
     workers: int = Field(default=8, ge=1, le=256)
     backend: Backend = Field(default_factory=lambda: LocalBackend(kind="local"))
     watches: list[Watch] = Field(default_factory=list)

@@ -8,6 +8,7 @@ without importing each other.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -129,16 +130,44 @@ class ItemPlan:
 # --- what a sink receives -------------------------------------------------------------
 
 
+# Opens a fresh stream of a file's bytes (one call per attempt): how a sink reads a
+# bucket object in `transfer: copy` mode without a local copy.
+Opener = Callable[[], AsyncIterator[bytes]]
+
+
 @dataclass(frozen=True, slots=True)
 class FilePayload:
-    """One file of a slot, ready to send: a local path to (re)open on every attempt."""
+    """One file of a slot, ready to send. Exactly one of three forms:
+
+    - local bytes: `local_path` set; the sink (re)opens it on every attempt;
+    - streamed bytes: `opener` set (a bucket object copied without a local copy);
+    - a remote reference: `url` set (`transfer: register`); no bytes move, and
+      `digest` is "" unless known; `etag` says which version of the object it is.
+
+    A sink that streams bytes checks them against `digest` and raises
+    SourceChangedError on a mismatch (the object changed after it was hashed)."""
 
     name: str
-    local_path: str  # absolute path; the sink opens it itself, once per attempt
+    local_path: str  # absolute path, or "" for streamed and remote files
     size: int
-    digest: str  # "sha256:<hex>" of the content as hashed by the prepare step
+    digest: str  # "sha256:<hex>" of the content as hashed by the prepare step, or ""
+    url: str | None = None
+    etag: str | None = None
+    opener: Opener | None = field(default=None, compare=False, repr=False)
+    content_type: str | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url is not None
 
     def manifest(self) -> dict[str, Any]:
+        if self.url is not None:
+            d: dict[str, Any] = {"name": self.name, "url": self.url, "size": self.size}
+            if self.etag:
+                d["etag"] = self.etag
+            if self.digest:
+                d["digest"] = self.digest
+            return d
         return {"name": self.name, "digest": self.digest, "size": self.size}
 
 

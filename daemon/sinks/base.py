@@ -7,10 +7,13 @@ step can test for them instead of guessing (rclone-backend style).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from daemon.model import ItemPayload
+import aiofiles
+
+from daemon.model import FilePayload, ItemPayload
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +29,30 @@ class PutResult:
     backend_id: str  # the backend's identity for the item (for later deletes/lookups)
     version: int  # the backend's version of the item after the put (1 when created)
     changed: bool  # False when the backend already held exactly this item
+
+
+async def read_chunks(f: FilePayload, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+    """The bytes of a local or streamed file, fresh on every call (one per attempt).
+    A remote reference (`f.url`) has no bytes here: the sink registers the URL."""
+    if f.opener is not None:
+        async for block in f.opener():
+            yield block
+        return
+    if not f.local_path:
+        raise ValueError(f"{f.name} is a remote reference ({f.url}); it has no local bytes")
+    async with aiofiles.open(f.local_path, "rb") as fh:
+        while block := await fh.read(chunk):
+            yield block
+
+
+@runtime_checkable
+class MetadataUpdater(Protocol):
+    """Optional (capabilities.metadata_update): change an item's metadata in place, for a
+    change that touches nothing but metadata (e.g. a sidecar edit)."""
+
+    async def update_metadata(
+        self, dataset: str, item: ItemPayload, backend_id: str | None
+    ) -> PutResult: ...
 
 
 @runtime_checkable

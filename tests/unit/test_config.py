@@ -71,7 +71,7 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     config = load_config(cfg)
     assert config.state_dir == tmp_path / "st"
     assert config.backend.path == tmp_path / "store"
-    assert config.watches[0].source == tmp_path / "drop"
+    assert config.watches[0].folder == tmp_path / "drop"
     assert config.watches[0].path == "/a/b"
     assert config.watches[0].settle == 2.0 and config.watches[0].rescan == 600.0
 
@@ -104,11 +104,40 @@ def test_every_problem_is_named_by_field(tmp_path: Path) -> None:
         assert field in text, f"{field!r} missing from:\n{text}"
 
 
-def test_bucket_sources_are_refused_clearly(tmp_path: Path) -> None:
+def test_bad_bucket_urls_are_refused_clearly(tmp_path: Path) -> None:
     (problem,) = _problems(
         {"watches": [{"name": "a", "source": "s3://b/p", "dataset": "d"}]}, tmp_path
     )
     assert problem.startswith("watches[0].source:") and "bucket" in problem
+    (problem,) = _problems(
+        {"watches": [{"name": "a", "source": "ftp://host/p", "dataset": "d"}]}, tmp_path
+    )
+    assert problem.startswith("watches[0].source:") and "s3://bucket/prefix" in problem
+
+
+def test_bucket_sources_parse_and_folder_only_keys_are_checked(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "watches": [
+                {
+                    "name": "a",
+                    "source": "s3://my-bucket//raw/cams/",
+                    "dataset": "d",
+                    "transfer": "copy",
+                    "poll_interval": "5s",
+                    "source_options": {"endpoint": "http://127.0.0.1:9000", "allow_http": True},
+                }
+            ]
+        },
+        tmp_path,
+    )
+    w = config.watches[0]
+    assert w.bucket is not None and (w.bucket.bucket, w.bucket.prefix) == ("my-bucket", "raw/cams/")
+    assert w.poll_interval == 5.0 and w.transfer == "copy"
+    (problem,) = _problems(
+        {"watches": [{"name": "a", "source": ".", "dataset": "d", "transfer": "copy"}]}, tmp_path
+    )
+    assert problem.startswith("watches[0]:") and "bucket sources only" in problem
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
