@@ -17,13 +17,12 @@ import structlog
 
 from daemon.config import Config, DarwinBackend, HttpBackend, LabelboxBackend, NucleusBackend
 from daemon.ledger import DELETED, ITEM, AsyncLedger
-from daemon.media.transform import MediaSettings
 from daemon.model import Entry
 from daemon.service import PidLock, install_signals
 from daemon.sinks.base import Sink
 from daemon.sinks.local import LocalSink
-from daemon.sync import Outcome, SyncPool, WatchSide
-from daemon.watch import WatchRunner
+from daemon.sync import Outcome, SyncPool, WatchSide, side_for
+from daemon.watch import WatchRunner, make_runner
 
 log = structlog.get_logger("ingestd")
 
@@ -63,15 +62,7 @@ def deid_key(config: Config) -> bytes | None:
 
 
 def _sides(config: Config, key: bytes | None) -> dict[str, WatchSide]:
-    return {
-        w.name: WatchSide(
-            str(w.source),
-            w.settle,
-            w.follow_symlinks,
-            MediaSettings(w.images, w.video, w.dicom, key if w.dicom.deidentify else None),
-        )
-        for w in config.watches
-    }
+    return {w.name: side_for(w, key) for w in config.watches}
 
 
 class App:
@@ -110,7 +101,7 @@ class App:
             spool_root=str(self.config.state_dir),
         )
         for w in self.config.watches:
-            self.runners[w.name] = WatchRunner(
+            self.runners[w.name] = make_runner(
                 w, self.ledger, self._wake_pool, observe=observe, deid_key=key
             )
 

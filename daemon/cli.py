@@ -16,6 +16,7 @@ from daemon.config import Config, ConfigError, HttpBackend, find_config, json_sc
 from daemon.errors import SyncError
 from daemon.ledger import LEDGER_FILE, Ledger
 from daemon.service import AlreadyRunning, running_pid
+from daemon.status import status_data
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -155,39 +156,9 @@ def _sync(args: argparse.Namespace) -> int:
     return asyncio.run(app.sync_once(Progress(tty=sys.stderr.isatty())))
 
 
-def _status_data(config: Config, path: Path) -> dict[str, Any]:
-    pid = running_pid(config.state_dir)
-    ledger = None
-    if (config.state_dir / LEDGER_FILE).exists():  # no ledger yet: nothing happened
-        ledger = Ledger(config.state_dir, readonly=True)
-    try:
-        counts = ledger.counts() if ledger else {}
-        problems = ledger.watch_problems() if ledger else {}
-        watches = [
-            {
-                "name": w.name,
-                "dataset": w.dataset,
-                "synced": counts[w.name].synced if w.name in counts else 0,
-                "pending": counts[w.name].pending if w.name in counts else 0,
-                "failed": counts[w.name].failed if w.name in counts else 0,
-                "last_errors": ledger.last_errors(w.name) if ledger else [],
-                "problem": problems.get(w.name),
-            }
-            for w in config.watches
-        ]
-    finally:
-        if ledger is not None:
-            ledger.close()
-    return {
-        "daemon": {"running": pid is not None, "pid": pid},
-        "config": {"path": str(path), "rejected": []},
-        "watches": watches,
-    }
-
-
 def _status(args: argparse.Namespace) -> int:
     config, path = _load(args, check_paths=False)
-    data = _status_data(config, path)
+    data = status_data(config, path)
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return EXIT_OK

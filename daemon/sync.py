@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from daemon.config import Watch
 from daemon.errors import Abandoned, MediaError, PermanentError, RetriableError, SourceChangedError
 from daemon.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
 from daemon.media.transform import MediaSettings, transform_slot, transforms
@@ -52,6 +53,14 @@ class WatchSide:
     settle: float
     follow_symlinks: bool
     media: MediaSettings | None = None  # None: send files as they are
+
+
+def side_for(watch: Watch, deid_key: bytes | None) -> WatchSide:
+    """What the workers need to know about one configured watch."""
+    media = MediaSettings(
+        watch.images, watch.video, watch.dicom, deid_key if watch.dicom.deidentify else None
+    )
+    return WatchSide(watch.source, watch.settle, watch.follow_symlinks, media)
 
 
 @dataclass(frozen=True, slots=True)

@@ -399,3 +399,15 @@ class WatchRunner:
             self._on_planned()
         if full_pass and await self.ledger.write(Ledger.op_set_problem(w.name, None, now)):
             self.log.info("watch healthy again")
+
+
+def make_runner(
+    watch: Watch,
+    ledger: AsyncLedger,
+    on_planned: Callable[[], None],
+    *,
+    observe: bool = True,
+    deid_key: bytes | None = None,
+) -> WatchRunner:
+    """The runner for one configured watch."""
+    return WatchRunner(watch, ledger, on_planned, observe=observe, deid_key=deid_key)
