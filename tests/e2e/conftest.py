@@ -55,6 +55,9 @@ class Env:
         data: dict[str, Any] = {
             "state_dir": str(self.state),
             "log": {"level": "debug", "format": "json"},
+            # Tests run daemons side by side: each control endpoint takes a free port
+            # (the daemon writes the one it got to state_dir/control.addr).
+            "status": {"listen": "127.0.0.1:0"},
             "workers": 4,
             "backend": {"kind": "local", "path": str(self.store)},
             "watches": [{"settle": "0.5s", "rescan": "10m", **w} for w in watches],
