@@ -16,7 +16,7 @@ from daemon.config import Config, ConfigError, HttpBackend, find_config, json_sc
 from daemon.errors import SyncError
 from daemon.ledger import LEDGER_FILE, Ledger
 from daemon.service import AlreadyRunning, running_pid
-from daemon.status import status_data
+from daemon.status import raw_watches, state_dir_of, status_data, status_report
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body", type=int, default=8 << 30, help="largest request body in bytes (8 GiB)"
     )
     p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    p = sub.add_parser("reload", help="ask the running daemon to re-read its config (SIGHUP)")
+    _config_arg(p)
     p = sub.add_parser("retry", help="queue failed items again")
     _config_arg(p)
     p.add_argument("watch", nargs="?")
@@ -109,6 +111,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _items(args)
     if cmd == "retry":
         return _retry(args)
+    if cmd == "reload":
+        return _reload(args)
     if cmd == "serve":
         return _serve(args)
     raise AssertionError(cmd)
@@ -157,14 +161,27 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config, path = _load(args, check_paths=False)
-    data = status_data(config, path)
+    path = find_config(args.config)
+    try:
+        config = load_config(path, check_paths=False)
+        data = status_data(config, path)
+    except ConfigError as e:
+        if not path.exists():
+            raise
+        # Status must work while the file on disk holds a refused edit: the running
+        # daemon reports the problems; without one, they are shown here.
+        data = status_report(state_dir_of(path), path, raw_watches(path))
+        if not data["daemon"]["running"]:
+            data["config"]["rejected"] = [{"field": p.field, "error": p.error} for p in e.problems]
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return EXIT_OK
     d = data["daemon"]
     print("daemon: " + (f"running (pid {d['pid']})" if d["running"] else "not running"))
     print(f"config: {data['config']['path']}")
+    for r in data["config"]["rejected"]:
+        where = f"{r['field']}: " if r["field"] else ""
+        print(f"  refused edit: {where}{r['error']}")
     for w in data["watches"]:
         print(
             f"{w['name']} → {w['dataset']}: {w['synced']} synced, {w['pending']} pending, "
@@ -246,6 +263,28 @@ def _retry(args: argparse.Namespace) -> int:
     if pid is not None:
         # The daemon polls the ledger anyway; the signal makes it re-plan failed files now.
         os.kill(pid, signal.SIGUSR1)
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace) -> int:
+    path = find_config(args.config)
+    problems: list[str] = []
+    try:
+        state_dir = load_config(path).state_dir
+    except ConfigError as e:
+        problems = [str(p) for p in e.problems]
+        state_dir = state_dir_of(path)
+    pid = running_pid(state_dir)
+    if pid is None:
+        print(f"no ingestd is running on state_dir {state_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked ingestd (pid {pid}) to reload {path}")
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        print("the daemon refuses this edit and keeps its current config", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -119,6 +119,7 @@ class Claim:
     attempts: int
     backend_id: str | None
     key_owner: tuple[str, str] | None = None  # another live item holding this key
+    planned_at: float = 0.0  # items.updated_at when claimed: planned, or its last retry set
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,11 +248,11 @@ class Ledger:
             only = f" AND watch IN ({','.join('?' * len(watches))})"
         cur = self.conn.execute(
             "SELECT watch, source_id, dataset, key, plan, desired_fp, synced_manifest, attempts,"
-            f" backend_id FROM items WHERE status='pending' AND next_attempt <= ?{only}"
+            f" backend_id, updated_at FROM items WHERE status='pending' AND next_attempt <= ?{only}"
             " ORDER BY next_attempt LIMIT ?",
             (now, *(watches or ()), limit + len(skip)),
         )
-        for w, sid, ds, key, plan, dfp, sm, att, bid in cur.fetchall():
+        for w, sid, ds, key, plan, dfp, sm, att, bid, at in cur.fetchall():
             if (w, sid) in skip:
                 continue
             out.append(
@@ -267,6 +268,7 @@ class Ledger:
                     bid,
                     # Checked here again because `ingestd retry` re-queues conflicted items.
                     self.key_owner(ds, key, w, sid) if plan else None,
+                    planned_at=at,
                 )
             )
             if len(out) >= limit:
@@ -498,14 +500,20 @@ class Ledger:
 
         return op
 
-    def retry(self, watch: str | None = None, now: float | None = None) -> int:
-        """Queue failed items again (ingestd retry). Items that failed while being planned
-        (a bad sidecar, a metadata type or key conflict) are forgotten with their entries,
-        so the next scan plans them afresh from the files and checks them again."""
+    def retry(
+        self, watch: str | None = None, now: float | None = None, source_id: str | None = None
+    ) -> int:
+        """Queue failed items again (ingestd retry; one item when `source_id` is given).
+        Items that failed while being planned (a bad sidecar, a metadata type or key
+        conflict) are forgotten with their entries, so the next scan plans them afresh
+        from the files and checks them again."""
         now = time.time() if now is None else now
         where = "status='failed'" + (" AND watch=?" if watch else "")
-        replan = f"{where} AND (plan IS NULL OR error_kind IN ('plan', 'metadata', 'conflict'))"
         args: tuple[Any, ...] = (watch,) if watch else ()
+        if source_id is not None:
+            where += " AND source_id=?"
+            args += (source_id,)
+        replan = f"{where} AND (plan IS NULL OR error_kind IN ('plan', 'metadata', 'conflict'))"
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             self.conn.execute(
@@ -705,3 +713,34 @@ class AsyncLedger:
         if self._ledger is not None:
             await self.call(self._ledger.close)
         self._executor.shutdown(wait=True)
+
+
+def op_switch_backend(identity: str, now: float) -> Callable[[sqlite3.Connection], int]:
+    """Record which backend the ledger's "synced" states refer to. When it differs from
+    the recorded one (the config now points at another store or platform), every live
+    item is queued again for the new backend; returns how many (0 when unchanged or on
+    the first run)."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        conn.execute("CREATE TABLE IF NOT EXISTS settings (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        row = conn.execute("SELECT v FROM settings WHERE k='backend'").fetchone()
+        conn.execute(
+            "INSERT INTO settings (k, v) VALUES ('backend', ?)"
+            " ON CONFLICT(k) DO UPDATE SET v=excluded.v",
+            (identity,),
+        )
+        if row is None or row[0] == identity:
+            return 0
+        cur = conn.execute(
+            "UPDATE items SET status=?, synced_manifest=NULL, synced_fp=NULL, backend_id=NULL,"
+            " attempts=0, next_attempt=0, last_error=NULL, error_kind=NULL, updated_at=?"
+            " WHERE plan IS NOT NULL AND (status=? OR (status=? AND error_kind='sink'))",
+            (PENDING, now, SYNCED, FAILED),
+        )
+        # Items deleted from the old backend have nothing to do on the new one.
+        conn.execute(
+            "UPDATE items SET synced_manifest=NULL, backend_id=NULL WHERE status=?", (DELETED,)
+        )
+        return cur.rowcount
+
+    return op

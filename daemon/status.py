@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from daemon.config import Config, Problem
 from daemon.ledger import LEDGER_FILE, Ledger
 from daemon.service import running_pid
@@ -34,24 +36,31 @@ def read_rejected(state_dir: Path) -> list[dict[str, str]]:
 
 
 def status_data(config: Config, path: Path) -> dict[str, Any]:
-    pid = running_pid(config.state_dir)
+    return status_report(config.state_dir, path, [(w.name, w.dataset) for w in config.watches])
+
+
+def status_report(
+    state_dir: Path, path: Path, watch_list: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """The status of these (watch, dataset) pairs, from the ledger under state_dir."""
+    pid = running_pid(state_dir)
     ledger = None
-    if (config.state_dir / LEDGER_FILE).exists():  # no ledger yet: nothing happened
-        ledger = Ledger(config.state_dir, readonly=True)
+    if (state_dir / LEDGER_FILE).exists():  # no ledger yet: nothing happened
+        ledger = Ledger(state_dir, readonly=True)
     try:
         counts = ledger.counts() if ledger else {}
         problems = ledger.watch_problems() if ledger else {}
         watches = [
             {
-                "name": w.name,
-                "dataset": w.dataset,
-                "synced": counts[w.name].synced if w.name in counts else 0,
-                "pending": counts[w.name].pending if w.name in counts else 0,
-                "failed": counts[w.name].failed if w.name in counts else 0,
-                "last_errors": ledger.last_errors(w.name) if ledger else [],
-                "problem": problems.get(w.name),
+                "name": name,
+                "dataset": dataset,
+                "synced": counts[name].synced if name in counts else 0,
+                "pending": counts[name].pending if name in counts else 0,
+                "failed": counts[name].failed if name in counts else 0,
+                "last_errors": ledger.last_errors(name) if ledger else [],
+                "problem": problems.get(name),
             }
-            for w in config.watches
+            for name, dataset in watch_list
         ]
     finally:
         if ledger is not None:
@@ -60,7 +69,33 @@ def status_data(config: Config, path: Path) -> dict[str, Any]:
         "daemon": {"running": pid is not None, "pid": pid},
         "config": {
             "path": str(path),
-            "rejected": read_rejected(config.state_dir) if pid is not None else [],
+            "rejected": read_rejected(state_dir) if pid is not None else [],
         },
         "watches": watches,
     }
+
+
+def raw_watches(path: Path) -> list[tuple[str, str]]:
+    """(name, dataset) of each watch in a config file that does not validate, read
+    leniently, so `status` still reports what it can next to the problems."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    watches = data.get("watches") if isinstance(data, dict) else None
+    out = []
+    for w in watches if isinstance(watches, list) else []:
+        if isinstance(w, dict) and isinstance(w.get("name"), str):
+            out.append((w["name"], str(w.get("dataset", ""))))
+    return out
+
+
+def state_dir_of(path: Path) -> Path:
+    """The state_dir a config file names, even when the rest of it is invalid."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = data.get("state_dir", "var/state") if isinstance(data, dict) else "var/state"
+    except (OSError, yaml.YAMLError):
+        raw = "var/state"
+    state = Path(os.path.expanduser(str(raw)))
+    return state if state.is_absolute() else Path(path).resolve().parent / state

@@ -227,6 +227,21 @@ class SyncPool:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    def replace_sink(self, sink: Sink) -> Sink:
+        """Send new work to `sink` from now on (a reload changed the backend). Items in
+        flight finish on the old sink, which is returned with `drain()` to await before
+        closing it."""
+        old, self.sink = self.sink, sink
+        self._datasets_ready.clear()
+        self.wake()
+        return old
+
+    async def drain(self) -> None:
+        """Wait for the items in flight now (not for ones claimed later)."""
+        tasks = list(self._inflight.values())
+        if tasks:
+            await asyncio.wait(tasks)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -310,7 +325,9 @@ class SyncPool:
     async def _sync_one(self, claim: Claim) -> tuple[Outcome, LedgerOp]:
         """Do the work for one claim; return its outcome and the ledger op recording it."""
         bound = log.bind(watch=claim.watch, item=claim.key)
-        side = self.watches[claim.watch]
+        side = self.watches.get(claim.watch)
+        if side is None:  # a reload removed the watch after the claim: leave the row be
+            return Outcome(claim, "abandoned"), _retry_op(claim, None, 0.0, count=False)
         now = time.time
         try:
             if claim.plan is None:

@@ -75,6 +75,7 @@ class WatchRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self.scans = 0
         self.overflows = 0
+        self.files_seen = 0  # entries the source reported: scanned files and file events
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -136,6 +137,7 @@ class WatchRunner:
             return
         if not self.filter.accepts(rel):
             return
+        self.files_seen += 1
         m = self.planner.membership(rel)
         if m.kind == "marker" and kind != "gone":
             # The writer says the folder is complete: no need to wait for it to settle.
@@ -223,6 +225,7 @@ class WatchRunner:
             conn.close()
 
     def _hint_scanned(self, chunk: list[Entry]) -> None:
+        self.files_seen += len(chunk)
         for e in chunk:
             self.settler.hint(e.relpath, stat=(e.size, e.mtime_ns))
 
