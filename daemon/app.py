@@ -33,7 +33,7 @@ from daemon.config import (
 from daemon.config_watch import ConfigWatcher, content_digest
 from daemon.ledger import DELETED, ITEM, AsyncLedger, op_switch_backend
 from daemon.model import Entry
-from daemon.service import PidLock, install_signals
+from daemon.service import Notifier, PidLock, install_signals, watchdog_loop
 from daemon.sinks.base import Sink
 from daemon.sinks.local import LocalSink
 from daemon.status import status_data, write_rejected
@@ -81,18 +81,6 @@ def deid_key(config: Config) -> bytes | None:
     return load_or_create_key(str(config.state_dir))
 
 
-def _notifier() -> Any:
-    try:  # TEMPORARY until the notifier lands (lead removes this fallback)
-        from daemon.service import Notifier
-    except ImportError:
-
-        class Notifier:  # type: ignore[no-redef]
-            def __getattr__(self, name: str) -> Any:
-                return lambda *a, **k: None
-
-    return Notifier()
-
-
 def _sides(config: Config, key: bytes | None) -> dict[str, WatchSide]:
     return {w.name: side_for(w, key) for w in config.watches}
 
@@ -117,8 +105,9 @@ class App:
         self._reload_lock = asyncio.Lock()
         self._reload_wanted = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
-        self.notifier = _notifier()
+        self.notifier = Notifier()
         self.control: ControlServer | None = None
+        self._pool_task: asyncio.Task[None] | None = None
         self.config_watcher: ConfigWatcher | None = None
 
     def _wake_pool(self) -> None:
@@ -220,7 +209,7 @@ class App:
             install_signals(loop, self._stop.set, self._rescan_all, self.request_reload)
             await self._open(observe=True, on_outcome=None)
             assert self.pool is not None
-            pool_task = asyncio.create_task(self.pool.run(), name="sync-pool")
+            self._pool_task = pool_task = asyncio.create_task(self.pool.run(), name="sync-pool")
             await asyncio.to_thread(write_rejected, self.config.state_dir, [])
             await self._start_control()
             log.info(
@@ -239,7 +228,7 @@ class App:
             await self._watch_config_file()
             self._spawn(self._reload_loop(), "reload")
             self._spawn(self._status_loop(), "notify-status")
-            self._spawn(self._watchdog(), "watchdog")
+            self._spawn(watchdog_loop(self.notifier, self._healthy), "watchdog")
             await self._stop.wait()
             self.notifier.stopping()
             log.info("stopping: finishing in-flight uploads")
@@ -258,13 +247,11 @@ class App:
         finally:
             lock.release()
 
-    async def _watchdog(self) -> None:
-        try:  # TEMPORARY until the notifier lands
-            from daemon.service import watchdog_loop
-        except ImportError:
-            return
-
-        await watchdog_loop(self.notifier, lambda: not self._stop.is_set())
+    def _healthy(self) -> bool:
+        """Worth a watchdog ping: not stopping, and the sync pool is still running."""
+        return (
+            not self._stop.is_set() and self._pool_task is not None and not self._pool_task.done()
+        )
 
     def _rescan_all(self) -> None:
         log.info("rescan requested")
