@@ -48,7 +48,10 @@ async def read_chunks(f: FilePayload, chunk: int = 1 << 20) -> AsyncIterator[byt
 @runtime_checkable
 class MetadataUpdater(Protocol):
     """Optional (capabilities.metadata_update): change an item's metadata in place, for a
-    change that touches nothing but metadata (e.g. a sidecar edit)."""
+    change that touches nothing but metadata (e.g. a sidecar edit). The sync step calls
+    it only for an item this sink already holds (`backend_id` is what put_item returned)
+    and hands an ItemPayload whose `slots` are empty: use its path, name and metadata.
+    The new metadata replaces the old (keys absent from it are removed)."""
 
     async def update_metadata(
         self, dataset: str, item: ItemPayload, backend_id: str | None
