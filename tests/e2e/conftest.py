@@ -98,15 +98,23 @@ class Env:
     def watch_status(self, name: str = "w") -> dict[str, Any]:
         return next(w for w in self.status()["watches"] if w["name"] == name)
 
-    def start(self, **popen: Any) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        *,
+        extra_env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        **popen: Any,
+    ) -> subprocess.Popen[bytes]:
+        """`extra_env` adds to the daemon's environment (e.g. NOTIFY_SOCKET); `prefix` is
+        a wrapper command the daemon's command line is appended to (e.g. a sandbox)."""
         assert self.daemon is None or self.daemon.poll() is not None, "daemon already running"
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.daemon = subprocess.Popen(
-            [*INGESTD, "run", "-c", str(self.config_path)],
+            [*(prefix or []), *INGESTD, "run", "-c", str(self.config_path)],
             cwd=REPO,
             stdout=log,
             stderr=log,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})},
             **popen,
         )
         wait_for(lambda: self._started(), 30, what="the daemon to log 'ingestd started'")
