@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon import logs
+from daemon.bucket_watch import BucketWatchRunner
 from daemon.config import (
     Config,
     ConfigDiff,
@@ -36,6 +37,7 @@ from daemon.model import Entry
 from daemon.service import Notifier, PidLock, install_signals, watchdog_loop
 from daemon.sinks.base import Sink
 from daemon.sinks.local import LocalSink
+from daemon.sources.objects import BucketError
 from daemon.status import status_data, write_rejected
 from daemon.sync import Outcome, SyncPool, WatchSide, side_for
 from daemon.watch import WatchRunner, make_runner
@@ -480,8 +482,11 @@ class App:
             lines: list[str] = []
             try:
                 for w in self.config.watches:
-                    runner = WatchRunner(w, self.ledger, lambda: None, observe=False)
-                    lines += await _dry_run_watch(runner, self.ledger)
+                    runner = make_runner(w, self.ledger, lambda: None, observe=False)
+                    try:
+                        lines += await _dry_run_watch(runner, self.ledger)
+                    finally:
+                        await runner.stop()
             finally:
                 await self.ledger.close()
             return lines
@@ -490,9 +495,16 @@ class App:
 async def _dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
     w = runner.watch
     found: list[Entry] = []
-    result = await asyncio.to_thread(runner._scan_blocking, "", found.extend)
-    if result.root_missing:
-        return [f"error   {w.name}: source folder {w.source} is missing"]
+    if isinstance(runner, BucketWatchRunner):
+        try:
+            found, gone = await runner.listing_changes()
+        except BucketError as e:
+            return [f"error   {w.name}: {e.message}"]
+    else:
+        result = await asyncio.to_thread(runner._scan_blocking, "", found.extend)
+        if result.root_missing:
+            return [f"error   {w.name}: source folder {w.source} is missing"]
+        gone = result.gone
     loose: list[Entry] = []
     groups: set[str] = set()
     for e in found:
@@ -513,7 +525,7 @@ async def _dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
             lines.append(f"create  {w.dataset} {p.plan.key}")
         elif row["desired_fp"] != p.plan.fingerprint or row["status"] == "pending":
             lines.append(f"update  {w.dataset} {p.plan.key}")
-    known = await ledger.call(ledger.sync.known_items, w.name, sorted(result.gone))
+    known = await ledger.call(ledger.sync.known_items, w.name, sorted(gone))
     total = await ledger.call(ledger.sync.live_count, w.name)
     gone_items = [rel for rel, role in known if role == ITEM]
     if known and not w.max_delete.allows(len(known), total):

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS entries (
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     role TEXT NOT NULL,
+    etag TEXT,
     PRIMARY KEY (watch, relpath)
 ) WITHOUT ROWID;
 DROP INDEX IF EXISTS entries_parent;
@@ -101,8 +102,21 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a ledger written by an older version up to the current schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+    if "etag" not in columns:
+        # Bucket objects are compared by ETag; local entries leave it NULL.
+        try:
+            conn.execute("ALTER TABLE entries ADD COLUMN etag TEXT")
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):  # another process migrated it just now
+                raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +225,24 @@ class Ledger:
                 (watch, *chunk),
             ).fetchall()
         return out
+
+    def entries_between(
+        self, watch: str, after: str | None, upto: str | None
+    ) -> dict[str, tuple[int, int, str | None]]:
+        """relpath → (size, mtime_ns, etag) of the entries with after < relpath <= upto
+        (None: unbounded), in key order: one page of a bucket listing's diff."""
+        where, args = "watch=?", [watch]
+        if after is not None:
+            where += " AND relpath > ?"
+            args.append(after)
+        if upto is not None:
+            where += " AND relpath <= ?"
+            args.append(upto)
+        rows = self.conn.execute(
+            f"SELECT relpath, size, mtime_ns, etag FROM entries WHERE {where} ORDER BY relpath",
+            args,
+        )
+        return {rel: (size, mtime, etag) for rel, size, mtime, etag in rows}
 
     def group_items(self, watch: str, group_dir: str) -> list[str]:
         """Live items planned from a group folder (one, or one per series)."""
@@ -577,10 +609,11 @@ def _put_entries(
     conn: sqlite3.Connection, watch: str, entries: Sequence[tuple[Entry, str]]
 ) -> None:
     conn.executemany(
-        "INSERT INTO entries (watch, relpath, parent, size, mtime_ns, role) VALUES (?, ?, ?, ?, ?, ?)"
+        "INSERT INTO entries (watch, relpath, parent, size, mtime_ns, role, etag)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (watch, relpath) DO UPDATE SET size=excluded.size,"
-        " mtime_ns=excluded.mtime_ns, role=excluded.role",
-        [(watch, e.relpath, e.parent, e.size, e.mtime_ns, role) for e, role in entries],
+        " mtime_ns=excluded.mtime_ns, role=excluded.role, etag=excluded.etag",
+        [(watch, e.relpath, e.parent, e.size, e.mtime_ns, role, e.etag) for e, role in entries],
     )
 
 

@@ -17,11 +17,13 @@ SlotType = Literal["image", "video", "frames", "dicom", "file"]
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One file as a source reports it. `relpath` uses `/` and is relative to the watch root."""
+    """One file as a source reports it. `relpath` uses `/` and is relative to the watch root.
+    Bucket objects also carry their ETag (None for local files)."""
 
     relpath: str
     size: int
     mtime_ns: int
+    etag: str | None = None
 
     @property
     def name(self) -> str:
@@ -41,18 +43,22 @@ class PlannedFile:
     relpath: str  # source path relative to the watch root
     size: int
     mtime_ns: int
+    etag: str | None = None  # bucket objects: the version planned (pins reads, keys content)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "relpath": self.relpath,
             "size": self.size,
             "mtime_ns": self.mtime_ns,
         }
+        if self.etag is not None:  # absent for local files: their fingerprints stay as they were
+            d["etag"] = self.etag
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PlannedFile:
-        return cls(d["name"], d["relpath"], int(d["size"]), int(d["mtime_ns"]))
+        return cls(d["name"], d["relpath"], int(d["size"]), int(d["mtime_ns"]), d.get("etag"))
 
 
 @dataclass(frozen=True, slots=True)

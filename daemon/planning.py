@@ -1,6 +1,10 @@
 """Reads what the pure planner needs (sidecars, image sizes, DICOM headers, a group
 folder's listing) and hands it to plan/. Blocking: the watch runner calls it in a
-thread. Kept apart from plan/ so that plan/ stays pure and exhaustively testable."""
+thread. Kept apart from plan/ so that plan/ stays pure and exhaustively testable.
+
+Every read goes through a `SourceFiles` object: `LocalFiles` for folders (plain os
+calls), and the bucket runner's implementation for object stores (range reads and
+prefix listings), so one planner serves both kinds of watch."""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from stat import S_ISREG
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from daemon.config import Watch
 from daemon.errors import MediaError
 from daemon.ledger import ITEM, MEMBER, SIDECAR
 from daemon.media.detect import slot_type_for, sniff
-from daemon.model import Entry, ItemPlan, item_key
+from daemon.model import Entry, ItemPlan, SlotType, item_key
 from daemon.plan.fingerprint import fingerprint
 from daemon.plan.groups import GroupMembership, group_of, group_sidecar_relpath, plan_group
 from daemon.plan.layout import PlanError, dataset_folder, plan_file
@@ -26,7 +31,14 @@ from daemon.plan.metadata import (
 )
 from daemon.sources.filters import PathFilter
 
+if TYPE_CHECKING:
+    from daemon.media.dicom import DicomHeader
+
 MAX_SIDECAR_BYTES = 1 << 20
+
+# What `SourceFiles.stat` says about a path that exists but is not a regular file (a
+# folder, or a key prefix in a bucket).
+NOT_A_FILE = "not-a-file"
 
 
 @dataclass(slots=True)
@@ -72,6 +84,112 @@ class WatchFilter:
         return self.base.prunes_dir(reldir)
 
 
+class SourceFiles(Protocol):
+    """The planner's access to a watch's files (blocking; called from a planning thread).
+    Paths are relative to the watch root and use '/'."""
+
+    def read_sidecar(self, relpath: str) -> tuple[Sidecar, Entry] | None:
+        """The parsed sidecar and its entry as the ledger records it; None when absent."""
+        ...
+
+    def sniff(self, relpath: str) -> SlotType | None:
+        """The type the first bytes announce (None: unknown or unreadable)."""
+        ...
+
+    def image_size(self, relpath: str) -> tuple[int, int]:
+        """Displayed (width, height) from the header; MediaError when unreadable."""
+        ...
+
+    def dicom_header(self, relpath: str, keywords: Sequence[str]) -> DicomHeader:
+        """The DICOM header without pixels; MediaError when it is not one."""
+        ...
+
+    def names(self, parent: str, start: str) -> set[str] | None:
+        """Names (files and folders) directly inside folder `parent` that start with
+        `start`; None when the folder cannot be listed."""
+        ...
+
+    def stat(self, relpath: str) -> Entry | Literal["not-a-file"] | None:
+        """The entry of a regular file, NOT_A_FILE for anything else that exists."""
+        ...
+
+    def list_files(self, reldir: str) -> list[Entry]:
+        """The regular files directly inside folder `reldir` ([] when it is gone)."""
+        ...
+
+
+class LocalFiles:
+    """A local folder through os calls."""
+
+    def __init__(self, root: str, follow_symlinks: bool) -> None:
+        self.root = root
+        self.follow_symlinks = follow_symlinks
+
+    def _path(self, relpath: str) -> str:
+        return os.path.join(self.root, relpath) if relpath else self.root
+
+    def read_sidecar(self, relpath: str) -> tuple[Sidecar, Entry] | None:
+        sidecar = read_sidecar(self.root, relpath)
+        if sidecar is None:
+            return None
+        return sidecar, Entry(relpath, sidecar.size, sidecar.mtime_ns)
+
+    def sniff(self, relpath: str) -> SlotType | None:
+        return sniff(self._path(relpath))
+
+    def image_size(self, relpath: str) -> tuple[int, int]:
+        from daemon.media.images import image_size
+
+        return image_size(self._path(relpath))
+
+    def dicom_header(self, relpath: str, keywords: Sequence[str]) -> DicomHeader:
+        from daemon.media.dicom import read_header
+
+        return read_header(self._path(relpath), keywords)
+
+    def names(self, parent: str, start: str) -> set[str] | None:
+        try:
+            return {n for n in os.listdir(self._path(parent)) if n.startswith(start)}
+        except OSError:
+            return None
+
+    def stat(self, relpath: str) -> Entry | Literal["not-a-file"] | None:
+        try:
+            st = os.stat(self._path(relpath), follow_symlinks=self.follow_symlinks)
+        except OSError:
+            return None
+        if S_ISREG(st.st_mode):
+            return Entry(relpath, st.st_size, st.st_mtime_ns)
+        return NOT_A_FILE
+
+    def list_files(self, reldir: str) -> list[Entry]:
+        out = []
+        try:
+            with os.scandir(self._path(reldir)) as it:
+                for de in it:
+                    try:
+                        if not de.is_file(follow_symlinks=self.follow_symlinks):
+                            continue
+                        st = de.stat(follow_symlinks=self.follow_symlinks)
+                    except OSError:
+                        continue
+                    out.append(Entry(_join(reldir, de.name), st.st_size, st.st_mtime_ns))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return out
+
+
+def sidecar_name_start(template: str, sidecar: str) -> str:
+    """What the names of a sidecar's targets start with (the {name} or {stem} value), so
+    that a bucket lists only those keys; "" when the template is too unusual to tell."""
+    for placeholder, other in (("{name}", "{stem}"), ("{stem}", "{name}")):
+        if template.count(placeholder) == 1 and other not in template:
+            prefix, _, suffix = template.partition(placeholder)
+            if sidecar.startswith(prefix) and sidecar.endswith(suffix):
+                return sidecar[len(prefix) : len(sidecar) - len(suffix)]
+    return ""
+
+
 def read_sidecar(root: str, relpath: str) -> Sidecar | None:
     """Stat and parse a sidecar file; None when there is none."""
     path = os.path.join(root, relpath)
@@ -94,11 +212,16 @@ def _join(parent: str, name: str) -> str:
 
 class Planner:
     def __init__(
-        self, watch: Watch, path_filter: WatchFilter, deid_key: bytes | None = None
+        self,
+        watch: Watch,
+        path_filter: WatchFilter,
+        deid_key: bytes | None = None,
+        files: SourceFiles | None = None,
     ) -> None:
         self.watch = watch
         self.root = str(watch.source)
         self.filter = path_filter
+        self.files: SourceFiles = files or LocalFiles(self.root, watch.follow_symlinks)
         # With de-identification on, names and metadata come from the header as the
         # de-identified copy will have it, so no patient data leaks through them.
         self.deid_key = deid_key if watch.dicom.deidentify else None
@@ -118,13 +241,14 @@ class Planner:
         template = w.metadata.sidecar
         if template is not None:
             rel = _join(entry.parent, sidecar_name(template, entry.name))
-            sidecar = read_sidecar(self.root, rel)
-            if sidecar is not None:
-                entries.append((Entry(rel, sidecar.size, sidecar.mtime_ns), SIDECAR))
+            found = self.files.read_sidecar(rel)
+            if found is not None:
+                sidecar = found[0]
+                entries.append((found[1], SIDECAR))
         key = item_key(dataset_folder(w.path, w.preserve_folders, entry.parent), entry.name)
         sniffed = None
         if slot_type_for(entry.name) == "file":
-            sniffed = sniff(os.path.join(self.root, entry.relpath))
+            sniffed = self.files.sniff(entry.relpath)
         try:
             plan = plan_file(w, entry, sidecar, sniffed)
         except PlanError as e:
@@ -187,22 +311,18 @@ class Planner:
         template = self.watch.metadata.sidecar
         assert template is not None
         parent, _, name = sidecar_rel.rpartition("/")
-        try:
-            siblings = set(os.listdir(os.path.join(self.root, parent) if parent else self.root))
-        except OSError:
+        siblings = self.files.names(parent, sidecar_name_start(template, name))
+        if siblings is None:
             return [], set()
         files, dirs = [], set()
         for target in sidecar_targets(template, name, siblings):
             rel = _join(parent, target)
-            try:
-                st = os.stat(
-                    os.path.join(self.root, rel), follow_symlinks=self.watch.follow_symlinks
-                )
-            except OSError:
+            found = self.files.stat(rel)
+            if found is None:
                 continue
-            if S_ISREG(st.st_mode):
+            if isinstance(found, Entry):
                 if self.filter.accepts(rel) and self.membership(rel).kind == "loose":
-                    files.append(Entry(rel, st.st_size, st.st_mtime_ns))
+                    files.append(found)
             elif self.membership(rel + "/x").kind == "member":
                 dirs.add(rel)
         return files, dirs
@@ -211,22 +331,7 @@ class Planner:
 
     def list_group(self, group_dir: str) -> list[Entry]:
         """The files directly inside a group folder that the watch takes."""
-        out = []
-        try:
-            with os.scandir(os.path.join(self.root, group_dir)) as it:
-                for de in it:
-                    rel = _join(group_dir, de.name)
-                    try:
-                        if not de.is_file(follow_symlinks=self.watch.follow_symlinks):
-                            continue
-                        st = de.stat(follow_symlinks=self.watch.follow_symlinks)
-                    except OSError:
-                        continue
-                    if self.filter.accepts(rel):
-                        out.append(Entry(rel, st.st_size, st.st_mtime_ns))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return out
+        return [e for e in self.files.list_files(group_dir) if self.filter.accepts(e.relpath)]
 
     def plan_group(self, group_dir: str) -> list[Planned]:
         w = self.watch
@@ -239,9 +344,10 @@ class Planner:
         sidecar = None
         side_rel = group_sidecar_relpath(w, group_dir)
         if side_rel is not None:
-            sidecar = read_sidecar(self.root, side_rel)
-            if sidecar is not None:
-                entries.append((Entry(side_rel, sidecar.size, sidecar.mtime_ns), SIDECAR))
+            found = self.files.read_sidecar(side_rel)
+            if found is not None:
+                sidecar = found[0]
+                entries.append((found[1], SIDECAR))
         try:
             sizes = self._sizes(members) if group.mode == "channels" else None
             # Outside series mode headers only tell extension-less DICOM files apart.
@@ -257,31 +363,28 @@ class Planner:
         return [Planned(p.source_id, p.key, p, None, entries) for p in plans]
 
     def _sizes(self, members: Sequence[Entry]) -> dict[str, tuple[int, int]]:
-        from daemon.media.images import image_size
-
         sizes = {}
         for e in members:
             if slot_type_for(e.name) == "image":
-                sizes[e.relpath] = image_size(os.path.join(self.root, e.relpath))
+                sizes[e.relpath] = self.files.image_size(e.relpath)
         return sizes
 
     def _sniffed_dicom(self, members: Sequence[Entry]) -> list[Entry]:
         return [
             e
             for e in members
-            if slot_type_for(e.name) == "file"
-            and sniff(os.path.join(self.root, e.relpath)) == "dicom"
+            if slot_type_for(e.name) == "file" and self.files.sniff(e.relpath) == "dicom"
         ]
 
     def _headers(self, members: Sequence[Entry]) -> dict[str, object]:
-        from daemon.media.dicom import deidentify_header, read_header
+        from daemon.media.dicom import deidentify_header
 
         headers: dict[str, object] = {}
         for e in members:
             if slot_type_for(e.name) not in ("dicom", "file"):
                 continue
             try:
-                h = read_header(os.path.join(self.root, e.relpath), self.watch.dicom.tags)
+                h = self.files.dicom_header(e.relpath, self.watch.dicom.tags)
             except MediaError:
                 continue  # the planner fails the group if a .dcm file has no header
             headers[e.relpath] = deidentify_header(h, self.deid_key) if self.deid_key else h

@@ -15,19 +15,30 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
 from daemon.config import Watch
-from daemon.errors import Abandoned, MediaError, PermanentError, RetriableError, SourceChangedError
+from daemon.errors import (
+    Abandoned,
+    MediaError,
+    PermanentError,
+    RetriableError,
+    SourceChangedError,
+    SyncError,
+)
 from daemon.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
+from daemon.media.detect import type_of_prefix
 from daemon.media.transform import MediaSettings, transform_slot, transforms
-from daemon.model import FilePayload, ItemPayload, ItemPlan, SlotPayload
+from daemon.model import FilePayload, ItemPayload, ItemPlan, PlannedFile, PlannedSlot, SlotPayload
 from daemon.plan.fingerprint import fingerprint
 from daemon.sinks.base import Sink
+from daemon.sources.bucket_poll import StoreHandle
+from daemon.sources.objects import BucketError, ObjectChanged, ObjectStore
 
 log = structlog.get_logger("ingestd.sync")
 
@@ -45,14 +56,24 @@ def backoff_delay(attempts: int, retry_after: float | None = None) -> float:
     return delay
 
 
+Transfer = Literal["copy", "register"]
+
+
 @dataclass(frozen=True, slots=True)
 class WatchSide:
     """What a worker needs to know about the watch an item came from."""
 
-    root: str
+    root: str  # a folder, or the bucket URL
     settle: float
     follow_symlinks: bool
     media: MediaSettings | None = None  # None: send files as they are
+    store: StoreHandle | None = None  # bucket watches: where the objects are read
+    # Bucket watches: None follows the sink (register where it takes remote URLs).
+    transfer: Transfer | None = None
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
 
 
 def side_for(watch: Watch, deid_key: bytes | None) -> WatchSide:
@@ -60,7 +81,11 @@ def side_for(watch: Watch, deid_key: bytes | None) -> WatchSide:
     media = MediaSettings(
         watch.images, watch.video, watch.dicom, deid_key if watch.dicom.deidentify else None
     )
-    return WatchSide(watch.source, watch.settle, watch.follow_symlinks, media)
+    url = watch.bucket
+    if url is None:
+        return WatchSide(watch.source, watch.settle, watch.follow_symlinks, media)
+    store = StoreHandle(url, watch.source_options)
+    return WatchSide(str(url), watch.settle, False, media, store, watch.transfer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +113,17 @@ def hash_sources(
     ]
     media = side.media.identity() if side.media is not None else None
     # Content, not stat: a touch changes mtime but must not count as a change.
-    shape = [
+    return fingerprint([_shape(plan), digests, media]), digests
+
+
+def _shape(plan: ItemPlan) -> list[object]:
+    """Everything about an item but its files' bytes."""
+    return [
         plan.path,
         plan.name,
         plan.metadata,
         [[s.name, s.type, s.extra, [f.name for f in s.files]] for s in plan.slots],
     ]
-    return fingerprint([shape, digests, media]), digests
 
 
 def build_payload(
@@ -289,6 +318,16 @@ class SyncPool:
             if pending:
                 await asyncio.wait(pending, timeout=2)
         self._media_pool.shutdown(wait=False, cancel_futures=True)
+        for side in self.watches.values():
+            with contextlib.suppress(Exception):
+                await side.close()
+
+    def transfer(self, side: WatchSide) -> Transfer:
+        """How a bucket watch's items move: as configured, else by what the sink takes
+        (asked per item, so a reload that switches the backend switches this too)."""
+        if side.transfer is not None:
+            return side.transfer
+        return "register" if self.sink.capabilities.remote_urls else "copy"
 
     def _spool_for(self, claim: Claim) -> str:
         tag = hashlib.sha256(f"{claim.watch}\0{claim.source_id}".encode()).hexdigest()[:24]
@@ -334,9 +373,7 @@ class SyncPool:
                 return await self._delete(claim, bound)
             if claim.key_owner is not None:
                 raise _Conflict(key_conflict_reason(claim.key, claim.source_id, claim.key_owner))
-            source_key, digests = await asyncio.to_thread(
-                hash_sources, side, claim.plan, self._stop_event
-            )
+            source_key, digests = await self._source_key(side, claim.plan)
             synced = claim.synced_manifest
             if synced is not None and synced.get("source_key") == source_key:
                 # touched, or re-planned with identical content: nothing to send
@@ -344,25 +381,10 @@ class SyncPool:
                 op = Ledger.op_synced(claim, synced, claim.backend_id, now())
                 return Outcome(claim, "unchanged"), op
             spool = self._spool_for(claim)
-            spooled = False
+            media = side.media
+            spooled = media is not None and any(transforms(s.type, media) for s in claim.plan.slots)
             try:
-                media = side.media
-                spooled = media is not None and any(
-                    transforms(s.type, media) for s in claim.plan.slots
-                )
-                if spooled:
-                    loop = asyncio.get_running_loop()
-                    payload = await loop.run_in_executor(
-                        self._media_pool,
-                        build_payload,
-                        side,
-                        claim.plan,
-                        digests,
-                        spool,
-                        self._stop_event,
-                    )
-                else:  # nothing to derive: no thread hop, no spool
-                    payload = build_payload(side, claim.plan, digests, spool)
+                payload = await self._payload(side, claim.plan, digests, spool, spooled)
                 if claim.dataset not in self._datasets_ready:
                     await self.sink.ensure_dataset(claim.dataset)
                     self._datasets_ready.add(claim.dataset)
@@ -370,7 +392,8 @@ class SyncPool:
             finally:
                 if spooled:
                     await asyncio.to_thread(shutil.rmtree, spool, True)
-            size = sum(f.size for s in payload.slots for f in s.files)
+            # Registered objects move no bytes.
+            size = sum(f.size for s in payload.slots for f in s.files if not f.is_remote)
             bound.info("synced", version=result.version, bytes=size, changed=result.changed)
             manifest = {**payload.manifest(), "source_key": source_key}
             op = Ledger.op_synced(claim, manifest, result.backend_id, now())
@@ -406,6 +429,63 @@ class SyncPool:
                 claim, e.reason, kind, now()
             )
 
+    async def _source_key(self, side: WatchSide, plan: ItemPlan) -> tuple[str, list[str]]:
+        """A key for everything the sent item depends on (equal keys: nothing to send),
+        and the files' digests where finding the key needed them. Bucket objects are
+        keyed by ETag and size, so an unchanged object is never downloaded."""
+        if side.store is None:
+            return await asyncio.to_thread(hash_sources, side, plan, self._stop_event)
+        return bucket_source_key(side, plan, self.transfer(side)), []
+
+    async def _payload(
+        self, side: WatchSide, plan: ItemPlan, digests: list[str], spool: str, spooled: bool
+    ) -> ItemPayload:
+        """The item as sent. `spooled`: some slot is derived by the media rules (in the
+        media pool, into `spool`); otherwise local files go as they are, no thread hop."""
+        if side.store is not None:
+            if self.transfer(side) == "register":
+                return await register_payload(side, plan)
+            return await self._copy_payload(side, plan, spool)
+        if spooled:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._media_pool, build_payload, side, plan, digests, spool, self._stop_event
+            )
+        return build_payload(side, plan, digests, spool)
+
+    async def _copy_payload(self, side: WatchSide, plan: ItemPlan, spool: str) -> ItemPayload:
+        """Bucket objects with their bytes: streamed to the sink when sent as they are
+        (hashed by one etag-pinned GET, sent by another), downloaded to `spool` when the
+        media rules must read or derive them."""
+        store = _store_of(side)
+        media = side.media
+        slots = []
+        for i, slot in enumerate(plan.slots):
+            if media is None or not transforms(slot.type, media):
+                files = [await _streamed_file(store, f, self._stop_event) for f in slot.files]
+                slots.append(
+                    SlotPayload(slot.name, slot.type, tuple(files), _plain_extra(slot, media))
+                )
+                continue
+            local: list[tuple[str, str]] = []
+            for j, f in enumerate(slot.files):
+                dest = os.path.join(spool, "src", f"{i:04d}-{j:06d}", f.name)
+                await _download(store, f, dest)
+                local.append((f.name, dest))
+            loop = asyncio.get_running_loop()
+            slots.append(
+                await loop.run_in_executor(
+                    self._media_pool,
+                    _prepare_slot,
+                    slot,
+                    local,
+                    media,
+                    os.path.join(spool, "out", f"{i:04d}"),
+                    self._stop_event,
+                )
+            )
+        return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
+
     async def _delete(
         self, claim: Claim, bound: structlog.typing.FilteringBoundLogger
     ) -> tuple[Outcome, LedgerOp]:
@@ -414,6 +494,174 @@ class SyncPool:
             await self.sink.delete_item(claim.dataset, m["path"], m["name"])
             bound.info("deleted from the dataset (on_delete: delete)")
         return Outcome(claim, "deleted"), Ledger.op_synced(claim, None, None, time.time())
+
+
+# -- bucket objects -------------------------------------------------------------------------
+
+
+def bucket_source_key(side: WatchSide, plan: ItemPlan, transfer: Transfer) -> str:
+    """The bucket counterpart of hash_sources' key: an object's ETag and size stand for
+    its bytes (no download), and the transfer mode is part of what was sent."""
+    files = [[f.relpath, f.size, f.etag or f.mtime_ns] for s in plan.slots for f in s.files]
+    media = side.media.identity() if side.media is not None else None
+    return fingerprint([_shape(plan), files, media, transfer])
+
+
+def _store_of(side: WatchSide) -> ObjectStore:
+    assert side.store is not None
+    try:
+        return side.store.get()
+    except BucketError as e:
+        raise _bucket_sync_error(e) from None
+
+
+def _bucket_sync_error(e: BucketError) -> SyncError:
+    if e.kind == "not_found":
+        return SourceChangedError(e.message)
+    if e.kind == "denied":
+        return PermanentError(
+            f"{e.message}. The item is tried again when the object changes or on `ingestd retry`"
+        )
+    return RetriableError(e.message)
+
+
+@contextlib.asynccontextmanager
+async def _reading_object(url: str) -> AsyncIterator[None]:
+    """Store failures while reading an object, as the sync step's errors: a changed or
+    vanished object waits for the next listing to plan it again."""
+    try:
+        yield
+    except ObjectChanged as e:
+        raise SourceChangedError(f"{url} changed since it was listed ({e})") from None
+    except BucketError as e:
+        raise _bucket_sync_error(e) from None
+
+
+class _ObjectOpener:
+    """FilePayload.opener for a bucket object: a fresh etag-pinned stream per attempt.
+    `where` names the object for a sink's messages."""
+
+    def __init__(self, store: ObjectStore, f: PlannedFile) -> None:
+        self.store = store
+        self.key = f.relpath
+        self.etag = f.etag
+        self.where = store.object_url(f.relpath)
+
+    def __call__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        async with (
+            _reading_object(self.where),
+            contextlib.aclosing(self.store.stream(self.key, etag=self.etag)) as chunks,
+        ):
+            async for chunk in chunks:
+                yield chunk
+
+
+async def _streamed_file(
+    store: ObjectStore, f: PlannedFile, stop: threading.Event | None
+) -> FilePayload:
+    """Hash the object (one etag-pinned GET, nothing on disk) and hand the sink an
+    opener that streams the same version again."""
+    opener = _ObjectOpener(store, f)
+    h = hashlib.sha256()
+    n = 0
+    async with contextlib.aclosing(opener()) as chunks:
+        async for chunk in chunks:
+            if len(chunk) >= 1 << 18:
+                await asyncio.to_thread(h.update, chunk)  # sha256 lets go of the GIL
+            else:
+                h.update(chunk)
+            n += len(chunk)
+            if stop is not None and stop.is_set():
+                raise Abandoned(opener.where)
+    if n != f.size:
+        raise SourceChangedError(f"{opener.where} has {n} bytes, not the {f.size} listed")
+    return FilePayload(f.name, "", f.size, f"sha256:{h.hexdigest()}", etag=f.etag, opener=opener)
+
+
+async def _download(store: ObjectStore, f: PlannedFile, dest: str) -> None:
+    url = store.object_url(f.relpath)
+    async with _reading_object(url):
+        await store.download(f.relpath, dest, etag=f.etag)
+    size = await asyncio.to_thread(os.path.getsize, dest)
+    if size != f.size:
+        raise SourceChangedError(f"{url} has {size} bytes, not the {f.size} listed")
+
+
+def _prepare_slot(
+    slot: PlannedSlot,
+    files: list[tuple[str, str]],
+    media: MediaSettings,
+    spool: str,
+    stop: threading.Event | None,
+) -> SlotPayload:
+    """A slot of downloaded objects through the media rules (blocking: media pool)."""
+    prepared = transform_slot(slot.type, files, media, spool, stop)
+    out = []
+    for name, path in prepared.files:
+        st = os.stat(path)
+        digest = _hash_checked(path, st.st_size, st.st_mtime_ns, True, stop)
+        out.append(FilePayload(name, path, st.st_size, digest))
+    return SlotPayload(slot.name, prepared.type, tuple(out), {**slot.extra, **prepared.extra})
+
+
+def _plain_extra(slot: PlannedSlot, media: MediaSettings | None) -> dict[str, object]:
+    """A slot's extra keys when it goes untransformed (what transform_slot adds then)."""
+    if media is not None and slot.type == "video" and media.video.mode == "native":
+        return {**slot.extra, "fps": media.video.fps}
+    return slot.extra
+
+
+async def register_payload(side: WatchSide, plan: ItemPlan) -> ItemPayload:
+    """The item as references to its objects (`transfer: register`): no bytes move.
+    Images go as they are (not decoded, not downscaled). What needs the bytes to be
+    made (sampled frames, de-identified DICOM) fails with a reason naming the fix."""
+    store = _store_of(side)
+    media = side.media
+    slots = []
+    for slot in plan.slots:
+        if media is not None:
+            await _check_registrable(store, slot, media)
+        files = []
+        for f in slot.files:
+            url = store.object_url(f.relpath)
+            async with _reading_object(url):
+                info = await store.head(f.relpath)
+            if info is None:
+                raise SourceChangedError(f"{url} vanished since it was listed")
+            if f.etag and info.etag != f.etag:
+                raise SourceChangedError(f"{url} changed since it was listed")
+            files.append(FilePayload(f.name, "", f.size, "", url=url, etag=f.etag))
+        slots.append(SlotPayload(slot.name, slot.type, tuple(files), _plain_extra(slot, media)))
+    return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
+
+
+async def _check_registrable(store: ObjectStore, slot: PlannedSlot, media: MediaSettings) -> None:
+    names = ", ".join(f.relpath for f in slot.files[:3]) + (", …" if len(slot.files) > 3 else "")
+    if slot.type == "video" and media.video.mode == "frames":
+        raise PermanentError(
+            f"{names}: video.mode frames samples frames from the video's bytes, which "
+            "transfer: register never reads; set transfer: copy or video.mode: native"
+        )
+    deidentified = media.dicom.deidentify and slot.type in ("dicom", "file")
+    if deidentified and (slot.type == "dicom" or await _any_dicom(store, slot)):
+        raise PermanentError(
+            f"{names}: dicom.deidentify must strip the file before it leaves, and "
+            "transfer: register would hand out the original; set transfer: copy"
+        )
+
+
+async def _any_dicom(store: ObjectStore, slot: PlannedSlot) -> bool:
+    """Whether a slot of generic files holds DICOM by content (the safety net that
+    transform_slot applies to local files, done here with the first bytes only)."""
+    for f in slot.files:
+        async with _reading_object(store.object_url(f.relpath)):
+            head = await store.read_range(f.relpath, 0, 132)
+        if type_of_prefix(head) == "dicom":
+            return True
+    return False
 
 
 def _retry_op(claim: Claim, reason: str | None, delay: float, *, count: bool) -> LedgerOp:

@@ -412,5 +412,9 @@ def make_runner(
     observe: bool = True,
     deid_key: bytes | None = None,
 ) -> WatchRunner:
-    """The runner for one configured watch."""
+    """The runner for one configured watch: a folder's, or a bucket prefix's poller."""
+    if watch.bucket is not None:
+        from daemon.bucket_watch import BucketWatchRunner  # imports this module
+
+        return BucketWatchRunner(watch, ledger, on_planned, observe=observe, deid_key=deid_key)
     return WatchRunner(watch, ledger, on_planned, observe=observe, deid_key=deid_key)

@@ -253,7 +253,7 @@ class _Group:
     metadata: dict[str, Any]  # static < path pattern < sidecar
 
     def planned(self, entry: Entry) -> PlannedFile:
-        return PlannedFile(entry.name, entry.relpath, entry.size, entry.mtime_ns)
+        return PlannedFile(entry.name, entry.relpath, entry.size, entry.mtime_ns, entry.etag)
 
 
 def plan_group(

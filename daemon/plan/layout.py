@@ -119,7 +119,7 @@ def plan_file(
         PlannedSlot(
             name="0",
             type=slot_type or slot_type_for(name),
-            files=(PlannedFile(name, entry.relpath, entry.size, entry.mtime_ns),),
+            files=(PlannedFile(name, entry.relpath, entry.size, entry.mtime_ns, entry.etag),),
         ),
     )
     metadata = build_metadata(

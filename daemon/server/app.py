@@ -34,6 +34,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from daemon.server.auth import ServeError, TokenAuth, check_bind, load_tokens
+from daemon.server.dashboard import add_dashboard_routes
 from daemon.server.metrics import ServerMetrics
 from daemon.server.uploads import (
     CHUNK,
@@ -319,6 +320,14 @@ def _check_manifest(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], di
                     raise _bad_manifest(f"{where}: {digest} listed with two sizes")
             elif not isinstance(f.get("url"), str) or not f["url"]:
                 raise _bad_manifest(f"{where} needs a 'digest' and 'size', or a 'url'")
+            else:  # a registered remote object: kept as sent, no bytes stored
+                size = f.get("size")
+                if size is not None and (
+                    not isinstance(size, int) or isinstance(size, bool) or size < 0
+                ):
+                    raise _bad_manifest(f"{where}.size must be a non-negative integer")
+                if not isinstance(f.get("etag", ""), str):
+                    raise _bad_manifest(f"{where}.etag must be a string")
     return slots, metadata, sizes
 
 
@@ -853,6 +862,7 @@ def make_app(
     items = r"/v1/datasets/{dataset}/items/{key:[\s\S]+}"
     r.add_route("PUT", items, put_item, expect_handler=manifest)
     r.add_route("DELETE", items, delete_item)
+    add_dashboard_routes(app, Path(store_root))  # GET /, /api/*, /thumbs/* (dashboard.py)
     return app
 
 

@@ -45,7 +45,7 @@ from yarl import URL
 
 from daemon.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from daemon.model import FilePayload, ItemPayload, item_key
-from daemon.sinks.base import Capabilities, PutResult
+from daemon.sinks.base import Capabilities, PutResult, read_chunks
 
 log = structlog.get_logger("ingestd.sink.http")
 
@@ -62,8 +62,6 @@ CONNECT_TIMEOUT = 10.0
 HEAD_MIN_SIZE = 64 << 10
 FILES_PER_ITEM = 4  # blobs of one item uploaded at once (a DICOM series can have hundreds)
 PAGE_SIZE = 500
-
-_FileHandle = aiofiles.threadpool.binary.AsyncBufferedReader
 
 # The probe ticket of the attempt running in this task (see _Gate), so that _send can
 # tell the probe's requests from those of attempts admitted before the outage began.
@@ -156,6 +154,47 @@ def _reading(path: str) -> Iterator[None]:
         raise RetriableError(f"cannot read {path}: {e.strerror or e}") from e
 
 
+def _label(f: FilePayload) -> str:
+    """The file as messages name it: its path, or the object a stream comes from."""
+    return f.local_path or getattr(f.opener, "where", None) or f.name
+
+
+class _StreamReader:
+    """A streamed file (a bucket object) behind the part of a file handle that the
+    upload code uses: forward seeks and sized reads over one pass of the stream, so
+    the chunks of a resumable upload come from a single GET. A seek backwards (the
+    server holds less than was sent) ends the attempt; the next one streams afresh."""
+
+    def __init__(self, f: FilePayload) -> None:
+        self._chunks = read_chunks(f)
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+
+    async def read(self, n: int) -> bytes:
+        while len(self._buf) < n and not self._eof:
+            try:
+                self._buf += await anext(self._chunks)
+            except StopAsyncIteration:
+                self._eof = True
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._pos += len(out)
+        return out
+
+    async def seek(self, offset: int) -> None:
+        if offset < self._pos:
+            raise _Retry("the server holds fewer bytes than were sent; streaming again")
+        while self._pos < offset and await self.read(min(READ_CHUNK, offset - self._pos)):
+            pass
+
+    async def close(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+_FileHandle = aiofiles.threadpool.binary.AsyncBufferedReader | _StreamReader
+
+
 def _read_small(f: FilePayload) -> bytes:
     """A file of at most READ_CHUNK bytes in one go (blocking: run in a thread). One
     thread hop instead of four matters at thousands of small files per second."""
@@ -193,14 +232,14 @@ class _FileBody:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            with _reading(self.f.local_path):
+            with _reading(_label(self.f)):
                 await self.fh.seek(self.offset)
                 remaining = self.length
                 while remaining > 0:
                     chunk = await self.fh.read(min(READ_CHUNK, remaining))
                     if not chunk:
                         raise SourceChangedError(
-                            f"{self.f.local_path} shrank after it was hashed "
+                            f"{_label(self.f)} shrank after it was hashed "
                             f"(expected {self.f.size} bytes)"
                         )
                     remaining -= len(chunk)
@@ -496,7 +535,7 @@ class HttpSink:
 
     async def _ensure_blob(self, f: FilePayload, check_first: bool) -> None:
         async with self._blob_lock(f.digest):
-            what = f"uploading {f.local_path}"
+            what = f"uploading {_label(f)}"
             if f.size < self.resumable_threshold:
                 try:
                     await self._retrying(what, partial(self._put_blob, f, check_first))
@@ -535,12 +574,12 @@ class HttpSink:
     async def _put_blob(self, f: FilePayload, check_first: bool) -> None:
         """One attempt at a small blob: HEAD (every attempt: a PUT whose answer was lost
         may have landed), then PUT streaming the file. Tiny blobs skip the HEAD."""
-        what = f"uploading {f.local_path}"
+        what = f"uploading {_label(f)}"
         if check_first and f.size >= self.head_min_size and await self._blob_stored(f, what):
             return
         headers = {"Content-Type": "application/octet-stream"}
         if f.size <= READ_CHUNK:
-            data = await asyncio.to_thread(_read_small, f)
+            data = await self._small(f)
             ans = await self._send("PUT", f"/v1/blobs/{f.digest}", data=data, headers=headers)
         else:
             fh = await self._open(f)
@@ -564,7 +603,7 @@ class HttpSink:
     async def _resumable(self, f: FilePayload, state: dict[str, int], check_first: bool) -> None:
         """One attempt at a large blob: find what the server holds, send the rest in
         chunks, complete. Every attempt starts from the server's offset, never from 0."""
-        what = f"uploading {f.local_path}"
+        what = f"uploading {_label(f)}"
         if check_first and await self._blob_stored(f, what):
             self._uploads.pop(f.digest, None)
             return
@@ -648,8 +687,22 @@ class HttpSink:
             raise _Retry("the server holds a different number of bytes; resuming")
         self._fail(ans, what)
 
+    @staticmethod
+    async def _small(f: FilePayload) -> bytes:
+        """A file of at most READ_CHUNK bytes in one piece."""
+        if f.opener is None:
+            return await asyncio.to_thread(_read_small, f)
+        data = b"".join([block async for block in read_chunks(f)])
+        if len(data) != f.size:
+            raise SourceChangedError(
+                f"{_label(f)} changed after it was hashed ({len(data)} bytes, expected {f.size})"
+            )
+        return data
+
     async def _open(self, f: FilePayload) -> _FileHandle:
         """Open a file for one attempt, checking it still has the size that was hashed."""
+        if f.opener is not None:
+            return _StreamReader(f)  # its size is checked by the server's digest check
         with _reading(f.local_path):
             fh = await aiofiles.open(f.local_path, "rb")
             try:
@@ -668,7 +721,7 @@ class HttpSink:
     def _changed(f: FilePayload, ans: _Answer) -> SourceChangedError:
         actual = ans.json().get("actual")
         got = f"; the server read {actual}" if actual else ""
-        return SourceChangedError(f"{f.local_path} changed after it was hashed{got}")
+        return SourceChangedError(f"{_label(f)} changed after it was hashed{got}")
 
     # --- items -----------------------------------------------------------------------
 

@@ -3,6 +3,11 @@
 All store work is blocking file and SQLite I/O, so it runs in a thread pool and the
 event loop only awaits it. An item's blobs are written first (in parallel), then its
 catalog entry, so the catalog never refers to bytes the store does not hold.
+
+Files come as local paths, as streams (bucket objects copied without a local copy,
+written through a BlobWriter and verified against their digest), or as references
+(`transfer: register`): a reference stores no bytes; its catalog entry keeps the
+object's URL, size and ETag.
 """
 
 from __future__ import annotations
@@ -19,17 +24,19 @@ from typing import TypeVar
 
 from daemon.errors import PermanentError, RetriableError, SourceChangedError
 from daemon.model import FilePayload, ItemPayload
-from daemon.sinks.base import Capabilities, PutResult
+from daemon.sinks.base import Capabilities, PutResult, read_chunks
 from daemon.store import DigestMismatch, Store, StoreIOError
+from daemon.store.blobs import BlobWriter
 
 T = TypeVar("T")
 
 DEFAULT_THREADS = 8
+STREAMS_PER_ITEM = 4  # streamed files of one item read at once (a series can have hundreds)
 
 
 class LocalSink:
     capabilities = Capabilities(
-        remote_urls=False, metadata_update=True, delete=True, video_fps=False
+        remote_urls=True, metadata_update=True, delete=True, video_fps=False
     )
 
     def __init__(self, root: Path, executor: Executor | None = None) -> None:
@@ -50,10 +57,20 @@ class LocalSink:
         await self._run(lambda: self._catalog_call(lambda s: s.catalog.ensure_dataset(dataset)))
 
     async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
-        files = [f for slot in item.slots for f in slot.files]
-        if len(files) > 1:
+        # References (transfer: register) have no bytes here: the catalog entry is all.
+        files = [f for slot in item.slots for f in slot.files if not f.is_remote]
+        if len(files) > 1 or any(f.opener is not None for f in files):
+            streams = asyncio.Semaphore(STREAMS_PER_ITEM)
+
+            async def streamed(f: FilePayload) -> None:
+                async with streams:
+                    await self._put_streamed(f)
+
             results = await asyncio.gather(
-                *(self._run(partial(self._put_blob, f)) for f in files),
+                *(
+                    streamed(f) if f.opener is not None else self._run(partial(self._put_blob, f))
+                    for f in files
+                ),
                 return_exceptions=True,
             )
             # Wait for every file before failing, so no copy is still running when the
@@ -95,6 +112,33 @@ class LocalSink:
                     raise RetriableError(f"cannot open local store at {self.root}: {e}") from e
             return self._store
 
+    async def _put_streamed(self, f: FilePayload) -> None:
+        """A file that arrives as a stream: skipped when the store holds its digest,
+        else written piece by piece and committed only if it hashes to the digest."""
+        store = await self._run(self._open)
+        if await self._run(partial(store.blobs.has, f.digest)):
+            return
+        writer: BlobWriter = store.blobs.begin()
+        where = getattr(f.opener, "where", None) or f.name
+        try:
+            async for block in read_chunks(f):
+                await self._run(partial(writer.write, block))
+            await self._run(partial(writer.commit, f.digest, f.size))
+        except DigestMismatch as e:
+            raise SourceChangedError(f"{where} changed after it was hashed ({e})") from e
+        except StoreIOError as e:
+            raise self._write_error(e) from e
+        finally:
+            if not writer.done:
+                await asyncio.to_thread(writer.abort)
+
+    def _write_error(self, e: StoreIOError) -> RetriableError:
+        if e.errno == errno.ENOSPC:
+            return RetriableError(f"local store at {self.root} is out of disk space")
+        return RetriableError(
+            f"cannot write to local store at {self.root}: {e.strerror} ({e.filename})"
+        )
+
     def _put_blob(self, f: FilePayload) -> None:
         store = self._open()
         try:
@@ -102,11 +146,7 @@ class LocalSink:
         except DigestMismatch as e:
             raise SourceChangedError(f"{f.local_path} changed after it was hashed ({e})") from e
         except StoreIOError as e:
-            if e.errno == errno.ENOSPC:
-                raise RetriableError(f"local store at {self.root} is out of disk space") from e
-            raise RetriableError(
-                f"cannot write to local store at {self.root}: {e.strerror} ({e.filename})"
-            ) from e
+            raise self._write_error(e) from e
         except (FileNotFoundError, NotADirectoryError) as e:
             raise SourceChangedError(f"{f.local_path} vanished before it was stored") from e
         except PermissionError as e:

@@ -1,10 +1,11 @@
 """A sink that keeps everything in memory: the test double for the sync step.
 
 It behaves like a real sink where tests depend on it: it reads every file's bytes
-and checks them against the digest (so a file changed after hashing raises
-SourceChangedError), a re-sent identical item is a no-op with the same version, and
-failures can be scripted. Reads are synchronous: files in tests are small, and
-running them on the loop keeps call order deterministic.
+(local or streamed; a reference is kept as its manifest entry) and checks them against
+the digest (so a file changed after hashing raises SourceChangedError), a re-sent
+identical item is a no-op with the same version, and failures can be scripted. Local
+reads are synchronous: files in tests are small, and running them on the loop keeps
+call order deterministic.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from daemon.errors import PermanentError, SourceChangedError
 from daemon.model import FilePayload, ItemPayload, item_key
-from daemon.sinks.base import Capabilities, PutResult
+from daemon.sinks.base import Capabilities, PutResult, read_chunks
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -49,7 +50,13 @@ class MemorySink:
     async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
         self.calls.append(("put_item", dataset, item.key))
         self._maybe_fail()
-        contents = {f.digest: self._read(f) for slot in item.slots for f in slot.files}
+        # References (transfer: register) carry no bytes: their manifest entry is all.
+        contents = {
+            f.digest: await self._read(f)
+            for slot in item.slots
+            for f in slot.files
+            if not f.is_remote
+        }
         slots = [s.manifest() for s in item.slots]
         self.datasets.add(dataset)
         self.blobs.update(contents)
@@ -84,7 +91,14 @@ class MemorySink:
         self.closed = True
 
     @staticmethod
-    def _read(f: FilePayload) -> bytes:
+    async def _read(f: FilePayload) -> bytes:
+        if f.opener is not None:  # a streamed bucket object
+            data = b"".join([block async for block in read_chunks(f)])
+            where = getattr(f.opener, "where", None) or f.name
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            if digest != f.digest or len(data) != f.size:
+                raise SourceChangedError(f"{where} changed after it was hashed")
+            return data
         try:
             with open(f.local_path, "rb") as fh:
                 data = fh.read()
