@@ -377,7 +377,9 @@ class App:
         sides = _sides(new, self._deid_key)
         for name in (*diff.removed, *diff.changed):
             await self._stop_runner(name)
-            self.pool.watches.pop(name, None)
+            side = self.pool.watches.pop(name, None)
+            if side is not None:
+                self._spawn(self._retire_side(side), "retire-side")
             if name in diff.removed:
                 log.info("watch removed; its ledger rows stay", watch=name)
         for name in (*diff.changed, *diff.added):
@@ -394,6 +396,12 @@ class App:
             if self.control is not None:
                 await self.control.stop()
             await self._start_control()
+
+    async def _retire_side(self, side: WatchSide) -> None:
+        """Close a replaced watch's object-store client once its items in flight are done."""
+        assert self.pool is not None
+        await self.pool.drain()
+        await side.close()
 
     async def _retire_sink(self, old: Sink) -> None:
         assert self.pool is not None

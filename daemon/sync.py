@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import os
 import random
 import shutil
@@ -18,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -36,7 +37,7 @@ from daemon.media.detect import type_of_prefix
 from daemon.media.transform import MediaSettings, transform_slot, transforms
 from daemon.model import FilePayload, ItemPayload, ItemPlan, PlannedFile, PlannedSlot, SlotPayload
 from daemon.plan.fingerprint import fingerprint
-from daemon.sinks.base import Sink
+from daemon.sinks.base import MetadataUpdater, Sink
 from daemon.sources.bucket_poll import StoreHandle
 from daemon.sources.objects import BucketError, ObjectChanged, ObjectStore
 
@@ -363,6 +364,8 @@ class SyncPool:
 
     async def _sync_one(self, claim: Claim) -> tuple[Outcome, LedgerOp]:
         """Do the work for one claim; return its outcome and the ledger op recording it."""
+        # Each item runs in its own task: what the sink logs names the watch and item too.
+        structlog.contextvars.bind_contextvars(watch=claim.watch, item=claim.key)
         bound = log.bind(watch=claim.watch, item=claim.key)
         side = self.watches.get(claim.watch)
         if side is None:  # a reload removed the watch after the claim: leave the row be
@@ -388,7 +391,23 @@ class SyncPool:
                 if claim.dataset not in self._datasets_ready:
                     await self.sink.ensure_dataset(claim.dataset)
                     self._datasets_ready.add(claim.dataset)
-                result = await self.sink.put_item(claim.dataset, payload)
+                if (
+                    self.sink.capabilities.metadata_update
+                    and isinstance(self.sink, MetadataUpdater)
+                    and _metadata_only(synced, payload)
+                ):
+                    # Same bytes, new metadata (e.g. a sidecar edit): no re-upload.
+                    result = await self.sink.update_metadata(
+                        claim.dataset, payload, claim.backend_id
+                    )
+                    bound.info("metadata updated in place")
+                elif _takes_previous(self.sink):
+                    # The sink can tell a real content change from a re-send by it.
+                    result = await self.sink.put_item(  # type: ignore[call-arg]
+                        claim.dataset, payload, previous=synced
+                    )
+                else:
+                    result = await self.sink.put_item(claim.dataset, payload)
             finally:
                 if spooled:
                     await asyncio.to_thread(shutil.rmtree, spool, True)
@@ -662,6 +681,25 @@ async def _any_dicom(store: ObjectStore, slot: PlannedSlot) -> bool:
         if type_of_prefix(head) == "dicom":
             return True
     return False
+
+
+def _metadata_only(synced: Mapping[str, Any] | None, payload: ItemPayload) -> bool:
+    """The item the sink holds differs from `payload` in its metadata alone."""
+    if synced is None:
+        return False
+    now = payload.manifest()
+    return (
+        all(synced.get(k) == now[k] for k in ("path", "name", "slots"))
+        and synced.get("metadata") != now["metadata"]
+    )
+
+
+def _takes_previous(sink: Sink) -> bool:
+    """Whether the sink's put_item accepts the last synced manifest (`previous=`)."""
+    try:
+        return "previous" in inspect.signature(sink.put_item).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _retry_op(claim: Claim, reason: str | None, delay: float, *, count: bool) -> LedgerOp:

@@ -50,8 +50,9 @@ class MetadataUpdater(Protocol):
     """Optional (capabilities.metadata_update): change an item's metadata in place, for a
     change that touches nothing but metadata (e.g. a sidecar edit). The sync step calls
     it only for an item this sink already holds (`backend_id` is what put_item returned)
-    and hands an ItemPayload whose `slots` are empty: use its path, name and metadata.
-    The new metadata replaces the old (keys absent from it are removed)."""
+    whose slots (file digests or URLs) are exactly those of `item`; `item` is the full
+    prepared payload, so a sink that cannot change metadata in place for some item may
+    fall back to a put. The new metadata replaces the old (absent keys are removed)."""
 
     async def update_metadata(
         self, dataset: str, item: ItemPayload, backend_id: str | None

@@ -181,6 +181,8 @@ def test_items_of_every_kind_then_changes_and_a_deletion(env: Env, fake: FakePro
     assert set(after) == set(state) - {gk("/gone.jpg")}
     assert after[gk("/a.jpg")]["id"] == row["id"]
     assert after[gk("/a.jpg")]["metadata"] == {"camera": "south"}
+    # A sidecar-only change updates metadata in place: the bytes are not uploaded again.
+    assert after[gk("/a.jpg")]["row_data"] == row["row_data"]
     assert after[gk("/take #2.png")]["id"] == state[gk("/take #2.png")]["id"]
     assert sha(fake.fetch(after[gk("/take #2.png")]["row_data"])) == sha(changed)
     assert fake.state()["dataset_count"] == {"ds": 1}
