@@ -12,7 +12,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Config, ConfigError, HttpBackend, find_config, json_schema, load_config
+from daemon.config import (
+    Config,
+    ConfigError,
+    HttpBackend,
+    LocalBackend,
+    find_config,
+    json_schema,
+    load_config,
+)
 from daemon.errors import SyncError
 from daemon.ledger import LEDGER_FILE, Ledger
 from daemon.service import AlreadyRunning, running_pid
@@ -218,6 +226,11 @@ async def _list_items(config: Config, dataset: str) -> list[dict[str, Any]]:
             return [item async for item in sink.list_items(dataset)]
         finally:
             await sink.close()
+    if not isinstance(backend, LocalBackend):
+        raise SyncError(
+            f"items lists the local store or an ingestd server; the {backend.kind} backend's "
+            "datasets are listed in the platform itself"
+        )
     from daemon.store.catalog import Catalog
 
     catalog_path = Path(backend.path) / "catalog.sqlite"
