@@ -73,8 +73,10 @@ def chromium() -> str:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium: str) -> Iterator[Any]:
+    # Playwright's sync API keeps an event loop running in this thread while it is
+    # open: close it with this module, or every later asyncio test fails to start.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
