@@ -141,6 +141,31 @@ class LocalBackend(_Strict):
         return _resolve_path(v, info)
 
 
+def _http_url(v: str, example: str, secrets: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{v!r} is not an http(s) URL such as {example}")
+    if parts.username or parts.password:
+        raise ValueError(f"put no credentials in the URL; use {secrets}")
+    return v.rstrip("/")
+
+
+def _secret_env(v: str | None, info: ValidationInfo, what: str) -> str | None:
+    """An environment variable named for a secret must be set (when paths are checked)."""
+    if v is not None and (info.context or {}).get("check_paths", True) and not os.environ.get(v):
+        raise ValueError(f"environment variable {v} is not set (it must hold {what})")
+    return v
+
+
+def _secret_file(v: Path | None, info: ValidationInfo) -> Path | None:
+    if v is None:
+        return v
+    v = _resolve_path(v, info)
+    if (info.context or {}).get("check_paths", True) and not os.access(v, os.R_OK):
+        raise ValueError(f"{v} does not exist or is not readable")
+    return v
+
+
 class HttpBackend(_Strict):
     """An `ingestd serve` ingestion server. The token comes from the environment or a
     file, never from this file."""
@@ -155,33 +180,17 @@ class HttpBackend(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{v!r} is not an http(s) URL such as http://ingest.example:8750")
-        if parts.username or parts.password:
-            raise ValueError("put no credentials in the URL; use token_env or token_file")
-        return v.rstrip("/")
+        return _http_url(v, "http://ingest.example:8750", "token_env or token_file")
 
     @field_validator("token_env")
     @classmethod
     def _env(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if (
-            v is not None
-            and (info.context or {}).get("check_paths", True)
-            and not os.environ.get(v)
-        ):
-            raise ValueError(f"environment variable {v} is not set (it must hold the token)")
-        return v
+        return _secret_env(v, info, "the token")
 
     @field_validator("token_file", mode="after")
     @classmethod
     def _file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        if v is None:
-            return v
-        v = _resolve_path(v, info)
-        if (info.context or {}).get("check_paths", True) and not os.access(v, os.R_OK):
-            raise ValueError(f"{v} does not exist or is not readable")
-        return v
+        return _secret_file(v, info)
 
     def token(self) -> str | None:
         if self.token_file is not None:
@@ -211,33 +220,17 @@ class _PlatformBackend(_Strict):
     def _base_url(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{v!r} is not an http(s) URL")
-        if parts.username or parts.password:
-            raise ValueError("put no credentials in the URL; use api_key_env or api_key_file")
-        return v.rstrip("/")
+        return _http_url(v, "https://api.example.com", "api_key_env or api_key_file")
 
     @field_validator("api_key_env")
     @classmethod
     def _key_env(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if (
-            v is not None
-            and (info.context or {}).get("check_paths", True)
-            and not os.environ.get(v)
-        ):
-            raise ValueError(f"environment variable {v} is not set (it must hold the API key)")
-        return v
+        return _secret_env(v, info, "the API key")
 
     @field_validator("api_key_file", mode="after")
     @classmethod
     def _key_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        if v is None:
-            return v
-        v = _resolve_path(v, info)
-        if (info.context or {}).get("check_paths", True) and not os.access(v, os.R_OK):
-            raise ValueError(f"{v} does not exist or is not readable")
-        return v
+        return _secret_file(v, info)
 
     def api_key(self) -> str:
         if self.api_key_file is not None:
@@ -319,12 +312,7 @@ class SourceOptions(_Strict):
     def _endpoint(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{v!r} is not an http(s) URL such as http://127.0.0.1:9000")
-        if parts.username or parts.password:
-            raise ValueError("put no credentials in the URL; use the cloud's environment")
-        return v.rstrip("/")
+        return _http_url(v, "http://127.0.0.1:9000", "the cloud's environment")
 
 
 @dataclass(frozen=True, slots=True)
