@@ -10,7 +10,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ from daemon.config import (
 from daemon.config_watch import ConfigWatcher, content_digest
 from daemon.ledger import DELETED, ITEM, AsyncLedger, op_switch_backend
 from daemon.model import Entry
+from daemon.progress import Progress
 from daemon.service import Notifier, PidLock, install_signals, watchdog_loop
 from daemon.sinks.base import Sink
 from daemon.sinks.local import LocalSink
@@ -453,10 +453,12 @@ class App:
                 while any(r.busy for r in self.runners.values()):
                     await asyncio.sleep(0.05)
                 names = [w.name for w in self.config.watches]
-                progress.begin(await self.ledger.call(_pending_count, self.ledger, names))
+                progress.begin(names)
                 while True:
-                    pending, stuck = await self.ledger.call(_pending_state, self.ledger, names)
-                    progress.tick()
+                    per_watch = await self.ledger.call(_pending_state, self.ledger, names)
+                    progress.tick({n: p for n, (p, _) in per_watch.items()})
+                    pending = sum(p for p, _ in per_watch.values())
+                    stuck = sum(s for _, s in per_watch.values())
                     if self.pool.inflight == 0 and (pending == 0 or pending == stuck):
                         break
                     await asyncio.sleep(0.05)
@@ -549,86 +551,12 @@ async def _dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
     return lines
 
 
-def _pending_count(ledger: AsyncLedger, watches: list[str]) -> int:
+def _pending_state(ledger: AsyncLedger, watches: list[str]) -> dict[str, tuple[int, int]]:
+    """Per watch: (pending items, pending items that used up the one-pass attempts)."""
     q = ",".join("?" * len(watches))
-    (n,) = ledger.sync.conn.execute(
-        f"SELECT count(*) FROM items WHERE status='pending' AND watch IN ({q})", watches
-    ).fetchone()
-    return int(n)
-
-
-def _pending_state(ledger: AsyncLedger, watches: list[str]) -> tuple[int, int]:
-    """(pending items, pending items that used up the one-pass attempts)."""
-    q = ",".join("?" * len(watches))
-    n, stuck = ledger.sync.conn.execute(
-        f"SELECT count(*), coalesce(sum(attempts >= ?), 0) FROM items"
-        f" WHERE status='pending' AND watch IN ({q})",
+    rows = ledger.sync.conn.execute(
+        f"SELECT watch, count(*), coalesce(sum(attempts >= ?), 0) FROM items"
+        f" WHERE status='pending' AND watch IN ({q}) GROUP BY watch",
         (ONE_PASS_MAX_ATTEMPTS, *watches),
-    ).fetchone()
-    return int(n), int(stuck)
-
-
-@dataclass
-class Progress:
-    """Progress of a one-pass sync: a rich bar on a TTY, plain lines otherwise."""
-
-    tty: bool
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-    bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-    _bar: object | None = None
-    _task: object | None = None
-    _last_line: float = 0.0
-
-    def begin(self, total: int) -> None:
-        self.total = total
-        self.started = time.monotonic()
-        if self.tty and total:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                MofNCompleteColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-            from rich.progress import (
-                Progress as RichProgress,
-            )
-
-            bar = RichProgress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            bar.start()
-            self._bar = bar
-            self._task = bar.add_task("syncing", total=total)
-
-    def outcome(self, o: Outcome) -> None:
-        if o.result in ("synced", "unchanged", "deleted", "failed"):
-            self.done += 1
-        if o.result == "failed":
-            self.failed += 1
-        self.bytes += o.bytes
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done)  # type: ignore[attr-defined]
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if self._bar is None and self.total and now - self._last_line >= 2.0:
-            self._last_line = now
-            rate = self.done / max(now - self.started, 1e-6)
-            print(
-                f"synced {self.done}/{self.total} items, {self.bytes} bytes, {rate:.0f} items/s",
-                file=sys.stderr,
-            )
-
-    def end(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()  # type: ignore[attr-defined]
+    ).fetchall()
+    return {w: (int(n), int(stuck)) for w, n, stuck in rows}

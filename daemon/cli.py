@@ -153,10 +153,16 @@ def _exit_without_stragglers(rc: int) -> None:
 
 def _sync(args: argparse.Namespace) -> int:
     from daemon import logs
-    from daemon.app import App, Progress
+    from daemon.app import App
+    from daemon.progress import Progress
 
     config, path = _load(args)
-    logs.setup(config.log.level, config.log.format)
+    tty = sys.stderr.isatty()
+    level = config.log.level
+    if tty and not args.dry_run and level == "info":
+        # One line per item would scroll the progress bars away; problems still show.
+        level = "warning"
+    logs.setup(level, config.log.format)
     app = App(config, path)
     if args.dry_run:
         lines = asyncio.run(app.dry_run())
@@ -165,7 +171,7 @@ def _sync(args: argparse.Namespace) -> int:
         if not lines:
             print("nothing to do")
         return EXIT_OK
-    return asyncio.run(app.sync_once(Progress(tty=sys.stderr.isatty())))
+    return asyncio.run(app.sync_once(Progress(out=sys.stderr, tty=tty)))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ def setup(level: str = "info", fmt: Format = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
     # Libraries log through stdlib logging; keep their warnings, in the same stream.
@@ -39,3 +39,14 @@ def _passthrough(
     logger: object, name: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
     return event_dict
+
+
+class _Stderr:
+    """sys.stderr looked up at each write, so a live progress display that redirects
+    stderr prints log lines above its bars instead of being torn by them."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import (
+    INGESTD,
+    REPO,
     Env,
     log_lines,
     mode_bits_popen,
@@ -718,3 +721,43 @@ def test_sigterm_while_hashing_a_file_longer_than_the_grace(env: Env) -> None:
         huge.unlink()
         shutil.rmtree(env.store, ignore_errors=True)
     assert "/huge.bin" not in env.items_by_key()
+
+
+def test_sync_on_a_terminal_shows_a_progress_bar_per_watch(env: Env) -> None:
+    cams, scans = env.drop("cams"), env.drop("scans")
+    env.write_config(
+        [
+            {"name": "cams", "source": str(cams), "dataset": "ds", "path": "/cams"},
+            {"name": "scans", "source": str(scans), "dataset": "ds", "path": "/scans"},
+        ]
+    )
+    for i in range(5):
+        write(cams / f"c{i}.dat", b"c" * 1000)
+    for i in range(3):
+        write(scans / f"s{i}.dat", b"s" * 1000)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*INGESTD, "sync", "-c", str(env.config_path)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "160"},
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, out.decode(errors="replace")
+    text = out.decode(errors="replace")
+    # The last frame of each watch's bar: its name and its finished count.
+    assert "cams" in text and "5/5" in text, text
+    assert "scans" in text and "3/3" in text, text
+    assert "items/s" in text, text
