@@ -463,6 +463,7 @@ class App:
                         break
                     await asyncio.sleep(0.05)
                 counts = await self.ledger.call(self.ledger.sync.counts)
+                problems = await self.ledger.call(self.ledger.sync.watch_problems)
             finally:
                 await self._close()
                 pool_task.cancel()
@@ -478,7 +479,12 @@ class App:
                         f"{n}: {c.synced} synced, {c.pending} pending, {c.failed} failed",
                         file=sys.stderr,
                     )
-            return 1 if failed or left else 0
+            # A watch that could not be listed, or whose deletions were refused, is not in
+            # step even when none of its known items failed.
+            troubled = {n: problems[n] for n in names if n in problems}
+            for n, problem in troubled.items():
+                print(f"{n}: {problem}", file=sys.stderr)
+            return 1 if failed or left or troubled else 0
         finally:
             lock.release()
 

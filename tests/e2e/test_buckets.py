@@ -276,6 +276,23 @@ def test_one_pass_sync_of_a_bucket_watch(
     assert set(env.items_by_key()) == {"/a.bin", "/sub/b.bin"}
 
 
+def test_one_pass_sync_exits_1_naming_a_bucket_it_cannot_list(
+    env: Env, s3_emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in s3_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    env.write_config([bucket_watch(s3_emulator, "no-such-bucket-9d2e"), local_watch(env)])
+    write_local = env.drop("local") / "a.dat"
+    write_local.write_bytes(b"local files still sync")
+    out = env.cli("sync", timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    problem_lines = [line for line in out.stderr.splitlines() if line.startswith("b: ")]
+    assert any("missing_bucket" in line and "no-such-bucket-9d2e" in line for line in problem_lines)
+    assert "local: 1 synced, 0 pending, 0 failed" in out.stderr
+    assert env.watch_status("b")["problem"] is not None
+
+
 @pytest.mark.parametrize("transfer", ["register", "copy"])
 def test_bucket_items_through_ingestd_serve(
     env: Env,
