@@ -64,7 +64,7 @@ class _Live(Collector):
     def _families(s: Snapshot) -> list[Metric]:
         seen = CounterMetricFamily(
             "ingestd_files_seen",
-            "Files the watch's source reported (events and scans)",
+            "Files the watch noticed new or changed; the events of one write count once",
             labels=["watch"],
         )
         scans = CounterMetricFamily(

@@ -75,7 +75,7 @@ class WatchRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self.scans = 0
         self.overflows = 0
-        self.files_seen = 0  # entries the source reported: scanned files and file events
+        self.files_seen = 0  # files noticed new or changed (each write counted once)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -137,7 +137,6 @@ class WatchRunner:
             return
         if not self.filter.accepts(rel):
             return
-        self.files_seen += 1
         m = self.planner.membership(rel)
         if m.kind == "marker" and kind != "gone":
             # The writer says the folder is complete: no need to wait for it to settle.
@@ -147,7 +146,8 @@ class WatchRunner:
         if m.kind == "ignored":
             self._log_ignored(rel, m)
             return
-        self.settler.hint(rel)
+        if self.settler.hint(rel) and kind != "gone":
+            self.files_seen += 1
 
     def _on_overflow(self) -> None:
         self.overflows += 1
@@ -225,9 +225,8 @@ class WatchRunner:
             conn.close()
 
     def _hint_scanned(self, chunk: list[Entry]) -> None:
-        self.files_seen += len(chunk)
         for e in chunk:
-            self.settler.hint(e.relpath, stat=(e.size, e.mtime_ns))
+            self.files_seen += self.settler.hint(e.relpath, stat=(e.size, e.mtime_ns))
 
     async def _rescan_loop(self) -> None:
         while True:

@@ -61,9 +61,10 @@ class Settler:
     def __contains__(self, relpath: str) -> bool:
         return relpath in self._state
 
-    def hint(self, relpath: str, *, stat: Stat | bool = False) -> None:
+    def hint(self, relpath: str, *, stat: Stat | bool = False) -> bool:
         """Something may have changed at relpath. `stat` is a fresh observation when the
-        caller already has one (a scan)."""
+        caller already has one (a scan). True when the path was not held already, so the
+        many events of one write and a scan that meets the same file count once."""
         now = self._clock()
         st = self._state.get(relpath)
         if st is None:
@@ -73,20 +74,22 @@ class Settler:
                     self.overflowed = True
                     if self._on_overflow:
                         self._on_overflow()
-                return
+                return False
             st = _State(stat=False, since=now, due=now)
             self._state[relpath] = st
             if stat is not False:
                 st.stat = stat
                 st.due = now + self.settle
             self._push(relpath, st, st.due)
-        elif stat is not False and stat != st.stat:
+            return True
+        if stat is not False and stat != st.stat:
             st.stat, st.since = stat, now
             self._push(relpath, st, now + self.settle)
         elif stat is False and st.due > now:
             # Look again now: if our last look caught the writer mid-way (say, size 0
             # just after its open), waiting for the old due would cost a second settle.
             self._push(relpath, st, now)
+        return False
 
     def pending_under(self, prefix: str) -> bool:
         """Is any path below `prefix` (ending in '/') still settling?"""

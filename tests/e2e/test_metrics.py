@@ -76,6 +76,8 @@ def test_metrics_parse_and_counters_move_as_files_sync(env: Env) -> None:
     m1 = metrics(base)
     assert m1[("ingestd_bytes_uploaded_total", W)] == sum(sizes)  # sent as they are
     assert m1[("ingestd_items_planned_total", W)] == 3
+    # Each new file counts once, however many events its write raised.
+    assert m1[("ingestd_files_seen_total", W)] == 3
     assert m1[("ingestd_items", (("status", "synced"), *W))] == 3
     assert m1[("ingestd_items", (("status", "pending"), *W))] == 0
     assert m1[("ingestd_sync_latency_seconds_count", W)] == 3
@@ -98,6 +100,7 @@ def test_metrics_parse_and_counters_move_as_files_sync(env: Env) -> None:
     assert m2[("ingestd_items", (("status", "synced"), *W))] == 5
     assert m2[("ingestd_sync_latency_seconds_count", W)] == 5
     assert m2[("ingestd_items_planned_total", W)] == 6
+    assert m2[("ingestd_files_seen_total", W)] == 6
     status = env.watch_status("w")
     assert (status["synced"], status["failed"]) == (5, 1)
 

@@ -132,3 +132,15 @@ def test_a_hint_after_a_mid_write_look_looks_again_at_once() -> None:
     h.step(0.01)
     h.step(0.5)
     assert h.ready == [Entry("a", 10, 2)]
+
+
+def test_hint_says_whether_the_path_is_newly_held() -> None:
+    h = Harness(1.0)
+    h.stats["a"] = (1, 1)
+    assert h.s.hint("a") is True
+    assert h.s.hint("a") is False  # more events of the same write
+    assert h.s.hint("a", stat=(1, 1)) is False  # a scan meeting it while it settles
+    h.step(0)
+    h.step(1.0)
+    assert h.ready == [Entry("a", 1, 1)]
+    assert h.s.hint("a") is True  # written again after it was handed on
