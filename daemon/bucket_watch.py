@@ -327,12 +327,13 @@ class BucketWatchRunner(WatchRunner):
         try:
             store = self.handle.get()
             async for page in diff_pages(store.list_pages(""), self._known_range, self._takes):
-                self.files_seen += page.listed
                 listed += page.listed
                 changed += len(page.changed)
                 gone += page.gone
                 loose: list[Entry] = []
                 for obj in page.changed:
+                    # A version waiting to settle is listed again each poll: count it once.
+                    self.files_seen += not self.pending.holds(obj)
                     m = self.planner.membership(obj.key)
                     if m.kind == "marker" and m.group_dir is not None:
                         # The writer says the folder is complete: plan it without waiting.

@@ -139,6 +139,11 @@ class PendingObjects:
     def pending_under(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self._state)
 
+    def holds(self, obj: ObjectInfo) -> bool:
+        """Was this very version of the object listed before and is it still waiting?"""
+        prev = self._state.get(obj.key)
+        return prev is not None and prev[:3] == (obj.size, obj.etag, obj.mtime_ns)
+
     def observe(self, obj: ObjectInfo, pass_no: int) -> bool:
         """Record a listing of a new or changed object; True when it is ready."""
         sig = (obj.size, obj.etag, obj.mtime_ns)

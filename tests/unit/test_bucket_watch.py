@@ -204,6 +204,7 @@ async def test_objects_become_items_with_dataset_folders(make: Any) -> None:
     before = {sid: i["fp"] for sid, i in items.items()}
     assert await h.poll()
     assert {sid: i["fp"] for sid, i in h.items().items()} == before
+    assert h.runner.files_seen == 4  # the accepted objects, once: unchanged ones are not new
 
 
 async def test_flat_layout_and_filters(make: Any) -> None:
@@ -225,6 +226,7 @@ async def test_a_young_object_waits_for_a_second_listing(make: Any) -> None:
     await h.poll()  # listed unchanged twice
     assert h.items()["new.jpg"]["status"] == "pending"
     assert not h.runner.busy
+    assert h.runner.files_seen == 2  # two versions noticed, however often listed
 
 
 async def test_an_overwritten_object_is_planned_again_even_with_the_same_size_and_time(
