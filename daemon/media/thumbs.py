@@ -19,6 +19,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -237,15 +238,25 @@ def cache_key(*parts: str) -> str:
 # --- the cache (async front) ---------------------------------------------------------------
 
 
-class ThumbCache:
-    """Thumbnails under `root`, made on a thread pool at most once per key."""
+# The dashboard shows recent items only; a daemon that runs for months must not keep a
+# thumbnail of every item it ever synced. ~15 kB each: 5,000 is under 100 MB.
+MAX_CACHED = 5000
 
-    def __init__(self, root: Path, threads: int = 2) -> None:
+
+class ThumbCache:
+    """Thumbnails under `root`, made on a thread pool at most once per key, the least
+    recently used dropped once more than `max_files` are kept."""
+
+    def __init__(self, root: Path, threads: int = 2, max_files: int = MAX_CACHED) -> None:
         self.root = Path(root)
+        self.max_files = max_files
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="thumbs")
         self._jobs: dict[str, asyncio.Future[Path | None]] = {}
         self._lock = threading.Lock()
         self.generated = 0  # renders attempted (tests check that a cached one is not redone)
+        # Prune at the first render (the cache may be left from an earlier run), then
+        # after every tenth of the cap, so a prune's listing is paid rarely.
+        self._until_prune = 0
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         d = self.root / key[:2]
@@ -254,10 +265,16 @@ class ThumbCache:
     def cached(self, key: str) -> Path | bool | None:
         """The file if made, None if known unrenderable, False if not tried yet."""
         jpg, none = self._paths(key)
-        if jpg.is_file():
-            return jpg
-        if none.exists():
-            return None
+        now = time.time_ns()
+        for p in (jpg, none):
+            try:
+                # Recently used, so the last to be pruned: the access time says so (set
+                # here, as mounts with noatime or relatime would not), mtime stays the
+                # time it was made.
+                os.utime(p, ns=(now, os.stat(p).st_mtime_ns))
+            except OSError:
+                continue
+            return jpg if p is jpg else None
         return False
 
     async def get(
@@ -289,6 +306,12 @@ class ThumbCache:
             return None
         with self._lock:
             self.generated += 1
+            self._until_prune -= 1
+            prune = self._until_prune <= 0
+            if prune:
+                self._until_prune = max(self.max_files // 10, 1)
+        if prune:
+            self.prune()
         jpg.parent.mkdir(parents=True, exist_ok=True)
         try:
             data = render(kind, path)
@@ -307,6 +330,33 @@ class ThumbCache:
                 os.unlink(tmp)
             raise
         return jpg
+
+    def prune(self) -> int:
+        """Drop the least recently used entries beyond `max_files` (blocking); returns
+        how many went. Run before a render, so the new entry is never the one dropped."""
+        entries: list[tuple[float, str]] = []
+        try:
+            shards = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError), os.scandir(shard.path) as it:
+                for e in it:
+                    if e.name.endswith((".jpg", ".none")):
+                        with contextlib.suppress(OSError):
+                            entries.append((e.stat(follow_symlinks=False).st_atime, e.path))
+        # Keep room for the entry about to be made.
+        excess = len(entries) - (self.max_files - 1)
+        if excess <= 0:
+            return 0
+        entries.sort()
+        for _, path in entries[:excess]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        log.debug("thumbnails pruned", removed=excess, kept=len(entries) - excess)
+        return excess
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

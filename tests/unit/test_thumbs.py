@@ -258,3 +258,32 @@ def test_dicom_copy_with_odd_name_still_renders(tmp_path: Path) -> None:
     renamed = tmp_path / "fedcba98"
     os.replace(video, renamed)
     assert decode(render("video", str(renamed))).size == (256, 192)
+
+
+async def test_the_cache_keeps_the_most_recently_used_within_its_cap(tmp_path: Path) -> None:
+    src = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(src)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    root = tmp_path / "thumbs"
+    cache = ThumbCache(root, max_files=3)
+
+    def kept() -> set[str]:
+        return {p.stem for p in root.rglob("*") if p.suffix in (".jpg", ".none")}
+
+    try:
+        for key in ("k1", "k2", "k3"):
+            assert await cache.get(key, "image", str(src)) is not None
+        assert await cache.get("bad", "image", str(bad)) is None  # a .none marker counts too
+        assert kept() == {"k2", "k3", "bad"}  # the oldest went to make room
+        # Using k2 makes it recent; the next new key pushes out k3, the least recently used.
+        for p in root.rglob("*"):
+            if p.is_file():
+                os.utime(p, (1_000_000, p.stat().st_mtime))  # all long unused
+        assert await cache.get("k2", "image", str(src)) is not None
+        cache.max_files, cache._until_prune = 3, 0  # prune at this render
+        assert await cache.get("k4", "image", str(src)) is not None
+        assert "k2" in kept() and "k4" in kept() and len(kept()) == 3
+        assert cache.generated == 5  # k2 came from the cache
+    finally:
+        cache.close()
