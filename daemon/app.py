@@ -517,7 +517,9 @@ async def _dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
         except BucketError as e:
             return [f"error   {w.name}: {e.message}"]
     else:
-        result = await asyncio.to_thread(runner._scan_blocking, "", found.extend)
+        # Every file, not only changed ones: an edit of the item settings changes items
+        # whose files did not change (the comparison below keeps only real differences).
+        result = await asyncio.to_thread(runner._scan_blocking, "", found.extend, True)
         if result.root_missing:
             return [f"error   {w.name}: source folder {w.source} is missing"]
         gone = result.gone

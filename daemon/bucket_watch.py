@@ -249,6 +249,7 @@ class BucketWatchRunner(WatchRunner):
     async def start(self) -> None:
         self.files.loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(self._plan_loop(), name=f"plan:{self.watch.name}")]
+        await self.check_settings()
         await self.poll()
         self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poll:{self.watch.name}"))
 
@@ -324,9 +325,11 @@ class BucketWatchRunner(WatchRunner):
         gone: list[str] = []
         changed = listed = 0
         groups: dict[str, _Work] = {}  # group folders the listing is still inside
+        replan = self.replan
         try:
             store = self.handle.get()
-            async for page in diff_pages(store.list_pages(""), self._known_range, self._takes):
+            pages = store.list_pages("")
+            async for page in diff_pages(pages, self._known_range, self._takes, all_changed=replan):
                 listed += page.listed
                 changed += len(page.changed)
                 gone += page.gone
@@ -363,6 +366,8 @@ class BucketWatchRunner(WatchRunner):
         self.pending.end_pass(pass_no)
         self._gone.update(gone)
         await self._apply_gone(full_pass=True)
+        if replan:
+            self._full_pass_planned_all()
         self.log.debug(
             "listing done",
             objects=listed,

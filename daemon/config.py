@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from daemon.plan.fingerprint import fingerprint
 from daemon.plan.metadata import check_sidecar_template, compile_path_pattern
 from daemon.sources.filters import PathFilter
 
@@ -520,6 +521,18 @@ class Watch(_Strict):
         assert "://" not in self.source, "a bucket watch has no folder"
         return Path(self.source)
 
+    def plan_identity(self) -> str:
+        """The settings that shape the watch's items (folders, names, grouping,
+        metadata, which files count). When it differs from the one the ledger recorded,
+        every file is planned again, so an edit applies to the items already synced."""
+        return fingerprint(self.model_dump(mode="json", include=_PLAN_FIELDS))
+
+    def send_identity(self) -> str:
+        """The settings that change what is sent for an item without changing its plan
+        (media preparation, bucket transfer). A change queues the synced items again;
+        each is sent again only if what it would send differs."""
+        return fingerprint(self.model_dump(mode="json", include=_SEND_FIELDS))
+
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
@@ -550,6 +563,21 @@ class Watch(_Strict):
             v if info.field_name == "include" else (), v if info.field_name == "exclude" else ()
         )
         return v
+
+
+_PLAN_FIELDS = {
+    "source",
+    "dataset",
+    "path",
+    "preserve_folders",
+    "include",
+    "exclude",
+    "follow_symlinks",
+    "metadata",
+    "group",
+    "dicom",  # its tags become metadata
+}
+_SEND_FIELDS = {"images", "video", "dicom", "transfer"}
 
 
 class Config(_Strict):

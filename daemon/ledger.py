@@ -777,3 +777,52 @@ def op_switch_backend(identity: str, now: float) -> Callable[[sqlite3.Connection
         return cur.rowcount
 
     return op
+
+
+def _setting(conn: sqlite3.Connection, k: str) -> str | None:
+    conn.execute("CREATE TABLE IF NOT EXISTS settings (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+    row = conn.execute("SELECT v FROM settings WHERE k=?", (k,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _set_setting(conn: sqlite3.Connection, k: str, v: str) -> None:
+    conn.execute(
+        "INSERT INTO settings (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v=excluded.v",
+        (k, v),
+    )
+
+
+def op_watch_settings(
+    watch: str, plan_id: str, send_id: str, now: float
+) -> Callable[[sqlite3.Connection], tuple[bool, int]]:
+    """Compare a starting watch's settings with those its items were made with.
+    Returns (replan, requeued): `replan` when the plan identity differs from the recorded
+    one (the caller plans every file again, then records it with op_plan_settled, so a
+    crash before the end re-plans again); `requeued`, the items queued again because the
+    send identity changed, recorded in the same transaction. A watch seen for the first
+    time (or a ledger from before these settings) records both and redoes nothing."""
+    plan_key, send_key = f"watch:{watch}:plan", f"watch:{watch}:send"
+
+    def op(conn: sqlite3.Connection) -> tuple[bool, int]:
+        old_plan, old_send = _setting(conn, plan_key), _setting(conn, send_key)
+        if old_plan is None:
+            _set_setting(conn, plan_key, plan_id)
+        _set_setting(conn, send_key, send_id)
+        requeued = 0
+        if old_send is not None and old_send != send_id:
+            # Failures while preparing or sending (an oversize image with `reject`, a
+            # transfer the backend refused) may pass with the new settings.
+            requeued = conn.execute(
+                "UPDATE items SET status=?, attempts=0, next_attempt=0, last_error=NULL,"
+                " error_kind=NULL, updated_at=? WHERE watch=? AND plan IS NOT NULL AND"
+                " (status=? OR (status=? AND error_kind IN ('media', 'sink')))",
+                (PENDING, now, watch, SYNCED, FAILED),
+            ).rowcount
+        return old_plan is not None and old_plan != plan_id, requeued
+
+    return op
+
+
+def op_plan_settled(watch: str, plan_id: str) -> Callable[[sqlite3.Connection], None]:
+    """Every file of the watch was planned with these settings."""
+    return lambda conn: _set_setting(conn, f"watch:{watch}:plan", plan_id)

@@ -112,7 +112,13 @@ def hash_sources(
         for slot in plan.slots
         for f in slot.files
     ]
-    media = side.media.identity() if side.media is not None else None
+    media = (
+        side.media.identity(
+            [(s.type, [os.path.join(side.root, f.relpath) for f in s.files]) for s in plan.slots]
+        )
+        if side.media is not None
+        else None
+    )
     # Content, not stat: a touch changes mtime but must not count as a change.
     return fingerprint([_shape(plan), digests, media]), digests
 
@@ -522,7 +528,11 @@ def bucket_source_key(side: WatchSide, plan: ItemPlan, transfer: Transfer) -> st
     """The bucket counterpart of hash_sources' key: an object's ETag and size stand for
     its bytes (no download), and the transfer mode is part of what was sent."""
     files = [[f.relpath, f.size, f.etag or f.mtime_ns] for s in plan.slots for f in s.files]
-    media = side.media.identity() if side.media is not None else None
+    media = (
+        side.media.identity([(s.type, None) for s in plan.slots])
+        if side.media is not None
+        else None
+    )
     return fingerprint([_shape(plan), files, media, transfer])
 
 

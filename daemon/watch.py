@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import structlog
 
 from daemon.config import Watch
-from daemon.ledger import MEMBER, SIDECAR, AsyncLedger, Ledger, connect
+from daemon.ledger import (
+    MEMBER,
+    SIDECAR,
+    AsyncLedger,
+    Ledger,
+    connect,
+    op_plan_settled,
+    op_watch_settings,
+)
 from daemon.model import Entry
 from daemon.plan.groups import GroupMembership
 from daemon.plan.metadata import type_conflicts, value_type
@@ -59,7 +67,7 @@ class WatchRunner:
             lambda rels: stat_many(self.root, rels, watch.follow_symlinks),
             self._on_ready,
             self._on_gone,
-            on_overflow=self.request_rescan,
+            on_overflow=self._settler_overflow,
         )
         self.log = log.bind(watch=watch.name)
         self._on_planned = on_planned
@@ -76,6 +84,10 @@ class WatchRunner:
         self.scans = 0
         self.overflows = 0
         self.files_seen = 0  # files noticed new or changed (each write counted once)
+        # The settings changed since the items were planned: full passes hand on every
+        # file, not only changed ones, until one has been planned through.
+        self.replan = False
+        self._settler_overflows = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -88,6 +100,7 @@ class WatchRunner:
             asyncio.create_task(self.settler.run(), name=f"settle:{self.watch.name}"),
             asyncio.create_task(self._plan_loop(), name=f"plan:{self.watch.name}"),
         ]
+        await self.check_settings()
         await self.scan("")
         if self._observe:
             self._tasks += [
@@ -96,6 +109,44 @@ class WatchRunner:
                 asyncio.create_task(self._gone_loop(), name=f"gone:{self.watch.name}"),
                 asyncio.create_task(self._health_loop(), name=f"health:{self.watch.name}"),
             ]
+
+    async def check_settings(self) -> None:
+        """Compare the watch's settings with those its items were made with (the config
+        was edited, while the daemon ran or while it was down): queue the synced items
+        again when media or transfer settings changed, and plan every file again when
+        the item shape (folders, metadata, grouping, filters) changed."""
+        w = self.watch
+        replan, requeued = await self.ledger.write(
+            op_watch_settings(w.name, w.plan_identity(), w.send_identity(), time.time())
+        )
+        if requeued:
+            self.log.info(
+                "media or transfer settings changed; checking synced items again", items=requeued
+            )
+            self._on_planned()
+        if replan:
+            self.log.info("item settings changed; planning every file again")
+            self.replan = True
+
+    def _full_pass_planned_all(self) -> None:
+        """A full pass handed on every file: once they are all planned (and nothing was
+        dropped on the way), record the settings they were planned with."""
+        overflows = self._settler_overflows
+
+        async def finish() -> None:
+            while self.busy:
+                await asyncio.sleep(0.05)
+            if self._settler_overflows != overflows:
+                return  # files were dropped: the rescan this asked for hands on all again
+            await self.ledger.write(op_plan_settled(self.watch.name, self.watch.plan_identity()))
+            self.replan = False
+            self.log.info("every file planned with the new item settings")
+
+        self._tasks.append(asyncio.create_task(finish(), name=f"replan:{self.watch.name}"))
+
+    def _settler_overflow(self) -> None:
+        self._settler_overflows += 1
+        self.request_rescan()
 
     async def _start_observer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,7 +219,8 @@ class WatchRunner:
         def emit(chunk: list[Entry]) -> None:
             loop.call_soon_threadsafe(self._hint_scanned, chunk)
 
-        result = await asyncio.to_thread(self._scan_blocking, subdir, emit)
+        replan = self.replan and not subdir
+        result = await asyncio.to_thread(self._scan_blocking, subdir, emit, replan)
         self.scans += 1
         now = time.time()
         if result.root_missing:
@@ -185,6 +237,10 @@ class WatchRunner:
         if not subdir:
             # A full pass judges all its deletions together, as one batch.
             await self._apply_gone(full_pass=True)
+            if replan:
+                # Folders it could not read are not planned again now; recording anyway
+                # keeps a lasting unreadable folder from re-planning everything each pass.
+                self._full_pass_planned_all()
         else:
             self._gone_at = time.monotonic()
         self.log.debug(
@@ -197,7 +253,9 @@ class WatchRunner:
         )
         return result
 
-    def _scan_blocking(self, subdir: str, emit: Callable[[list[Entry]], None]) -> ScanResult:
+    def _scan_blocking(
+        self, subdir: str, emit: Callable[[list[Entry]], None], emit_all: bool = False
+    ) -> ScanResult:
         conn = connect(self.ledger.sync.path, readonly=True)
         name = self.watch.name
         try:
@@ -220,7 +278,7 @@ class WatchRunner:
                     )
                 return {r for (r,) in q}
 
-            return self.source.scan(subdir, known_in_dir, known_dirs, emit)
+            return self.source.scan(subdir, known_in_dir, known_dirs, emit, emit_all=emit_all)
         finally:
             conn.close()
 

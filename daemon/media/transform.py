@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +26,35 @@ class MediaSettings:
     dicom: DicomConfig
     deid_key: bytes | None = None  # set when dicom.deidentify is on
 
-    def identity(self) -> dict[str, Any]:
-        """The settings that change what is sent (part of the 'nothing changed' check)."""
-        return {
-            "images": self.images.model_dump(),
-            "video": self.video.model_dump(),
-            "deidentify": self.dicom.deidentify,
-        }
+    def identity(self, slots: Sequence[tuple[SlotType, Sequence[str] | None]]) -> list[Any]:
+        """The settings that change what is sent for an item with these slots (type, and
+        the local paths of its files, or None for remote objects): part of the 'nothing
+        changed' check, so a settings edit re-sends only the items it changes. A local
+        image that fits the limit goes as it is whatever the limit, so only its being
+        over it counts (read from the header)."""
+        out: list[Any] = []
+        for slot_type, paths in slots:
+            if slot_type == "image":
+                limits = self.images.model_dump()
+                if paths is None:
+                    out.append(limits)
+                    continue
+                out.append([_image_identity(p, limits) for p in paths])
+            elif slot_type in ("video", "frames"):
+                out.append(self.video.model_dump())
+            elif slot_type in ("dicom", "file"):
+                out.append(self.dicom.deidentify)
+        return out
+
+
+def _image_identity(path: str, limits: dict[str, Any]) -> Any:
+    from daemon.media.images import image_size
+
+    try:
+        w, h = image_size(path)
+    except Exception:  # unreadable: the send reports it; any change of settings may matter
+        return limits
+    return "as is" if max(w, h) <= int(limits["max_dimension"]) else limits
 
 
 @dataclass(slots=True)

@@ -89,9 +89,12 @@ async def diff_pages(
     pages: AsyncIterator[list[ObjectInfo]],
     known_range: KnownRange,
     takes: Callable[[str], bool],
+    *,
+    all_changed: bool = False,
 ) -> AsyncIterator[PageDiff]:
     """Compare a listing with the ledger, page by page. Objects `takes` refuses are as
-    if not listed (an entry for one is gone). The last diff covers the known entries
+    if not listed (an entry for one is gone); with `all_changed` every accepted object
+    counts as changed (to plan them all again). The last diff covers the known entries
     after the last key. Raises ListingOutOfOrder when keys do not ascend; a caller
     that stops early (an error) must not apply the gone keys of an unfinished pass."""
     after: str | None = None
@@ -109,7 +112,7 @@ async def diff_pages(
                 continue
             diff.listed += 1
             seen = known.pop(obj.key, None)
-            if seen is None or not same_object(seen, obj):
+            if seen is None or all_changed or not same_object(seen, obj):
                 diff.changed.append(obj)
         diff.gone = list(known)
         after = diff.last_key

@@ -164,11 +164,14 @@ class LocalSource:
         known_in_dir: KnownInDir,
         known_dirs: KnownDirs,
         emit_changed: Callable[[list[Entry]], None],
+        *,
+        emit_all: bool = False,
     ) -> ScanResult:
         """Walk `subdir` (relative; '' for the whole watch) and compare with the ledger's
         entries one directory at a time, so memory follows the largest directory, not
-        the tree. Changed and new files go to `emit_changed` in chunks; gone files are
-        returned together so a deletion guard can judge the whole pass."""
+        the tree. Changed and new files go to `emit_changed` in chunks (every file with
+        `emit_all`, to plan them all again); gone files are returned together so a
+        deletion guard can judge the whole pass."""
         result = ScanResult()
         if not os.path.isdir(self.root):
             result.root_missing = True
@@ -183,7 +186,7 @@ class LocalSource:
             result.files += len(files)
             # The hot loop of a rescan: tuples only, an Entry just for what changed.
             for rel, size, mtime_ns in files:
-                if known.pop(rel, None) != (size, mtime_ns):
+                if known.pop(rel, None) != (size, mtime_ns) or emit_all:
                     chunk.append(Entry(rel, size, mtime_ns))
             if known:
                 result.gone.extend(known)

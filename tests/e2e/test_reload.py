@@ -193,3 +193,79 @@ def test_reload_without_a_daemon_says_so(env: Env, tmp_path: Path) -> None:
     env.write_config([])
     out = env.cli("reload")
     assert out.returncode == 1 and "no ingestd is running" in out.stderr
+
+
+def _png(path: Path, size: tuple[int, int]) -> None:
+    from PIL import Image
+
+    Image.new("RGB", size, (30, 60, 90)).save(path, format="PNG")
+
+
+def test_an_edit_of_item_settings_applies_to_items_already_synced(env: Env) -> None:
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "metadata": {"static": {"site": "north"}},
+                "images": {"max_dimension": 5000, "oversize": "reject"},
+            }
+        ]
+    )
+    _png(drop / "small.png", (100, 50))
+    _png(drop / "wide.png", (400, 100))
+    (drop / "notes.dat").write_bytes(b"not an image")
+    env.start()
+    wait_for(lambda: len(env.items_by_key()) == 3, what="three items")
+    assert env.items_by_key()["/small.png"]["metadata"] == {"site": "north"}
+
+    # Static metadata: every item is planned again and updated in place (same key).
+    _edit(env, lambda d: d["watches"][0]["metadata"]["static"].update(site="south"))
+    wait_for(
+        lambda: all(i["metadata"] == {"site": "south"} for i in env.items_by_key().values()),
+        what="the new static metadata on the items already synced",
+    )
+    items = env.items_by_key()
+    assert set(items) == {"/small.png", "/wide.png", "/notes.dat"}
+    assert all(i["version"] == 2 for i in items.values())
+    wait_for(lambda: log_lines(env, "every file planned with the new item settings"))
+
+    # Media settings: a smaller limit with `reject` fails the wide image, and sends
+    # nothing again for the ones whose result did not change.
+    synced_before = {k: len(synced_lines(env, k)) for k in items}
+    _edit(env, lambda d: d["watches"][0]["images"].update(max_dimension=200))
+    wait_for(lambda: env.watch_status()["failed"] == 1, what="the wide image to fail")
+    (err,) = env.watch_status()["last_errors"]
+    assert err["item"] == "/wide.png" and "400" in err["error"]
+    # Back to a limit it fits, downscaling: the failed item goes through again.
+    _edit(env, lambda d: d["watches"][0]["images"].update(max_dimension=300, oversize="downscale"))
+    wait_for(lambda: env.watch_status()["failed"] == 0, what="the wide image to pass again")
+    wait_for(lambda: env.watch_status()["pending"] == 0, what="nothing left to do")
+    # The small image fits either limit and the other file is no image: neither was
+    # sent again; the wide one was, downscaled.
+    assert len(synced_lines(env, "/small.png")) == synced_before["/small.png"]
+    assert len(synced_lines(env, "/notes.dat")) == synced_before["/notes.dat"]
+    wide = env.items_by_key()["/wide.png"]
+    assert (
+        wide["version"] == 3
+        and wide["slots"][0]["files"][0]["size"]
+        != items["/wide.png"]["slots"][0]["files"][0]["size"]
+    )
+    assert env.stop() == 0
+
+    # An edit while the daemon is down applies at the next start, and `sync --dry-run`
+    # shows it first.
+    _edit(env, lambda d: d["watches"][0]["metadata"]["static"].update(site="east"))
+    dry = env.cli("sync", "--dry-run", check=True).stdout.split("\n")
+    assert {line for line in dry if line} == {
+        "update  ds /small.png",
+        "update  ds /wide.png",
+        "update  ds /notes.dat",
+    }
+    env.restart()
+    wait_for(
+        lambda: all(i["metadata"] == {"site": "east"} for i in env.items_by_key().values()),
+        what="the edit made while the daemon was down",
+    )
