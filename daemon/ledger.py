@@ -278,15 +278,27 @@ class Ledger:
         only = ""
         if watches is not None:
             only = f" AND watch IN ({','.join('?' * len(watches))})"
-        cur = self.conn.execute(
-            "SELECT watch, source_id, dataset, key, plan, desired_fp, synced_manifest, attempts,"
-            f" backend_id, updated_at FROM items WHERE status='pending' AND next_attempt <= ?{only}"
-            " ORDER BY next_attempt LIMIT ?",
-            (now, *(watches or ()), limit + len(skip)),
-        )
-        for w, sid, ds, key, plan, dfp, sm, att, bid, at in cur.fetchall():
-            if (w, sid) in skip:
+        # Keys first, from the index alone: the items being synced now are due too and
+        # come first, and reading their whole rows (plans, manifests) on every call
+        # cost more than the rows wanted.
+        keys = [
+            k
+            for k in self.conn.execute(
+                f"SELECT watch, source_id FROM items WHERE status='pending' AND next_attempt <= ?"
+                f"{only} ORDER BY next_attempt LIMIT ?",
+                (now, *(watches or ()), limit + len(skip)),
+            )
+            if k not in skip
+        ][:limit]
+        for w, sid in keys:
+            row = self.conn.execute(
+                "SELECT dataset, key, plan, desired_fp, synced_manifest, attempts, backend_id,"
+                " updated_at FROM items WHERE watch=? AND source_id=? AND status='pending'",
+                (w, sid),
+            ).fetchone()
+            if row is None:  # gone since the first query (another process)
                 continue
+            ds, key, plan, dfp, sm, att, bid, at = row
             out.append(
                 Claim(
                     w,
@@ -303,19 +315,26 @@ class Ledger:
                     planned_at=at,
                 )
             )
-            if len(out) >= limit:
-                break
         return out
 
-    def next_due_time(self, watches: Sequence[str] | None = None) -> float | None:
+    def next_due_time(
+        self, watches: Sequence[str] | None = None, exclude: Iterable[tuple[str, str]] = ()
+    ) -> float | None:
+        """When the next pending item of `watches` (all when None) is due, leaving out
+        the (watch, source_id) items in `exclude` (e.g. those being synced now)."""
         only = ""
         if watches is not None:
             only = f" AND watch IN ({','.join('?' * len(watches))})"
-        row = self.conn.execute(
-            f"SELECT min(next_attempt) FROM items WHERE status='pending'{only}",
-            tuple(watches or ()),
-        ).fetchone()
-        return row[0] if row and row[0] is not None else None
+        skip = set(exclude)
+        rows = self.conn.execute(
+            f"SELECT watch, source_id, next_attempt FROM items WHERE status='pending'{only}"
+            " ORDER BY next_attempt LIMIT ?",
+            (*(watches or ()), len(skip) + 1),
+        )
+        for w, sid, at in rows:
+            if (w, sid) not in skip:
+                return float(at)
+        return None
 
     def key_owner(
         self, dataset: str, key: str, watch: str, source_id: str
@@ -469,6 +488,38 @@ class Ledger:
                     claim.watch,
                     claim.source_id,
                 ),
+            )
+
+        return op
+
+    @staticmethod
+    def op_synced_many(
+        done: Sequence[tuple[Claim, dict[str, Any], str | None]], now: float
+    ) -> Callable[[sqlite3.Connection], None]:
+        """op_synced for many (claim, manifest, backend_id) in one op: a group's results
+        cost one statement and one savepoint instead of one each."""
+        sql = (
+            "UPDATE items SET synced_fp=?, synced_manifest=?, backend_id=?, attempts=0,"
+            " last_error=NULL, error_kind=NULL, updated_at=?,"
+            " status=CASE WHEN desired_fp IS ? THEN 'synced' ELSE 'pending' END"
+            " WHERE watch=? AND source_id=?"
+        )
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                sql,
+                [
+                    (
+                        c.desired_fp,
+                        json.dumps(manifest, sort_keys=True),
+                        backend_id,
+                        now,
+                        c.desired_fp,
+                        c.watch,
+                        c.source_id,
+                    )
+                    for c, manifest, backend_id in done
+                ],
             )
 
         return op

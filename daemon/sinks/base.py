@@ -7,7 +7,7 @@ step can test for them instead of guessing (rclone-backend style).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -57,6 +57,21 @@ class MetadataUpdater(Protocol):
     async def update_metadata(
         self, dataset: str, item: ItemPayload, backend_id: str | None
     ) -> PutResult: ...
+
+
+@runtime_checkable
+class BatchPutter(Protocol):
+    """Optional: put several items in one call, for backends where a group is much
+    cheaper than its items one by one (the local store syncs a group's files to disk
+    together and records them in one catalog transaction). The sync step tests for it
+    and sends small items this way, a few dozen at a time; other items, and sinks
+    without it, go through put_item. Returns, in order, each item's PutResult or the
+    exception put_item would have raised for it, so one bad item fails alone; an
+    exception raised by the call itself applies to every item of the group."""
+
+    async def put_items(
+        self, items: Sequence[tuple[str, ItemPayload]]
+    ) -> list[PutResult | Exception]: ...
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ import asyncio
 import errno
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -26,7 +26,7 @@ from daemon.errors import PermanentError, RetriableError, SourceChangedError
 from daemon.model import FilePayload, ItemPayload
 from daemon.sinks.base import Capabilities, PutResult, read_chunks
 from daemon.store import DigestMismatch, Store, StoreIOError
-from daemon.store.blobs import BlobWriter
+from daemon.store.blobs import BlobWriter, StagedBlob
 
 T = TypeVar("T")
 
@@ -83,6 +83,29 @@ class LocalSink:
         # the pool, which at thousands of small files per second is a real saving.
         version, changed = await self._run(partial(self._put_sync, dataset, item, files))
         return PutResult(backend_id=item.key, version=version, changed=changed)
+
+    async def put_items(
+        self, items: Sequence[tuple[str, ItemPayload]]
+    ) -> list[PutResult | Exception]:
+        """The optional batch put (sinks.base.BatchPutter): items whose files are local
+        paths go in one trip to the pool, their blobs synced to disk together and their
+        catalog entries in one transaction; others (streamed files) go one by one."""
+        out: list[PutResult | Exception | None] = [None] * len(items)
+        plain = [i for i, (_, item) in enumerate(items) if _local_only(item)]
+        others = [i for i, (_, item) in enumerate(items) if not _local_only(item)]
+        if plain:
+            done = await self._run(partial(self._put_batch_sync, [items[i] for i in plain]))
+            for i, r in zip(plain, done, strict=True):
+                out[i] = r
+        if others:
+            singles = await asyncio.gather(
+                *(self.put_item(*items[i]) for i in others), return_exceptions=True
+            )
+            for i, r in zip(others, singles, strict=True):
+                if not isinstance(r, PutResult | Exception):
+                    raise r  # cancelled
+                out[i] = r
+        return [r for r in out if r is not None]
 
     async def delete_item(self, dataset: str, path: str, name: str) -> None:
         # Only the catalog entry goes; its blobs may be shared and wait for a GC.
@@ -143,20 +166,83 @@ class LocalSink:
         store = self._open()
         try:
             store.blobs.put_file(f.local_path, f.digest, f.size)
-        except DigestMismatch as e:
-            raise SourceChangedError(f"{f.local_path} changed after it was hashed ({e})") from e
-        except StoreIOError as e:
-            raise self._write_error(e) from e
-        except (FileNotFoundError, NotADirectoryError) as e:
-            raise SourceChangedError(f"{f.local_path} vanished before it was stored") from e
-        except PermissionError as e:
-            raise PermanentError(
+        except (DigestMismatch, OSError, ValueError) as e:
+            raise self._blob_error(f, e) from e
+
+    def _blob_error(self, f: FilePayload, e: Exception) -> Exception:
+        """What a failed put of `f` means for the item."""
+        if isinstance(e, DigestMismatch):
+            return SourceChangedError(f"{f.local_path} changed after it was hashed ({e})")
+        if isinstance(e, StoreIOError):
+            return self._write_error(e)
+        if isinstance(e, FileNotFoundError | NotADirectoryError):
+            return SourceChangedError(f"{f.local_path} vanished before it was stored")
+        if isinstance(e, PermissionError):
+            return PermanentError(
                 f"cannot read {f.local_path}: permission denied; fix its permissions"
-            ) from e
-        except ValueError as e:  # malformed digest: a bug upstream, not worth retrying
-            raise PermanentError(f"cannot store {f.local_path}: {e}") from e
-        except OSError as e:  # e.g. EIO on the source disk: may clear up
-            raise RetriableError(f"cannot read {f.local_path}: {e.strerror or e}") from e
+            )
+        if isinstance(e, ValueError):  # malformed digest: a bug upstream, not worth retrying
+            return PermanentError(f"cannot store {f.local_path}: {e}")
+        if isinstance(e, OSError):  # e.g. EIO on the source disk: may clear up
+            return RetriableError(f"cannot read {f.local_path}: {e.strerror or e}")
+        return e  # a bug: the sync step reports it as one
+
+    def _put_batch_sync(
+        self, items: Sequence[tuple[str, ItemPayload]]
+    ) -> list[PutResult | Exception]:
+        """Blobs of every item staged, synced and renamed as one group, then one catalog
+        transaction for the items whose blobs all made it (so the catalog never refers
+        to bytes the store does not hold). One item's failure is its own."""
+        store = self._open()
+        blobs = store.blobs
+        results: list[PutResult | Exception | None] = [None] * len(items)
+        files = [
+            (i, f)
+            for i, (_, item) in enumerate(items)
+            for slot in item.slots
+            for f in slot.files
+            if not f.is_remote
+        ]
+        got = blobs.stage_many([(f.local_path, f.digest, f.size) for _, f in files])
+        staged: list[StagedBlob] = []
+        owner: list[int] = []  # item index of each staged blob
+        try:
+            for (i, f), s in zip(files, got, strict=True):
+                if isinstance(s, StagedBlob):
+                    staged.append(s)
+                    owner.append(i)
+                elif isinstance(s, Exception) and results[i] is None:
+                    results[i] = self._blob_error(f, s)
+            # An item with a file that failed stores none of its files.
+            keep = [results[i] is None for i in owner]
+            blobs.discard([s for s, k in zip(staged, keep, strict=True) if not k])
+            staged = [s for s, k in zip(staged, keep, strict=True) if k]
+            owner = [i for i, k in zip(owner, keep, strict=True) if k]
+        except BaseException:
+            blobs.discard([s for s in got if isinstance(s, StagedBlob)])
+            raise
+        published = blobs.publish(staged)
+        for i, r in zip(owner, published, strict=True):
+            if isinstance(r, StoreIOError) and results[i] is None:
+                results[i] = self._write_error(r)
+        todo = [i for i, r in enumerate(results) if r is None]
+        entries = [
+            (ds, item.path, item.name, [s.manifest() for s in item.slots], item.metadata)
+            for ds, item in (items[i] for i in todo)
+        ]
+        try:
+            upserted = store.catalog.upsert_items(entries)
+        except sqlite3.Error as e:  # locked past busy_timeout, disk full, I/O error
+            for i in todo:
+                results[i] = RetriableError(f"local store catalog at {self.root} failed: {e}")
+        else:
+            for i, u in zip(todo, upserted, strict=True):
+                key = items[i][1].key
+                if isinstance(u, Exception):  # bad name or path, metadata not JSON
+                    results[i] = PermanentError(f"cannot store item {key}: {u}")
+                else:
+                    results[i] = PutResult(backend_id=key, version=u[0], changed=u[1])
+        return [r for r in results if r is not None]
 
     def _put_sync(
         self, dataset: str, item: ItemPayload, files: list[FilePayload]
@@ -193,3 +279,8 @@ class LocalSink:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+
+
+def _local_only(item: ItemPayload) -> bool:
+    """Every file of the item is a local path or a reference (nothing is streamed)."""
+    return all(f.opener is None for slot in item.slots for f in slot.files)

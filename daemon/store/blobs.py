@@ -12,22 +12,32 @@ throughput (10 KB files, 8 threads, ext4: 3,940 vs 3,390 files/s), because it ne
 second journal commit per file. Skipping it only matters on power loss, and even then
 the rename is ordered: ext4 and XFS commit metadata in order, so the next fsync on the
 filesystem (another blob's, the catalog's or the ledger's) persists it.
+
+Many small blobs at once (`stage` each, then one `publish`): the temp files are written
+without syncing, their writeback is started together (sync_file_range on Linux), then
+they are fsynced on a few threads at once, so that one journal commit covers the group,
+and renamed. A group of 64 10 KB files takes ~3 ms to sync here, against ~0.4 ms per
+file for put_file's fsync one by one. Every blob is still fsynced before it gets its
+final name, and before any catalog entry that refers to it is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
-import io
 import itertools
 import os
 import re
 import secrets
+import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 CHUNK = 1 << 20
 _IOV_MAX = 1024  # Linux's limit on buffers per writev
@@ -41,9 +51,74 @@ _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _LIVE_TOKENS: set[str] = set()
 _LIVE_TOKENS_LOCK = threading.Lock()
 
-# One reusable 1 MiB buffer per thread: allocating (and zeroing) a fresh one per file
-# would cost more than copying a small file.
-_buffers = threading.local()
+
+def _writeback_starter() -> Callable[[int], None] | None:
+    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) where the C library has it: start
+    writing a file's dirty pages without waiting (a hint; durability still comes from
+    fsync). None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int) -> None:
+        fn(fd, 0, 0, write)  # a failure only means fsync does all the work
+
+    return start
+
+
+_start_writeback = _writeback_starter()
+
+# A group's fsyncs run on a few threads at once. On ext4 an fsync that finds its file's
+# metadata already committed by an earlier one still flushes the disk's cache, one flush
+# per file, whereas fsyncs issued while a commit runs share that commit's single flush
+# (64 new 10 KB files: 2 ms on 8 threads vs 6-9 ms one after the other).
+GROUP_THREADS = 8
+_group_pool: ThreadPoolExecutor | None = None
+_group_pool_lock = threading.Lock()
+
+T = TypeVar("T")
+
+
+def _on_threads(fn: Callable[[int], T], n: int, threads: int) -> list[T | Exception]:
+    """fn(0) .. fn(n - 1) on up to `threads` threads (this one included); each result
+    or the Exception it raised, in order. Returns once every call has returned."""
+    out: list[T | Exception | None] = [None] * n
+
+    def part(indices: range) -> None:
+        for i in indices:
+            try:
+                out[i] = fn(i)
+            except Exception as e:
+                out[i] = e
+
+    k = max(1, min(threads, n, GROUP_THREADS))
+    futures = []
+    if k > 1:
+        global _group_pool
+        with _group_pool_lock:
+            if _group_pool is None:
+                _group_pool = ThreadPoolExecutor(
+                    GROUP_THREADS - 1, thread_name_prefix="ingestd-blobs"
+                )
+        for j in range(1, k):
+            try:
+                futures.append(_group_pool.submit(part, range(j, n, k)))
+            except RuntimeError:  # the interpreter is shutting down: no new threads
+                part(range(j, n, k))
+    try:
+        part(range(0, n, k))
+    finally:
+        for f in futures:
+            f.exception()  # wait: no call may outlive this one
+    for f in futures:
+        f.result()  # a BaseException from a helper thread
+    return out  # type: ignore[return-value]
 
 
 class DigestMismatch(Exception):
@@ -75,11 +150,16 @@ def check_digest(digest: str) -> str:
     return digest
 
 
-def _buffer() -> bytearray:
-    buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = bytearray(CHUNK)
-    return buf
+@dataclass(slots=True)
+class StagedBlob:
+    """A blob's bytes in a temp file, not yet fsynced nor under its final name: pass it
+    to `BlobStore.publish` (or `discard`)."""
+
+    digest: str
+    size: int
+    tmp: str
+    final: str
+    fd: int  # the temp file, open for writing; -1 once closed
 
 
 def fsync_dir(path: Path) -> None:
@@ -101,7 +181,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _store_error(exc: OSError, path: Path) -> StoreIOError:
+def _store_error(exc: OSError, path: str | Path) -> StoreIOError:
     return StoreIOError(exc.errno or errno.EIO, exc.strerror or str(exc), str(path))
 
 
@@ -113,6 +193,10 @@ class BlobStore:
         self.root = Path(root)
         self._blobs = self.root / "blobs" / "sha256"
         self._tmp = self.root / "tmp"
+        # Plain strings for the per-put paths: pathlib costs ~10 us per join, which at
+        # thousands of small files per second is a real share of a put.
+        self._blobs_s = str(self._blobs) + os.sep
+        self._tmp_s = str(self._tmp) + os.sep
         self._token = secrets.token_hex(4)
         self._serial = itertools.count()  # next() on it is atomic under the GIL
         self._prepare_dirs()
@@ -160,11 +244,18 @@ class BlobStore:
     # --- lookups ---------------------------------------------------------------------
 
     def path(self, digest: str) -> Path:
+        return Path(self.path_str(digest))
+
+    def path_str(self, digest: str) -> str:
+        """`path` as a string (cheaper, for the hot paths)."""
         hexd = check_digest(digest)[7:]
-        return self._blobs / hexd[:2] / hexd
+        return f"{self._blobs_s}{hexd[:2]}{os.sep}{hexd}"
 
     def has(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+        return os.path.isfile(self.path_str(digest))
+
+    def _tmp_name(self) -> str:
+        return f"{self._tmp_s}{os.getpid()}-{self._token}-{next(self._serial)}.tmp"
 
     def digests(self) -> Iterator[str]:
         for shard in sorted(os.listdir(self._blobs)):
@@ -200,9 +291,30 @@ class BlobStore:
         """Copy `src` into the store. Errors reading the source propagate as they are
         (FileNotFoundError, PermissionError, ...); errors writing the store raise
         StoreIOError; bytes that differ from the expected ones raise DigestMismatch."""
+        staged = self.stage(src, expected_digest, expected_size)
+        if isinstance(staged, BlobWrite):
+            return staged
+        if expected_digest is None and os.path.isfile(staged.final):
+            self.discard([staged])
+            return BlobWrite(staged.digest, staged.size, created=False)
+        (result,) = self.publish([staged])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def stage(
+        self,
+        src: str | Path,
+        expected_digest: str | None = None,
+        expected_size: int | None = None,
+    ) -> StagedBlob | BlobWrite:
+        """The first half of a put: copy `src` to a temp file, hashing and checking it on
+        the way, without syncing. Returns a BlobWrite (created=False) when the store holds
+        `expected_digest` already, else a StagedBlob to `publish` (or `discard`). Raises
+        as put_file does; nothing is left behind when it raises."""
         if expected_digest is not None:
             try:
-                stored_size = self.path(expected_digest).stat().st_size
+                stored_size = os.stat(self.path_str(expected_digest)).st_size
             except FileNotFoundError:
                 pass
             else:
@@ -213,58 +325,90 @@ class BlobStore:
                         raise DigestMismatch(f"{expected_size} bytes", f"{size} bytes", "size")
                 return BlobWrite(expected_digest, stored_size, created=False)
 
-        with open(src, "rb", buffering=0) as source:
-            tmp = self._tmp / f"{os.getpid()}-{self._token}-{next(self._serial)}.tmp"
+        source = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            tmp = self._tmp_name()
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             except OSError as e:
                 raise _store_error(e, tmp) from e
             try:
-                digest, size = self._copy(source, fd, tmp)
+                digest, size = _copy(source, fd, tmp)
                 if expected_digest is not None and digest != expected_digest:
                     raise DigestMismatch(expected_digest, digest)
                 if expected_size is not None and size != expected_size:
                     raise DigestMismatch(f"{expected_size} bytes", f"{size} bytes", "size")
-                final = self.path(digest)
-                # With an expected digest, existence was checked just before the copy.
-                if expected_digest is None and final.is_file():
-                    os.unlink(tmp)
-                    return BlobWrite(digest, size, created=False)
-                try:
-                    # Two writers of the same new bytes may both get here; rename replaces
-                    # identical content atomically, so both report created=True.
-                    os.rename(tmp, final)
-                except OSError as e:
-                    raise _store_error(e, final) from e
-                return BlobWrite(digest, size, created=True)
+                return StagedBlob(digest, size, tmp, self.path_str(digest), fd)
             except BaseException:
+                os.close(fd)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
                 raise
-            finally:
-                os.close(fd)
+        finally:
+            os.close(source)
+
+    def stage_many(
+        self, files: Sequence[tuple[str | Path, str | None, int | None]]
+    ) -> list[StagedBlob | BlobWrite | Exception]:
+        """`stage` for many (src, expected_digest, expected_size): each result, or the
+        exception stage raised. One after the other: copies on several threads were
+        slower here (more CPU, no less wall time), unlike fsyncs."""
+        out: list[StagedBlob | BlobWrite | Exception] = []
+        try:
+            for src, digest, size in files:
+                try:
+                    out.append(self.stage(src, digest, size))
+                except Exception as e:
+                    out.append(e)
+        except BaseException:
+            self.discard([s for s in out if isinstance(s, StagedBlob)])
+            raise
+        return out
+
+    def publish(self, staged: Sequence[StagedBlob]) -> list[BlobWrite | StoreIOError]:
+        """The second half of a put, for many staged blobs at once: fsync each, then
+        rename it into place. One blob's failure (disk full, I/O error) is returned in
+        its place and leaves no temp file; the others go ahead. Closes every temp file."""
+        out: list[BlobWrite | StoreIOError] = []
+        try:
+            if _start_writeback is not None and len(staged) > 1:
+                for s in staged:
+                    _start_writeback(s.fd)
+            synced = _on_threads(lambda i: os.fsync(staged[i].fd), len(staged), len(staged) // 4)
+            for s, fsync_error in zip(staged, synced, strict=True):
+                try:
+                    try:
+                        if isinstance(fsync_error, OSError):
+                            raise _store_error(fsync_error, s.tmp) from fsync_error
+                    finally:
+                        fd, s.fd = s.fd, -1
+                        os.close(fd)
+                    try:
+                        # Two writers of the same new bytes may both get here; rename
+                        # replaces identical content atomically, so both say created.
+                        os.rename(s.tmp, s.final)
+                    except OSError as e:
+                        raise _store_error(e, s.final) from e
+                except StoreIOError as e:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(s.tmp)
+                    out.append(e)
+                else:
+                    out.append(BlobWrite(s.digest, s.size, created=True))
+        except BaseException:
+            self.discard(staged[len(out) :])
+            raise
+        return out
 
     @staticmethod
-    def _copy(source: io.FileIO, fd: int, tmp: Path) -> tuple[str, int]:
-        """Stream `source` into `fd` in CHUNK-sized pieces, hashing on the way; fsync."""
-        buf = _buffer()
-        view = memoryview(buf)
-        h = hashlib.sha256()
-        size = 0
-        while n := source.readinto(buf):
-            chunk = view[:n]
-            h.update(chunk)
-            try:
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk) :]
-            except OSError as e:
-                raise _store_error(e, tmp) from e
-            size += n
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            raise _store_error(e, tmp) from e
-        return "sha256:" + h.hexdigest(), size
+    def discard(staged: Iterable[StagedBlob]) -> None:
+        """Drop staged blobs that will not be published."""
+        for s in staged:
+            if s.fd >= 0:
+                fd, s.fd = s.fd, -1
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(s.tmp)
 
     # --- streaming writers (for bytes that arrive in pieces, e.g. an HTTP body) -------
 
@@ -274,7 +418,7 @@ class BlobStore:
         Its temp file follows put_file's naming, so the stale-temp cleanup on open treats
         both alike. Nothing touches the disk until the first `write`, so creating a writer
         is safe on an event loop; every other method does blocking I/O."""
-        return BlobWriter(self, self._tmp / f"{os.getpid()}-{self._token}-{next(self._serial)}.tmp")
+        return BlobWriter(self, Path(self._tmp_name()))
 
     def adopt(
         self, src: str | Path, expected_digest: str, actual_digest: str | None = None
@@ -315,6 +459,30 @@ class BlobStore:
         except OSError as e:
             raise _store_error(e, final) from e
         return BlobWrite(expected_digest, size, created=True)
+
+
+def _copy(source: int, fd: int, tmp: str) -> tuple[str, int]:
+    """Copy the file `source` into `fd`, hashing on the way (no fsync).
+
+    Reads into a buffer sized to the file (at most CHUNK), made per call: a small file
+    costs a small allocation, and no buffer outlives the copy (a per-thread 1 MiB buffer
+    stayed resident in every thread that ever copied)."""
+    # +1: a file that grew is noticed by the first read; 64 KiB at least, for pipes and
+    # files that report no size.
+    buf = bytearray(min(CHUNK, max(os.fstat(source).st_size + 1, 1 << 16)))
+    view = memoryview(buf)
+    h = hashlib.sha256()
+    size = 0
+    while n := os.readv(source, (buf,)):
+        chunk = view[:n]
+        h.update(chunk)
+        try:
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+        except OSError as e:
+            raise _store_error(e, tmp) from e
+        size += n
+    return "sha256:" + h.hexdigest(), size
 
 
 class BlobWriter:

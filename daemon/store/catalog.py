@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,36 +188,71 @@ class Catalog:
             conn.execute(
                 "INSERT OR IGNORE INTO datasets (name, created_at) VALUES (?, ?)", (dataset, now)
             )
-            row = conn.execute(
-                "SELECT version, slots, metadata FROM items "
-                "WHERE dataset = ? AND path = ? AND name = ?",
-                (dataset, path, name),
-            ).fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO items (dataset, path, name, key, version, slots, metadata, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
-                    (
-                        dataset,
-                        path,
-                        name,
-                        item_key(path, name),
-                        slots_json,
-                        metadata_json,
-                        now,
-                        now,
-                    ),
+            return self._upsert(conn, dataset, path, name, slots_json, metadata_json, now)
+
+    def upsert_items(
+        self,
+        items: Sequence[tuple[str, str, str, list[dict[str, Any]], dict[str, Any]]],
+    ) -> list[tuple[int, bool] | ValueError | TypeError]:
+        """`upsert_item` for many (dataset, path, name, slots, metadata) in one
+        transaction: per item its (version, changed), or the ValueError/TypeError that
+        rejected it (bad path or name, metadata not JSON), which leaves the others alone.
+        A SQLite error fails the whole batch and rolls it back. The same key twice in one
+        batch behaves as two upserts in a row."""
+        out: list[tuple[int, bool] | ValueError | TypeError] = []
+        rows: list[tuple[int, str, str, str, str, str]] = []
+        for i, (dataset, path, name, slots, metadata) in enumerate(items):
+            try:
+                check_item_path(path, name)
+                rows.append(
+                    (i, dataset, path, name, canonical_json(slots), canonical_json(metadata))
                 )
-                return 1, True
-            if row["slots"] == slots_json and row["metadata"] == metadata_json:
-                return row["version"], False
-            version = row["version"] + 1
-            conn.execute(
-                "UPDATE items SET version = ?, slots = ?, metadata = ?, updated_at = ? "
-                "WHERE dataset = ? AND path = ? AND name = ?",
-                (version, slots_json, metadata_json, now, dataset, path, name),
+            except (ValueError, TypeError) as e:
+                out.append(e)
+                continue
+            out.append((0, False))  # replaced below
+        if not rows:
+            return out
+        now = _now()
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO datasets (name, created_at) VALUES (?, ?)",
+                [(d, now) for d in {r[1] for r in rows}],
             )
-            return version, True
+            for i, dataset, path, name, slots_json, metadata_json in rows:
+                out[i] = self._upsert(conn, dataset, path, name, slots_json, metadata_json, now)
+        return out
+
+    @staticmethod
+    def _upsert(
+        conn: sqlite3.Connection,
+        dataset: str,
+        path: str,
+        name: str,
+        slots_json: str,
+        metadata_json: str,
+        now: str,
+    ) -> tuple[int, bool]:
+        row = conn.execute(
+            "SELECT version, slots, metadata FROM items WHERE dataset = ? AND path = ? AND name = ?",
+            (dataset, path, name),
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO items (dataset, path, name, key, version, slots, metadata, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                (dataset, path, name, item_key(path, name), slots_json, metadata_json, now, now),
+            )
+            return 1, True
+        if row[1] == slots_json and row[2] == metadata_json:
+            return row[0], False
+        version = row[0] + 1
+        conn.execute(
+            "UPDATE items SET version = ?, slots = ?, metadata = ?, updated_at = ? "
+            "WHERE dataset = ? AND path = ? AND name = ?",
+            (version, slots_json, metadata_json, now, dataset, path, name),
+        )
+        return version, True
 
     def delete_item(self, dataset: str, path: str, name: str) -> bool:
         with self._write() as conn:
