@@ -359,10 +359,11 @@ class Ledger:
         def op(conn: sqlite3.Connection) -> str:
             _put_entries(conn, watch, entries)
             row = conn.execute(
-                "SELECT desired_fp, status, error_kind FROM items WHERE watch=? AND source_id=?",
+                "SELECT desired_fp, status, dataset FROM items WHERE watch=? AND source_id=?",
                 (watch, plan.source_id),
             ).fetchone()
-            if row and row[0] == plan.fingerprint and row[1] != DELETED:
+            # The dataset is the watch's, not part of the plan: an edit of it is a change.
+            if row and row[0] == plan.fingerprint and row[1] != DELETED and row[2] == dataset:
                 return "unchanged"
             error, kind = _plan_problem(conn, watch, dataset, plan, check_types, type_of)
             status = FAILED if error else PENDING

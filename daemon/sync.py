@@ -44,7 +44,15 @@ from daemon.errors import (
 from daemon.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
 from daemon.media.detect import type_of_prefix
 from daemon.media.transform import MediaSettings, transform_slot, transforms
-from daemon.model import FilePayload, ItemPayload, ItemPlan, PlannedFile, PlannedSlot, SlotPayload
+from daemon.model import (
+    FilePayload,
+    ItemPayload,
+    ItemPlan,
+    PlannedFile,
+    PlannedSlot,
+    SlotPayload,
+    item_key,
+)
 from daemon.plan.fingerprint import fingerprint
 from daemon.sinks.base import BatchPutter, MetadataUpdater, PutResult, Sink
 from daemon.sources.bucket_poll import StoreHandle
@@ -89,6 +97,7 @@ class WatchSide:
     store: StoreHandle | None = None  # bucket watches: where the objects are read
     # Bucket watches: None follows the sink (register where it takes remote URLs).
     transfer: Transfer | None = None
+    on_delete: Literal["keep", "delete"] = "keep"  # also for an item an edit moved
 
     async def close(self) -> None:
         if self.store is not None:
@@ -102,9 +111,13 @@ def side_for(watch: Watch, deid_key: bytes | None) -> WatchSide:
     )
     url = watch.bucket
     if url is None:
-        return WatchSide(watch.source, watch.settle, watch.follow_symlinks, media)
+        return WatchSide(
+            watch.source, watch.settle, watch.follow_symlinks, media, on_delete=watch.on_delete
+        )
     store = StoreHandle(url, watch.source_options)
-    return WatchSide(str(url), watch.settle, False, media, store, watch.transfer)
+    return WatchSide(
+        str(url), watch.settle, False, media, store, watch.transfer, on_delete=watch.on_delete
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +433,8 @@ class SyncPool:
         side = self.watches.get(claim.watch)
         if plan is None or side is None or side.store is not None or claim.key_owner:
             return False
+        if old_place(claim) is not None:  # rare; the per-item path handles the move
+            return False
         media = side.media
         if media is not None and any(transforms(s.type, media) for s in plan.slots):
             return False
@@ -547,7 +562,8 @@ class SyncPool:
                 assert claim.plan is not None
                 source_key, digests = h
                 synced = claim.synced_manifest
-                if synced is not None and synced.get("source_key") == source_key:
+                if _unchanged(claim, source_key):
+                    assert synced is not None
                     glog.debug("unchanged content, nothing sent", watch=claim.watch, item=claim.key)
                     op = Ledger.op_synced(claim, synced, claim.backend_id, time.time())
                     done[i] = Outcome(claim, "unchanged"), op
@@ -571,7 +587,7 @@ class SyncPool:
                     bytes=size,
                     changed=result.changed,
                 )
-                manifest = {**payload.manifest(), "source_key": source_key}
+                manifest = _synced_manifest(payload, source_key, claim.dataset)
                 recorded.append((claim, manifest, result.backend_id))
                 done[i] = Outcome(claim, "synced", bytes=size), None
         synced = Ledger.op_synced_many(recorded, time.time()) if recorded else None
@@ -628,7 +644,8 @@ class SyncPool:
                 raise _Conflict(key_conflict_reason(claim.key, claim.source_id, claim.key_owner))
             source_key, digests = await self._source_key(side, claim.plan)
             synced = claim.synced_manifest
-            if synced is not None and synced.get("source_key") == source_key:
+            if _unchanged(claim, source_key):
+                assert synced is not None
                 # touched, or re-planned with identical content: nothing to send
                 bound.debug("unchanged content, nothing sent")
                 op = Ledger.op_synced(claim, synced, claim.backend_id, now())
@@ -657,7 +674,8 @@ class SyncPool:
                             await asyncio.to_thread(shutil.rmtree, spool, True)
             size = _payload_bytes(payload)
             bound.info("synced", version=result.version, bytes=size, changed=result.changed)
-            manifest = {**payload.manifest(), "source_key": source_key}
+            await self._drop_old_place(sink, claim, side, bound)
+            manifest = _synced_manifest(payload, source_key, claim.dataset)
             op = Ledger.op_synced(claim, manifest, result.backend_id, now())
             return Outcome(claim, "synced", bytes=size), op
         except (SyncError, Abandoned) as e:
@@ -713,7 +731,9 @@ class SyncPool:
         bound: structlog.typing.FilteringBoundLogger,
     ) -> PutResult:
         """One item to `sink` (the caller holds a sink slot)."""
-        synced = claim.synced_manifest
+        # An item an edit moved is new where it goes: no update in place, and what the
+        # old place held says nothing about the new one.
+        synced = claim.synced_manifest if old_place(claim) is None else None
         if _updates_metadata(sink, synced, payload):
             # Same bytes, new metadata (e.g. a sidecar edit): no re-upload.
             assert isinstance(sink, MetadataUpdater)
@@ -794,6 +814,37 @@ class SyncPool:
             )
         return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
 
+    async def _drop_old_place(
+        self,
+        sink: Sink,
+        claim: Claim,
+        side: WatchSide,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """An edit moved the item (dataset, path or name): with on_delete: delete, the
+        item at its old place goes now that the new one is in. A failure leaves it there
+        and says so; the item itself is synced."""
+        old = old_place(claim)
+        if old is None or side.on_delete != "delete" or not sink.capabilities.delete:
+            return
+        dataset, path, name = old
+        try:
+            async with self._slots:
+                await sink.delete_item(dataset, path, name)
+        except SyncError as e:
+            bound.warning(
+                "the item moved; its old copy could not be deleted, delete it by hand",
+                old_dataset=dataset,
+                old_key=item_key(path, name),
+                reason=e.reason,
+            )
+            return
+        bound.info(
+            "the item moved; deleted its old copy (on_delete: delete)",
+            old_dataset=dataset,
+            old_key=item_key(path, name),
+        )
+
     async def _delete(
         self, claim: Claim, bound: structlog.typing.FilteringBoundLogger
     ) -> tuple[Outcome, LedgerOp]:
@@ -801,7 +852,7 @@ class SyncPool:
         sink = self.sink
         if m is not None and sink.capabilities.delete:
             async with self._slots:
-                await sink.delete_item(claim.dataset, m["path"], m["name"])
+                await sink.delete_item(m.get("dataset", claim.dataset), m["path"], m["name"])
             bound.info("deleted from the dataset (on_delete: delete)")
         return Outcome(claim, "deleted"), Ledger.op_synced(claim, None, None, time.time())
 
@@ -1015,6 +1066,30 @@ def _updates_metadata(sink: Sink, synced: Mapping[str, Any] | None, payload: Ite
         and isinstance(sink, MetadataUpdater)
         and _metadata_only(synced, payload)
     )
+
+
+def _synced_manifest(payload: ItemPayload, source_key: str, dataset: str) -> dict[str, Any]:
+    """What the ledger records of a synced item: its content identity, the key of what
+    it was made from, and where it went (to tell when an edit moves it)."""
+    return {**payload.manifest(), "source_key": source_key, "dataset": dataset}
+
+
+def _unchanged(claim: Claim, source_key: str) -> bool:
+    """The sink already holds exactly this, at this place: nothing to send."""
+    synced = claim.synced_manifest
+    return (
+        synced is not None and synced.get("source_key") == source_key and old_place(claim) is None
+    )
+
+
+def old_place(claim: Claim) -> tuple[str, str, str] | None:
+    """(dataset, path, name) the item was synced to, when an edit has moved it since
+    (manifests recorded before datasets were recorded count as the same dataset)."""
+    m = claim.synced_manifest
+    if m is None or claim.plan is None or "path" not in m:
+        return None
+    old = (str(m.get("dataset", claim.dataset)), str(m["path"]), str(m["name"]))
+    return None if old == (claim.dataset, claim.plan.path, claim.plan.name) else old
 
 
 def _plan_bytes(plan: ItemPlan) -> int:

@@ -269,3 +269,33 @@ def test_an_edit_of_item_settings_applies_to_items_already_synced(env: Env) -> N
         lambda: all(i["metadata"] == {"site": "east"} for i in env.items_by_key().values()),
         what="the edit made while the daemon was down",
     )
+
+
+@pytest.mark.parametrize("on_delete", ["keep", "delete"])
+def test_an_edit_that_moves_items_follows_on_delete(env: Env, on_delete: str) -> None:
+    drop = env.drop()
+    env.write_config(
+        [{"name": "w", "source": str(drop), "dataset": "ds", "path": "/in", "on_delete": on_delete}]
+    )
+    (drop / "sub").mkdir()
+    (drop / "a.dat").write_bytes(b"a")
+    (drop / "sub" / "b.dat").write_bytes(b"b")
+    env.start()
+    first = {"/in/a.dat", "/in/sub/b.dat"}
+    wait_for(lambda: set(env.items_by_key("ds")) == first, what="the first items")
+
+    _edit(env, lambda d: d["watches"][0].update(path="/moved"))
+    moved = {"/moved/a.dat", "/moved/sub/b.dat"}
+    if on_delete == "delete":
+        wait_for(lambda: set(env.items_by_key("ds")) == moved, what="the items moved")
+    else:
+        wait_for(lambda: set(env.items_by_key("ds")) == first | moved, what="copies at /moved")
+    wait_for(lambda: env.watch_status()["pending"] == 0, what="nothing left to do")
+    assert env.watch_status()["synced"] == 2
+
+    _edit(env, lambda d: d["watches"][0].update(dataset="ds2"))
+    wait_for(lambda: set(env.items_by_key("ds2")) == moved, what="the items in the new dataset")
+    wait_for(lambda: env.watch_status()["pending"] == 0, what="nothing left to do")
+    left = set(env.items_by_key("ds"))
+    assert left == (set() if on_delete == "delete" else first | moved)
+    assert env.stop() == 0
