@@ -7,12 +7,14 @@ step can test for them instead of guessing (rclone-backend style).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import aiofiles
 
+from daemon.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from daemon.model import FilePayload, ItemPayload
 
 
@@ -29,6 +31,26 @@ class PutResult:
     backend_id: str  # the backend's identity for the item (for later deletes/lookups)
     version: int  # the backend's version of the item after the put (1 when created)
     changed: bool  # False when the backend already held exactly this item
+
+
+def read_error(where: str, e: OSError) -> SyncError:
+    """A local read failure in the terms the sync step understands: the file went away
+    (wait for it to settle again), cannot be read (the operator must fix permissions), or
+    the disk failed (may clear up)."""
+    if isinstance(e, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return SourceChangedError(f"{where} vanished before it was sent")
+    if isinstance(e, PermissionError):
+        return PermanentError(f"cannot read {where}: permission denied; fix its permissions")
+    return RetriableError(f"cannot read {where}: {e.strerror or e}")
+
+
+@contextlib.contextmanager
+def reading(where: str) -> Iterator[None]:
+    """Raise read_error for an OSError while reading `where`."""
+    try:
+        yield
+    except OSError as e:
+        raise read_error(where, e) from e
 
 
 async def read_chunks(f: FilePayload, chunk: int = 1 << 20) -> AsyncIterator[bytes]:

@@ -58,7 +58,7 @@ import structlog
 from daemon.config import DarwinBackend
 from daemon.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from daemon.model import FilePayload, ItemPayload, SlotPayload, item_key
-from daemon.sinks.base import Capabilities, PutResult, read_chunks
+from daemon.sinks.base import Capabilities, PutResult, read_chunks, read_error
 from daemon.sinks.platform import Answer, PlatformClient
 
 log = structlog.get_logger("ingestd.sink.darwin")
@@ -190,14 +190,8 @@ async def _checked(f: FilePayload, check: _Check) -> AsyncIterator[bytes]:
             if held:
                 yield held
             held = block
-    except FileNotFoundError as e:
-        raise check.fail(SourceChangedError(f"{where} vanished before it was sent")) from e
-    except PermissionError as e:
-        raise check.fail(
-            PermanentError(f"cannot read {where}: permission denied; fix its permissions")
-        ) from e
     except OSError as e:
-        raise check.fail(RetriableError(f"cannot read {where}: {e.strerror or e}")) from e
+        raise check.fail(read_error(where, e)) from e
     if seen != f.size:
         raise check.fail(
             SourceChangedError(f"{where} shrank after it was hashed ({seen} of {f.size} bytes)")

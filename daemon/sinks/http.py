@@ -29,7 +29,7 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from functools import partial
@@ -45,7 +45,7 @@ from yarl import URL
 
 from daemon.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from daemon.model import FilePayload, ItemPayload, item_key
-from daemon.sinks.base import Capabilities, PutResult, read_chunks
+from daemon.sinks.base import Capabilities, PutResult, read_chunks, reading
 
 log = structlog.get_logger("ingestd.sink.http")
 
@@ -141,19 +141,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - now)
 
 
-@contextlib.contextmanager
-def _reading(path: str) -> Iterator[None]:
-    """Translate local read errors into what the sync step understands."""
-    try:
-        yield
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        raise SourceChangedError(f"{path} vanished before it was sent") from e
-    except PermissionError as e:
-        raise PermanentError(f"cannot read {path}: permission denied; fix its permissions") from e
-    except OSError as e:  # e.g. EIO on the source disk: may clear up
-        raise RetriableError(f"cannot read {path}: {e.strerror or e}") from e
-
-
 def _label(f: FilePayload) -> str:
     """The file as messages name it: its path, or the object a stream comes from."""
     return f.local_path or getattr(f.opener, "where", None) or f.name
@@ -198,7 +185,7 @@ _FileHandle = aiofiles.threadpool.binary.AsyncBufferedReader | _StreamReader
 def _read_small(f: FilePayload) -> bytes:
     """A file of at most READ_CHUNK bytes in one go (blocking: run in a thread). One
     thread hop instead of four matters at thousands of small files per second."""
-    with _reading(f.local_path), open(f.local_path, "rb") as fh:
+    with reading(f.local_path), open(f.local_path, "rb") as fh:
         data = fh.read(f.size + 1)
     if len(data) != f.size:
         raise SourceChangedError(
@@ -232,7 +219,7 @@ class _FileBody:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            with _reading(_label(self.f)):
+            with reading(_label(self.f)):
                 await self.fh.seek(self.offset)
                 remaining = self.length
                 while remaining > 0:
@@ -703,7 +690,7 @@ class HttpSink:
         """Open a file for one attempt, checking it still has the size that was hashed."""
         if f.opener is not None:
             return _StreamReader(f)  # its size is checked by the server's digest check
-        with _reading(f.local_path):
+        with reading(f.local_path):
             fh = await aiofiles.open(f.local_path, "rb")
             try:
                 size = os.fstat(fh.fileno()).st_size

@@ -55,7 +55,7 @@ import structlog
 from daemon.config import LabelboxBackend
 from daemon.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from daemon.model import FilePayload, ItemPayload, SlotPayload, item_key
-from daemon.sinks.base import Capabilities, PutResult, read_chunks
+from daemon.sinks.base import Capabilities, PutResult, read_chunks, reading
 from daemon.sinks.platform import Answer, PlatformClient, RateLimiter
 
 log = structlog.get_logger("ingestd.sink.labelbox")
@@ -282,21 +282,6 @@ def _assets(item: ItemPayload) -> list[_Asset]:
 # --- reading local bytes ---------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _reading(where: str) -> Iterator[None]:
-    """Local read errors in the terms the sync step understands."""
-    try:
-        yield
-    except SyncError:
-        raise
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        raise SourceChangedError(f"{where} vanished before it was sent") from e
-    except PermissionError as e:
-        raise PermanentError(f"cannot read {where}: permission denied; fix its permissions") from e
-    except OSError as e:
-        raise RetriableError(f"cannot read {where}: {e.strerror or e}") from e
-
-
 @dataclass(slots=True)
 class _Stream:
     """The upload body of one file: multipart head, the file's bytes as they are read,
@@ -324,7 +309,7 @@ class _Stream:
         h = hashlib.sha256()
         n = 0
         try:
-            with _reading(where):
+            with reading(where):
                 async for block in read_chunks(f):
                     n += len(block)
                     if n > f.size:

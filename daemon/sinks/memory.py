@@ -16,7 +16,7 @@ from typing import Any
 
 from daemon.errors import PermanentError, SourceChangedError
 from daemon.model import FilePayload, ItemPayload, item_key
-from daemon.sinks.base import Capabilities, PutResult, read_chunks
+from daemon.sinks.base import Capabilities, PutResult, read_chunks, reading
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -99,15 +99,8 @@ class MemorySink:
             if digest != f.digest or len(data) != f.size:
                 raise SourceChangedError(f"{where} changed after it was hashed")
             return data
-        try:
-            with open(f.local_path, "rb") as fh:
-                data = fh.read()
-        except (FileNotFoundError, NotADirectoryError) as e:
-            raise SourceChangedError(f"{f.local_path} vanished before it was sent") from e
-        except PermissionError as e:
-            raise PermanentError(
-                f"cannot read {f.local_path}: permission denied; fix its permissions"
-            ) from e
+        with reading(f.local_path), open(f.local_path, "rb") as fh:
+            data = fh.read()
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if digest != f.digest or len(data) != f.size:
             raise SourceChangedError(

@@ -57,7 +57,7 @@ from PIL import Image, ImageFile
 from daemon.config import NucleusBackend
 from daemon.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from daemon.model import FilePayload, ItemPayload, SlotPayload, item_key
-from daemon.sinks.base import Capabilities, PutResult, read_chunks
+from daemon.sinks.base import Capabilities, PutResult, read_chunks, read_error
 from daemon.sinks.platform import Answer, PlatformClient
 
 log = structlog.get_logger("ingestd.sink.nucleus")
@@ -863,14 +863,8 @@ class NucleusSink:
                     yield chunk
             except SyncError:
                 raise
-            except (FileNotFoundError, NotADirectoryError) as e:
-                raise SourceChangedError(f"{where} vanished before it was sent") from e
-            except PermissionError as e:
-                raise PermanentError(
-                    f"cannot read {where}: permission denied; fix its permissions"
-                ) from e
             except OSError as e:
-                raise RetriableError(f"cannot read {where}: {e.strerror or e}") from e
+                raise read_error(where, e) from e
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a streamed source's own failure (object changed, ...)
