@@ -40,7 +40,7 @@ from daemon.sinks.local import LocalSink
 from daemon.sources.objects import BucketError
 from daemon.status import status_data, write_rejected
 from daemon.sync import Outcome, SyncPool, WatchSide, side_for
-from daemon.watch import WatchRunner, make_runner
+from daemon.watch import WatchRunner, make_runner, runner_stats
 
 if TYPE_CHECKING:
     from daemon.control import ControlServer
@@ -424,14 +424,7 @@ class App:
         return n
 
     def watch_stats(self) -> dict[str, dict[str, float]]:
-        return {
-            name: {
-                "files_seen": float(getattr(r, "files_seen", 0)),
-                "scans": float(r.scans),
-                "overflows": float(r.overflows),
-            }
-            for name, r in self.runners.items()
-        }
+        return runner_stats(self.runners)
 
     def queue_depth(self) -> int:
         return self.pool.inflight if self.pool is not None else 0

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -459,6 +459,19 @@ class WatchRunner:
             self._on_planned()
         if full_pass and await self.ledger.write(Ledger.op_set_problem(w.name, None, now)):
             self.log.info("watch healthy again")
+
+
+def runner_stats(runners: Mapping[str, WatchRunner]) -> dict[str, dict[str, float]]:
+    """Per watch: files seen, scans and overflows since its runner started (for /metrics
+    and the dashboard)."""
+    return {
+        name: {
+            "files_seen": float(r.files_seen),
+            "scans": float(r.scans),
+            "overflows": float(r.overflows),
+        }
+        for name, r in runners.items()
+    }
 
 
 def make_runner(

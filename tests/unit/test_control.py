@@ -29,7 +29,7 @@ from daemon.ledger import AsyncLedger
 from daemon.sinks.memory import MemorySink
 from daemon.status import status_data
 from daemon.sync import Outcome, SyncPool, side_for
-from daemon.watch import WatchRunner, make_runner
+from daemon.watch import WatchRunner, make_runner, runner_stats
 
 
 def write_jpeg(
@@ -105,14 +105,7 @@ class Daemon:
         return n
 
     def watch_stats(self) -> dict[str, dict[str, float]]:
-        return {
-            name: {
-                "files_seen": float(getattr(r, "files_seen", 0)),
-                "scans": float(r.scans),
-                "overflows": float(r.overflows),
-            }
-            for name, r in self.runners.items()
-        }
+        return runner_stats(self.runners)
 
     def queue_depth(self) -> int:
         return self.pool.inflight if self.pool is not None else 0
