@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import inspect
 import os
-import random
 import shutil
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from typing import Any, Literal
 
 import structlog
 
+from daemon.backoff import full_jitter
 from daemon.config import Watch
 from daemon.errors import (
     Abandoned,
@@ -76,11 +76,8 @@ GROUP_ITEMS = 64
 
 def backoff_delay(attempts: int, retry_after: float | None = None) -> float:
     """Exponential backoff with full jitter, capped, honouring a server's Retry-After."""
-    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempts, 20)))
-    delay = max(delay, 0.1)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, 3600.0))
-    return delay
+    honoured = None if retry_after is None else min(retry_after, 3600.0)
+    return max(full_jitter(attempts, BACKOFF_BASE, BACKOFF_CAP, honoured), 0.1)
 
 
 Transfer = Literal["copy", "register"]

@@ -43,6 +43,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from daemon.backoff import full_jitter
 from daemon.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from daemon.model import FilePayload, ItemPayload, item_key
 from daemon.sinks.base import Capabilities, PutResult, read_chunks, reading
@@ -878,10 +879,7 @@ class HttpSink:
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
         """Full jitter (AWS architecture blog): uniform in [0, min(cap, base·2^n)]."""
-        delay = random.uniform(0, self._step(failures))
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        return delay
+        return full_jitter(failures - 1, self.backoff_base, self.backoff_cap, retry_after)
 
     async def _retrying(
         self,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from daemon.backoff import full_jitter
 from daemon.errors import PermanentError, RetriableError
 from daemon.sinks.http import parse_retry_after
 
@@ -118,10 +118,7 @@ class PlatformClient:
             self._session = None
 
     def _delay(self, failures: int, retry_after: float | None) -> float:
-        delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (failures - 1)))
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        return delay
+        return full_jitter(failures - 1, self.backoff_base, self.backoff_cap, retry_after)
 
     async def request(
         self,
