@@ -242,6 +242,7 @@ class BucketWatchRunner(WatchRunner):
         self.failures = 0
         self._skipped_logged: set[str] = set()
         self._last_pass = 0.0
+        self._polling = 0
         self.log = log.bind(watch=watch.name)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -315,9 +316,23 @@ class BucketWatchRunner(WatchRunner):
     ) -> Awaitable[dict[str, tuple[int, int, str | None]]]:
         return self.ledger.call(self.ledger.sync.entries_between, self.watch.name, after, upto)
 
+    @property
+    def busy(self) -> bool:
+        # A pass takes objects out of `pending` before it plans them: without counting
+        # the pass itself, a one-pass sync could see nothing settling and nothing
+        # pending in between, and finish with the objects unplanned.
+        return bool(self._polling) or super().busy
+
     async def poll(self) -> bool:
         """One listing pass: plan what is ready, judge what is gone. Returns whether the
         listing completed; a failure becomes the watch's problem and is retried."""
+        self._polling += 1
+        try:
+            return await self._poll()
+        finally:
+            self._polling -= 1
+
+    async def _poll(self) -> bool:
         self.files.loop = asyncio.get_running_loop()
         self.scans += 1
         pass_no = self.scans

@@ -431,3 +431,22 @@ def test_an_older_ledger_gains_the_etag_column(tmp_path: Path) -> None:
     finally:
         ledger.close()
     Ledger(tmp_path).close()  # opening a migrated ledger again is a no-op
+
+
+async def test_a_pass_counts_as_busy_until_what_it_took_is_planned(make: Any) -> None:
+    # A one-pass sync waits while the runner is busy; a pass takes ready objects out of
+    # `pending` before it plans them, and that gap must not read as idle.
+    h = await make()
+    h.store.put("a.jpg", b"a", OLD)
+    seen: list[tuple[bool, int]] = []
+    plan = h.runner._plan
+
+    async def watching(work: Any) -> None:
+        seen.append((h.runner.busy, len(h.runner.pending)))
+        await plan(work)
+
+    h.runner._plan = watching  # type: ignore[method-assign]
+    assert await h.poll()
+    assert seen and all(busy for busy, _ in seen)
+    assert seen[0][1] == 0  # nothing left settling: only the pass says it is busy
+    assert not h.runner.busy
