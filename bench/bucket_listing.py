@@ -69,8 +69,8 @@ def child(variant: str, endpoint: str) -> None:
     else:
         import asyncio
 
-        from daemon.config import SourceOptions, parse_bucket_url
-        from daemon.sources.bucket import open_store
+        from ingestd.config import SourceOptions, parse_bucket_url
+        from ingestd.sources.bucket import open_store
 
         store = open_store(
             parse_bucket_url(f"s3://{BUCKET}/{PREFIX}"),

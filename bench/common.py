@@ -23,7 +23,7 @@ import yaml
 # with these scripts, to compare revisions on the same machine.
 REPO = Path(os.environ.get("INGESTD_BENCH_REPO") or Path(__file__).resolve().parents[1])
 PYTHON = sys.executable
-INGESTD = [PYTHON, "-m", "daemon.cli"]
+INGESTD = [PYTHON, "-m", "ingestd.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

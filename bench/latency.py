@@ -64,7 +64,7 @@ def one_run(ws: Workspace, i: int) -> dict[str, float]:
         source=drop,
         settle=f"{SETTLE}s",
     )
-    log = run / "daemon.log"
+    log = run / "ingestd.log"
     block = os.urandom(SIZE)
     with open(log, "wb") as fh:
         daemon = subprocess.Popen(
@@ -141,7 +141,7 @@ def main(runs: int | None = None) -> str:
         [
             f"### (c) event → synced latency, {RATE} files/s for {SECONDS} s, settle {SETTLE}s",
             "",
-            f"`.venv/bin/python bench/latency.py --runs {runs}` (runs `python -m daemon.cli run`,"
+            f"`.venv/bin/python bench/latency.py --runs {runs}` (runs `python -m ingestd.cli run`,"
             f" {SIZE // 1024} KB files written straight into the watched folder)",
             "",
             table(["latency", "ms (median of runs)", "ms (spread)"], rows),

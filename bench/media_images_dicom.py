@@ -27,8 +27,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from daemon.media.dicom import read_header, slice_order_key
-from daemon.media.images import prepare_image
+from ingestd.media.dicom import read_header, slice_order_key
+from ingestd.media.images import prepare_image
 
 DICOM_FILES = 1_000
 SERIES = 10  # 100 slices each

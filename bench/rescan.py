@@ -31,10 +31,10 @@ from common import (
     write_config,
 )
 
-from daemon import logs
-from daemon.config import load_config
-from daemon.ledger import AsyncLedger
-from daemon.watch import WatchRunner
+from ingestd import logs
+from ingestd.config import load_config
+from ingestd.ledger import AsyncLedger
+from ingestd.watch import WatchRunner
 
 FILES = 100_000
 PER_DIR = 100

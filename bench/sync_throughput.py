@@ -131,7 +131,7 @@ def main(runs: int | None = None) -> str:
             f"### (a) one-pass sync, {FILES:,} × {SIZE // 1024} KB files",
             "",
             "`.venv/bin/python bench/sync_throughput.py --runs "
-            f"{runs}` (runs `python -m daemon.cli sync -c <cfg>`, default workers, JSON info logs"
+            f"{runs}` (runs `python -m ingestd.cli sync -c <cfg>`, default workers, JSON info logs"
             " to a file)",
             "",
             table(

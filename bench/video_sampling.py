@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 from common import Workspace, machine_md, median, runs_arg, spread, table
 
-from daemon.media.video import probe_video, sample_frames
+from ingestd.media.video import probe_video, sample_frames
 
 SECONDS, SIZE, RATE = 60, "1280x720", 30
 GENERATE = (

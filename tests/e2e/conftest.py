@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-INGESTD = [sys.executable, "-m", "daemon.cli"]
+INGESTD = [sys.executable, "-m", "ingestd.cli"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -44,7 +44,7 @@ class Env:
         self.state = root / "state"
         self.store = root / "store"
         self.daemon: subprocess.Popen[bytes] | None = None
-        self.log_path = root / "daemon.log"
+        self.log_path = root / "ingestd.log"
 
     def drop(self, name: str = "drop") -> Path:
         p = self.root / name

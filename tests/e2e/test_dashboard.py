@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from daemon.media.thumbs import render
+from ingestd.media.thumbs import render
 from tests.e2e.conftest import REPO, Env, Server, log_lines, synced_lines, wait_for
 
 CHROMIUM = "/usr/bin/chromium"

@@ -155,7 +155,7 @@ def test_the_daemon_works_in_the_units_sandbox(env: Env, tmp_path: Path) -> None
     # The wrapper exec'd into the daemon: this pid is the daemon, and it is confined.
     status = Path(f"/proc/{env.daemon.pid}/status").read_text()
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    assert "daemon.cli" in Path(f"/proc/{env.daemon.pid}/cmdline").read_text()
+    assert "ingestd.cli" in Path(f"/proc/{env.daemon.pid}/cmdline").read_text()
     assert fields["Seccomp"].strip() == "2" and fields["NoNewPrivs"].strip() == "1"
     assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
     assert Path(f"/proc/{env.daemon.pid}/ns/mnt").readlink() != Path("/proc/self/ns/mnt").readlink()

@@ -4,7 +4,7 @@ It implements the requests and answers of V7's public API as documented in V7's 
 reference (docs.v7labs.com: slots, register_upload, external storage troubleshooting)
 and as darwin-py 3.6 (`darwin/backend_v2.py`, `darwin/dataset/upload_manager.py`,
 `darwin/dataset/remote_dataset_v2.py`, `darwin/item.py`) sends and reads them; the facts
-are collected in ../shared/platforms.md. What it follows:
+are collected in docs/platforms.md. What it follows:
 
 - Auth: every API route needs `Authorization: ApiKey <key>` (401 otherwise); the team
   in `/v2/teams/{team}/...` must be the key's team (403).

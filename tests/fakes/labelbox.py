@@ -1,6 +1,6 @@
 """A fake Labelbox GraphQL API on 127.0.0.1, for the labelbox sink's contract tests.
 
-It follows what ../shared/platforms.md records and what labelbox-python 6 sends and
+It follows what docs/platforms.md records and what labelbox-python 6 sends and
 reads (client.py `execute`, data_uploader.py, schema/dataset.py `upsert_data_rows`,
 schema/task.py `DataUpsertTask`, schema/data_row_metadata.py, client.py
 `get_data_row_ids_for_global_keys`, orm/query.py `bulk_delete`), and the limits page

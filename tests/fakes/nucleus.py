@@ -1,7 +1,7 @@
 """A fake Scale Nucleus API: an aiohttp application on 127.0.0.1 that keeps remote state
 (datasets, items, metadata, the bytes' digests) for tests to assert on.
 
-It follows the documented requests and responses gathered in ../shared/platforms.md
+It follows the documented requests and responses gathered in docs/platforms.md
 ("Scale Nucleus") and the HTTP layer of nucleus-python-client (0.18):
 
 - Base path `/v1/nucleus`; HTTP Basic auth with the API key as user name and an empty

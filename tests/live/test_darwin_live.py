@@ -29,10 +29,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from daemon.config import DarwinBackend
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.plan.groups import LAYOUT_KEY
-from daemon.sinks.darwin import DarwinSink, _Dataset
+from ingestd.config import DarwinBackend
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.plan.groups import LAYOUT_KEY
+from ingestd.sinks.darwin import DarwinSink, _Dataset
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("V7_API_KEY"), reason="V7_API_KEY is not set (live V7 tests)"

@@ -25,9 +25,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from daemon.config import LabelboxBackend
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.labelbox import LabelboxSink, global_key
+from ingestd.config import LabelboxBackend
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.labelbox import LabelboxSink, global_key
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("LABELBOX_API_KEY"), reason="LABELBOX_API_KEY is not set"

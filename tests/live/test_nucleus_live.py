@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from daemon.config import NucleusBackend
-from daemon.errors import PermanentError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.nucleus import NucleusSink
+from ingestd.config import NucleusBackend
+from ingestd.errors import PermanentError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.nucleus import NucleusSink
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("NUCLEUS_API_KEY"), reason="NUCLEUS_API_KEY is not set"

@@ -1,6 +1,6 @@
 """A small in-process ingestion server for the http sink's tests.
 
-It follows daemon/server/API.md closely enough for a client to be judged against it
+It follows daemon/ingestd/server/API.md closely enough for a client to be judged against it
 (blobs verified by digest, resumable uploads that keep the bytes of an interrupted
 PATCH, manifests that need their blobs, bearer tokens, percent-encoded item keys), keeps
 everything in memory, counts what it sees, and misbehaves on request: error answers

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import SourceOptions, parse_bucket_url
-from daemon.sources.bucket import Timeouts, _parse_connection_string, open_store
-from daemon.sources.objects import BucketError, ObjectChanged, ObjectInfo, ObjectStore
+from ingestd.config import SourceOptions, parse_bucket_url
+from ingestd.sources.bucket import Timeouts, _parse_connection_string, open_store
+from ingestd.sources.objects import BucketError, ObjectChanged, ObjectInfo, ObjectStore
 from tests.emulators import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
@@ -483,9 +483,9 @@ def test_process_exits_cleanly_after_a_failed_call(tmp_path: Path) -> None:
     script = tmp_path / "exit.py"
     script.write_text(
         "import asyncio\n"
-        "from daemon.config import SourceOptions, parse_bucket_url\n"
-        "from daemon.sources.bucket import open_store\n"
-        "from daemon.sources.objects import BucketError\n"
+        "from ingestd.config import SourceOptions, parse_bucket_url\n"
+        "from ingestd.sources.bucket import open_store\n"
+        "from ingestd.sources.objects import BucketError\n"
         "store = open_store(parse_bucket_url('s3://bucket-x/p'), SourceOptions(\n"
         f"    endpoint='http://127.0.0.1:{closed_port()}', allow_http=True, anonymous=True))\n"
         "async def main():\n"

@@ -17,16 +17,16 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from daemon.bucket_watch import BucketWatchRunner
-from daemon.config import Watch, parse_bucket_url
-from daemon.ledger import AsyncLedger
-from daemon.sinks.base import Capabilities, Sink
-from daemon.sinks.local import LocalSink
-from daemon.sinks.memory import MemorySink
-from daemon.sources.bucket_poll import StoreHandle
-from daemon.sources.objects import BucketError, MemoryObjectStore
-from daemon.store import Store
-from daemon.sync import Outcome, SyncPool, WatchSide, side_for
+from ingestd.bucket_watch import BucketWatchRunner
+from ingestd.config import Watch, parse_bucket_url
+from ingestd.ledger import AsyncLedger
+from ingestd.sinks.base import Capabilities, Sink
+from ingestd.sinks.local import LocalSink
+from ingestd.sinks.memory import MemorySink
+from ingestd.sources.bucket_poll import StoreHandle
+from ingestd.sources.objects import BucketError, MemoryObjectStore
+from ingestd.store import Store
+from ingestd.sync import Outcome, SyncPool, WatchSide, side_for
 
 URL = parse_bucket_url("s3://bkt/pre")
 OLD = time.time_ns() - 3600 * 10**9

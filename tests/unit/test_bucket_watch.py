@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 
-from daemon.bucket_watch import BucketWatchRunner
-from daemon.config import Watch, parse_bucket_url
-from daemon.ledger import AsyncLedger
-from daemon.sources.bucket_poll import (
+from ingestd.bucket_watch import BucketWatchRunner
+from ingestd.config import Watch, parse_bucket_url
+from ingestd.ledger import AsyncLedger
+from ingestd.sources.bucket_poll import (
     ListingOutOfOrder,
     PendingObjects,
     StoreHandle,
     diff_pages,
     usable_key,
 )
-from daemon.sources.objects import BucketError, MemoryObjectStore, ObjectInfo
+from ingestd.sources.objects import BucketError, MemoryObjectStore, ObjectInfo
 
 URL = parse_bucket_url("s3://bkt/pre")
 OLD = time.time_ns() - 3600 * 10**9  # an hour ago: settled at once
@@ -411,8 +411,8 @@ async def test_generically_named_objects_are_sniffed(make: Any) -> None:
 def test_an_older_ledger_gains_the_etag_column(tmp_path: Path) -> None:
     import sqlite3
 
-    from daemon.ledger import LEDGER_FILE, Ledger
-    from daemon.model import Entry
+    from ingestd.ledger import LEDGER_FILE, Ledger
+    from ingestd.model import Entry
 
     old = sqlite3.connect(tmp_path / LEDGER_FILE)
     old.execute(

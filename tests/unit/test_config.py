@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import (
+from ingestd.config import (
     ConfigError,
     MaxDelete,
     json_schema,

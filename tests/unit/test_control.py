@@ -1,7 +1,7 @@
-"""The control endpoint (daemon/control.py) in-process, over real HTTP on 127.0.0.1 and
+"""The control endpoint (daemon/ingestd/control.py) in-process, over real HTTP on 127.0.0.1 and
 a unix socket, against a small ControlTarget built from the real parts: the ledger, a
 watch runner scanning a real folder, the sync pool with real media checks, and the
-in-memory sink. Also the `ingestd serve` side of the dashboard (daemon/server/dashboard.py)
+in-memory sink. Also the `ingestd serve` side of the dashboard (daemon/ingestd/server/dashboard.py)
 over a real store."""
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from daemon.config import Config, parse_config
-from daemon.control import ADDR_FILE, ControlServer, ControlTarget
-from daemon.ledger import AsyncLedger
-from daemon.sinks.memory import MemorySink
-from daemon.status import status_data
-from daemon.sync import Outcome, SyncPool, side_for
-from daemon.watch import WatchRunner, make_runner, runner_stats
+from ingestd.config import Config, parse_config
+from ingestd.control import ADDR_FILE, ControlServer, ControlTarget
+from ingestd.ledger import AsyncLedger
+from ingestd.sinks.memory import MemorySink
+from ingestd.status import status_data
+from ingestd.sync import Outcome, SyncPool, side_for
+from ingestd.watch import WatchRunner, make_runner, runner_stats
 
 
 def write_jpeg(
@@ -498,7 +498,7 @@ async def test_no_listen_means_no_server(daemon: Daemon) -> None:
 async def _serve_app(store: Path, tokens: tuple[str, ...] = ()) -> tuple[Any, str]:
     from aiohttp import web
 
-    from daemon.server.app import make_app
+    from ingestd.server.app import make_app
 
     runner = web.AppRunner(make_app(store, tokens), access_log=None)
     await runner.setup()
@@ -509,7 +509,7 @@ async def _serve_app(store: Path, tokens: tuple[str, ...] = ()) -> tuple[Any, st
 
 
 def _fill_store(store: Path, tmp_path: Path) -> None:
-    from daemon.store import Store
+    from ingestd.store import Store
 
     img = tmp_path / "pic.jpg"
     write_jpeg(img, size=(1000, 500))

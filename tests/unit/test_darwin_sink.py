@@ -22,12 +22,12 @@ import pytest
 import structlog
 from PIL import Image
 
-from daemon.config import DarwinBackend
-from daemon.errors import PermanentError, RetriableError, SourceChangedError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.plan.groups import LAYOUT_KEY
-from daemon.sinks.base import Sink
-from daemon.sinks.darwin import DarwinSink, slots_layout, slugify, storage_key
+from ingestd.config import DarwinBackend
+from ingestd.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.plan.groups import LAYOUT_KEY
+from ingestd.sinks.base import Sink
+from ingestd.sinks.darwin import DarwinSink, slots_layout, slugify, storage_key
 from tests.fakes.darwin import API_KEY, STORAGE, TEAM, FakeDarwin
 
 KEY_ENV = "INGESTD_TEST_V7_KEY"

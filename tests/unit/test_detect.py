@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.media.detect import (
+from ingestd.media.detect import (
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,

@@ -18,9 +18,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID_dictionary
 
-from daemon.errors import MediaError, SourceChangedError
-from daemon.media import dicom as dicom_module
-from daemon.media.dicom import (
+from ingestd.errors import MediaError, SourceChangedError
+from ingestd.media import dicom as dicom_module
+from ingestd.media.dicom import (
     DicomHeader,
     deidentify,
     deidentify_header,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from daemon.sources.filters import TEMP_PATTERNS, PathFilter, is_temp_name, translate
+from ingestd.sources.filters import TEMP_PATTERNS, PathFilter, is_temp_name, translate
 
 # --- tables ------------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 import structlog
 
-from daemon.errors import PermanentError, RetriableError, SourceChangedError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.base import Sink
-from daemon.sinks.http import HttpSink, parse_retry_after
+from ingestd.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.base import Sink
+from ingestd.sinks.http import HttpSink, parse_retry_after
 from tests.unit.fake_ingest_server import FakeIngestServer, Fault
 
 TOKEN = "tok-3f9c2e71d0"
@@ -468,7 +468,7 @@ async def test_permission_denied_is_permanent_even_as_root(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import daemon.sinks.http as http_module
+    import ingestd.sinks.http as http_module
 
     f = write(tmp_path / "f.bin", os.urandom(size))
     item = item_of(f)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps
 
-from daemon.errors import MediaError, SourceChangedError
-from daemon.media.images import (
+from ingestd.errors import MediaError, SourceChangedError
+from ingestd.media.images import (
     image_info,
     image_size,
     prepare_image,

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import structlog
 
-from daemon.config import LabelboxBackend
-from daemon.errors import PermanentError, RetriableError, SourceChangedError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks import labelbox as lb
-from daemon.sinks.base import MetadataUpdater, Sink
-from daemon.sinks.labelbox import LabelboxSink, global_key, https_url
+from ingestd.config import LabelboxBackend
+from ingestd.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks import labelbox as lb
+from ingestd.sinks.base import MetadataUpdater, Sink
+from ingestd.sinks.labelbox import LabelboxSink, global_key, https_url
 from tests.fakes.labelbox import FakeProcess, LabelboxFake
 
 KEY = "lb-key-5f0e9a27c3d1"

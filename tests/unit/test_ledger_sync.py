@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import PermanentError, RetriableError
-from daemon.ledger import AsyncLedger, Ledger
-from daemon.model import Entry, ItemPlan, PlannedFile, PlannedSlot
-from daemon.plan.metadata import type_conflicts, value_type
-from daemon.sinks.memory import MemorySink
-from daemon.sync import SyncPool, WatchSide, backoff_delay
+from ingestd.errors import PermanentError, RetriableError
+from ingestd.ledger import AsyncLedger, Ledger
+from ingestd.model import Entry, ItemPlan, PlannedFile, PlannedSlot
+from ingestd.plan.metadata import type_conflicts, value_type
+from ingestd.sinks.memory import MemorySink
+from ingestd.sync import SyncPool, WatchSide, backoff_delay
 
 
 def make_plan(

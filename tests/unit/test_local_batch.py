@@ -9,15 +9,15 @@ import os
 import time
 from pathlib import Path
 
-from daemon.errors import PermanentError, SourceChangedError
-from daemon.ledger import AsyncLedger, Ledger
-from daemon.model import FilePayload, ItemPayload, ItemPlan, PlannedFile, PlannedSlot, SlotPayload
-from daemon.plan.metadata import type_conflicts, value_type
-from daemon.sinks.base import BatchPutter, PutResult
-from daemon.sinks.local import LocalSink
-from daemon.store import BlobStore, Catalog, Store
-from daemon.store.blobs import StagedBlob
-from daemon.sync import SyncPool, WatchSide
+from ingestd.errors import PermanentError, SourceChangedError
+from ingestd.ledger import AsyncLedger, Ledger
+from ingestd.model import FilePayload, ItemPayload, ItemPlan, PlannedFile, PlannedSlot, SlotPayload
+from ingestd.plan.metadata import type_conflicts, value_type
+from ingestd.sinks.base import BatchPutter, PutResult
+from ingestd.sinks.local import LocalSink
+from ingestd.store import BlobStore, Catalog, Store
+from ingestd.store.blobs import StagedBlob
+from ingestd.sync import SyncPool, WatchSide
 
 
 def sha(data: bytes) -> str:

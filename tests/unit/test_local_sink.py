@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import PermanentError, RetriableError, SourceChangedError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.base import Sink
-from daemon.sinks.local import LocalSink
-from daemon.store import Catalog, Store
+from ingestd.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.base import Sink
+from ingestd.sinks.local import LocalSink
+from ingestd.store import Catalog, Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,9 +155,9 @@ async def test_unreadable_file_is_permanent(tmp_path: Path, sink: LocalSink) -> 
 CHILD_UNREADABLE = """
 import asyncio, hashlib, os, sys
 from pathlib import Path
-from daemon.errors import SyncError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.local import LocalSink
+from ingestd.errors import SyncError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.local import LocalSink
 
 async def main(work):
     src = work / "a.png"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import PermanentError, RetriableError, SourceChangedError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.base import Capabilities, Sink
-from daemon.sinks.memory import MemorySink
+from ingestd.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.base import Capabilities, Sink
+from ingestd.sinks.memory import MemorySink
 
 
 def item_of(src: Path, name: str = "item", **metadata: object) -> ItemPayload:

@@ -18,11 +18,11 @@ import pytest
 import structlog
 from PIL import Image
 
-from daemon.config import NucleusBackend
-from daemon.errors import PermanentError, RetriableError, SourceChangedError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.base import MetadataUpdater, Sink
-from daemon.sinks.nucleus import NucleusSink
+from ingestd.config import NucleusBackend
+from ingestd.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.base import MetadataUpdater, Sink
+from ingestd.sinks.nucleus import NucleusSink
 from tests.fakes.nucleus import FakeNucleus, serve
 
 KEY_ENV = "NUCLEUS_UNIT_TEST_KEY"

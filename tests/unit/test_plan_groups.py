@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.config import GroupConfig, Watch
-from daemon.model import Entry, ItemPlan, PlannedFile
-from daemon.plan.groups import (
+from ingestd.config import GroupConfig, Watch
+from ingestd.model import Entry, ItemPlan, PlannedFile
+from ingestd.plan.groups import (
     LAYOUT_KEY,
     GroupMembership,
     group_of,
@@ -25,8 +25,8 @@ from daemon.plan.groups import (
     plan_group,
     series_source_id,
 )
-from daemon.plan.layout import PlanError
-from daemon.plan.metadata import Sidecar, parse_sidecar
+from ingestd.plan.layout import PlanError
+from ingestd.plan.metadata import Sidecar, parse_sidecar
 
 
 def make_watch(group: dict[str, Any] | None = None, **overrides: Any) -> Watch:
@@ -46,7 +46,7 @@ def entries(group_dir: str, names: Sequence[str], size: int = 10, mtime: int = 1
 
 @dataclass(frozen=True)
 class FakeHeader:
-    """Stands in for daemon.media.dicom.DicomHeader: only what the tests need."""
+    """Stands in for ingestd.media.dicom.DicomHeader: only what the tests need."""
 
     series_instance_uid: str
     instance_number: int | None = None
@@ -477,7 +477,7 @@ def test_series_tags_refuse_non_json_values() -> None:
 
 
 def test_series_default_callables_come_from_media_dicom() -> None:
-    dicom = pytest.importorskip("daemon.media.dicom")
+    dicom = pytest.importorskip("ingestd.media.dicom")
     header = dicom.DicomHeader(
         sop_instance_uid="1.1",
         series_instance_uid="1.2",
@@ -573,7 +573,7 @@ def test_uid_name_collisions_get_stable_suffixes() -> None:
 
 
 def test_uid_collision_with_a_literal_suffixed_name_still_resolves() -> None:
-    from daemon.plan.groups import _uid_tag
+    from ingestd.plan.groups import _uid_tag
 
     members = entries("export", ["a.dcm", "b.dcm", "c.dcm"])
     clash = f"X_{_uid_tag('1.1', 8)}"

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from daemon.config import Watch
-from daemon.model import Entry, ItemPlan, PlannedFile
-from daemon.plan.fingerprint import canonical_json, fingerprint
-from daemon.plan.layout import PlanError, dataset_folder, plan_file, plan_fingerprint
-from daemon.plan.metadata import Sidecar, parse_sidecar
+from ingestd.config import Watch
+from ingestd.model import Entry, ItemPlan, PlannedFile
+from ingestd.plan.fingerprint import canonical_json, fingerprint
+from ingestd.plan.layout import PlanError, dataset_folder, plan_file, plan_fingerprint
+from ingestd.plan.metadata import Sidecar, parse_sidecar
 
 
 def make_watch(**overrides: Any) -> Watch:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.plan.metadata import (
+from ingestd.plan.metadata import (
     Sidecar,
     bind_path_pattern,
     build_metadata,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 
-from daemon.ledger import Claim
-from daemon.progress import Progress, WatchProgress
-from daemon.sync import Outcome
+from ingestd.ledger import Claim
+from ingestd.progress import Progress, WatchProgress
+from ingestd.sync import Outcome
 
 
 def _outcome(watch: str, result: str, size: int = 0) -> Outcome:

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.config import backend_identity, diff_config, parse_config
-from daemon.config_watch import ConfigWatcher, content_digest
+from ingestd.config import backend_identity, diff_config, parse_config
+from ingestd.config_watch import ConfigWatcher, content_digest
 
 
 def _config(tmp_path: Path, **top: Any) -> Any:

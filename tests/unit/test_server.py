@@ -26,8 +26,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from daemon.server.app import DEFAULT_MAX_BODY, STATE, make_app
-from daemon.store import Store
+from ingestd.server.app import DEFAULT_MAX_BODY, STATE, make_app
+from ingestd.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "tkn-0123456789abcdef-secret"
@@ -509,9 +509,9 @@ async def test_idle_uploads_expire(store: Path) -> None:
 SERVER_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-import daemon.server.uploads as uploads
-from daemon.logs import setup
-from daemon.server.app import serve
+import ingestd.server.uploads as uploads
+from ingestd.logs import setup
+from ingestd.server.app import serve
 setup("info", "json")  # logs to stderr; stdout carries only the port
 uploads.CHECKPOINT = int(sys.argv[2])
 asyncio.run(serve(Path(sys.argv[1]), "127.0.0.1", 0, [],
@@ -825,7 +825,7 @@ async def test_catalog_work_stays_off_the_event_loop(store: Path) -> None:
 
 
 def test_blob_writer_streams_pieces_and_commits_atomically(tmp_path: Path) -> None:
-    from daemon.store import BlobStore, DigestMismatch
+    from ingestd.store import BlobStore, DigestMismatch
 
     blobs = BlobStore(tmp_path)
     parts = [b"a" * 10, b"", bytearray(b"b" * 5000), memoryview(b"c" * 3)]
@@ -857,7 +857,7 @@ def test_blob_writer_streams_pieces_and_commits_atomically(tmp_path: Path) -> No
 
 
 def test_blob_adopt_moves_a_staged_file_into_place(tmp_path: Path) -> None:
-    from daemon.store import BlobStore, DigestMismatch
+    from ingestd.store import BlobStore, DigestMismatch
 
     blobs = BlobStore(tmp_path / "store")
     staged = tmp_path / "store" / "staged"

@@ -15,9 +15,9 @@ from urllib.parse import quote
 import pytest
 import structlog
 
-import daemon.server.app as server_app
-from daemon.server.app import STATE, serve
-from daemon.server.auth import (
+import ingestd.server.app as server_app
+from ingestd.server.app import STATE, serve
+from ingestd.server.auth import (
     ServeError,
     TokenAuth,
     check_bind,

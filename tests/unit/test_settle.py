@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from daemon.model import Entry
-from daemon.sources.settle import Settler, Stat
+from ingestd.model import Entry
+from ingestd.sources.settle import Settler, Stat
 
 
 class Harness:

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import pytest
 
-from daemon.store import BlobStore, Catalog, DigestMismatch, Store
+from ingestd.store import BlobStore, Catalog, DigestMismatch, Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> None:
 CHILD_WRITER = """
 import sys
 from pathlib import Path
-from daemon.store import BlobStore
+from ingestd.store import BlobStore
 w = BlobStore(Path(sys.argv[1])).put_file(sys.argv[2])
 print(w.digest, w.created)
 """
@@ -434,7 +434,7 @@ def test_threads_share_a_catalog(catalog: Catalog) -> None:
 CHILD_CATALOG = """
 import sys
 from pathlib import Path
-from daemon.store import Store
+from ingestd.store import Store
 root, who, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 slots = [{"name": "0", "type": "file", "files": []}]
 with Store.open(root) as store:

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from daemon.errors import SourceChangedError
-from daemon.model import FilePayload, ItemPayload, SlotPayload
-from daemon.sinks.http import HttpSink
-from daemon.sinks.local import LocalSink
-from daemon.sinks.memory import MemorySink
-from daemon.store import Store
+from ingestd.errors import SourceChangedError
+from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.sinks.http import HttpSink
+from ingestd.sinks.local import LocalSink
+from ingestd.sinks.memory import MemorySink
+from ingestd.store import Store
 from tests.unit.fake_ingest_server import FakeIngestServer, Fault
 from tests.unit.test_server import item_url, running
 

@@ -1,4 +1,4 @@
-"""Dashboard thumbnails (daemon/media/thumbs.py) on real media: PIL-encoded images,
+"""Dashboard thumbnails (daemon/ingestd/media/thumbs.py) on real media: PIL-encoded images,
 videos written by OpenCV's VideoWriter, pydicom's bundled DICOM test files; and the
 on-disk cache that makes each thumbnail once."""
 
@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from daemon.media import thumbs
-from daemon.media.thumbs import MAX_SIDE, NoThumbnail, ThumbCache, pick, render
+from ingestd.media import thumbs
+from ingestd.media.thumbs import MAX_SIDE, NoThumbnail, ThumbCache, pick, render
 
 # Bundled with pydicom (get_testdata_file would try to download the ones that are not).
 DICOM = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.errors import Abandoned, MediaError, SourceChangedError
-from daemon.media.video import (
+from ingestd.errors import Abandoned, MediaError, SourceChangedError
+from ingestd.media.video import (
     TIME_TOLERANCE,
     FrameSelector,
     SamplingAbandoned,

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from daemon.bucket_watch import BucketWatchRunner
-from daemon.config import Watch
-from daemon.ledger import AsyncLedger, op_plan_settled, op_watch_settings
-from daemon.sources.bucket_poll import StoreHandle
-from daemon.sources.objects import MemoryObjectStore
+from ingestd.bucket_watch import BucketWatchRunner
+from ingestd.config import Watch
+from ingestd.ledger import AsyncLedger, op_plan_settled, op_watch_settings
+from ingestd.sources.bucket_poll import StoreHandle
+from ingestd.sources.objects import MemoryObjectStore
 
 OLD = time.time_ns() - 3600 * 10**9  # an hour ago: settled at once
 

@@ -1,0 +1,311 @@
+"""Command line: argument parsing only; the work happens in app, ledger and store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ingestd.config import (
+    Config,
+    ConfigError,
+    HttpBackend,
+    LocalBackend,
+    find_config,
+    json_schema,
+    load_config,
+)
+from ingestd.errors import SyncError
+from ingestd.ledger import LEDGER_FILE, Ledger
+from ingestd.service import AlreadyRunning, running_pid
+from ingestd.status import raw_watches, state_dir_of, status_data, status_report
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $INGESTD_CONFIG, ./ingestd.yaml, /etc/ingestd/config.yaml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingestd",
+        description="Keep labeling-platform datasets in step with drop folders.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _config_arg(p)
+    p = sub.add_parser("sync", help="one pass: scan every watch and sync everything")
+    _config_arg(p)
+    p.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
+    p = sub.add_parser("check", help="validate the config")
+    _config_arg(p)
+    sub.add_parser("schema", help="print the config's JSON Schema")
+    p = sub.add_parser("status", help="per watch: synced, pending, failed, last errors")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("items", help="list a dataset's items in the configured store")
+    p.add_argument("dataset")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("serve", help="the ingestion HTTP server over a store")
+    p.add_argument("--store", default="var/datasets", help="store folder (default: var/datasets)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8750)
+    p.add_argument("--token-file", help="bearer tokens, one per line (also: $INGESTD_SERVE_TOKENS)")
+    p.add_argument(
+        "--max-body", type=int, default=8 << 30, help="largest request body in bytes (8 GiB)"
+    )
+    p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    p = sub.add_parser("reload", help="ask the running daemon to re-read its config (SIGHUP)")
+    _config_arg(p)
+    p = sub.add_parser("retry", help="queue failed items again")
+    _config_arg(p)
+    p.add_argument("watch", nargs="?")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        where = f"{e.path}: " if e.path else ""
+        for problem in e.problems:
+            print(f"{where}{problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AlreadyRunning as e:
+        pid = f" (pid {e.pid})" if e.pid else ""
+        print(f"ingestd is already running on this state_dir{pid}", file=sys.stderr)
+        return EXIT_FAILED
+    except SyncError as e:  # e.g. `items` against an unreachable or refusing server
+        print(f"ingestd {args.command}: {e.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace, *, check_paths: bool = True) -> tuple[Config, Path]:
+    path = find_config(args.config)
+    return load_config(path, check_paths=check_paths), path
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    if cmd == "check":
+        config, path = _load(args)
+        print(f"{path}: ok ({len(config.watches)} watches, backend {config.backend.kind})")
+        return EXIT_OK
+    if cmd == "run":
+        return _run(args)
+    if cmd == "sync":
+        return _sync(args)
+    if cmd == "status":
+        return _status(args)
+    if cmd == "items":
+        return _items(args)
+    if cmd == "retry":
+        return _retry(args)
+    if cmd == "reload":
+        return _reload(args)
+    if cmd == "serve":
+        return _serve(args)
+    raise AssertionError(cmd)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ingestd import logs
+    from ingestd.app import App
+
+    config, path = _load(args)
+    logs.setup(config.log.level, config.log.format)
+    rc = asyncio.run(App(config, path).run())
+    _exit_without_stragglers(rc)
+    return rc
+
+
+def _exit_without_stragglers(rc: int) -> None:
+    """The ledger is committed and closed by now. A thread still copying a huge file into
+    the store only writes a temp file the store discards on its next start, so exit
+    instead of waiting for it (SIGTERM must end the daemon within 10 s)."""
+    if any(
+        t.is_alive() and not t.daemon
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+    ):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from ingestd import logs
+    from ingestd.app import App
+    from ingestd.progress import Progress
+
+    config, path = _load(args)
+    tty = sys.stderr.isatty()
+    level = config.log.level
+    if tty and not args.dry_run and level == "info":
+        # One line per item would scroll the progress bars away; problems still show.
+        level = "warning"
+    logs.setup(level, config.log.format)
+    app = App(config, path)
+    if args.dry_run:
+        lines = asyncio.run(app.dry_run())
+        for line in lines:
+            print(line)
+        if not lines:
+            print("nothing to do")
+        return EXIT_OK
+    return asyncio.run(app.sync_once(Progress(out=sys.stderr, tty=tty)))
+
+
+def _status(args: argparse.Namespace) -> int:
+    path = find_config(args.config)
+    try:
+        config = load_config(path, check_paths=False)
+        data = status_data(config, path)
+    except ConfigError as e:
+        if not path.exists():
+            raise
+        # Status must work while the file on disk holds a refused edit: the running
+        # daemon reports the problems; without one, they are shown here.
+        data = status_report(state_dir_of(path), path, raw_watches(path))
+        if not data["daemon"]["running"]:
+            data["config"]["rejected"] = [{"field": p.field, "error": p.error} for p in e.problems]
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    d = data["daemon"]
+    print("daemon: " + (f"running (pid {d['pid']})" if d["running"] else "not running"))
+    print(f"config: {data['config']['path']}")
+    for r in data["config"]["rejected"]:
+        where = f"{r['field']}: " if r["field"] else ""
+        print(f"  refused edit: {where}{r['error']}")
+    for w in data["watches"]:
+        print(
+            f"{w['name']} → {w['dataset']}: {w['synced']} synced, {w['pending']} pending, "
+            f"{w['failed']} failed"
+        )
+        if w["problem"]:
+            print(f"  problem: {w['problem']}")
+        for e in w["last_errors"]:
+            print(f"  {e['item']!r}: {e['error']}")
+    return EXIT_OK
+
+
+def _items(args: argparse.Namespace) -> int:
+    config, _ = _load(args, check_paths=False)
+    items = asyncio.run(_list_items(config, args.dataset))
+    if args.json:
+        print(json.dumps(items, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for it in items:
+        files = sum(len(s["files"]) for s in it["slots"])
+        print(f"{it['key']}\tv{it['version']}\t{len(it['slots'])} slots, {files} files")
+    if not items:
+        print(f"no items in dataset {args.dataset!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _list_items(config: Config, dataset: str) -> list[dict[str, Any]]:
+    backend = config.backend
+    if isinstance(backend, HttpBackend):
+        from ingestd.sinks.http import HttpSink
+
+        sink = HttpSink(backend.url, backend.token())
+        try:
+            return [item async for item in sink.list_items(dataset)]
+        finally:
+            await sink.close()
+    if not isinstance(backend, LocalBackend):
+        raise SyncError(
+            f"items lists the local store or an ingestd server; the {backend.kind} backend's "
+            "datasets are listed in the platform itself"
+        )
+    from ingestd.store.catalog import Catalog
+
+    catalog_path = Path(backend.path) / "catalog.sqlite"
+    if not catalog_path.exists():
+        return []
+    catalog = Catalog(catalog_path)
+    try:
+        return catalog.list_items(dataset)
+    finally:
+        catalog.close()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ingestd import logs
+    from ingestd.server.app import ServeError, load_tokens, serve
+
+    logs.setup("info", args.log_format)
+    try:
+        tokens = load_tokens(args.token_file, os.environ.get("INGESTD_SERVE_TOKENS"))
+        asyncio.run(serve(Path(args.store), args.host, args.port, tokens, args.max_body))
+    except ServeError as e:
+        print(f"ingestd serve: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    config, _ = _load(args, check_paths=False)
+    if args.watch is not None and args.watch not in {w.name for w in config.watches}:
+        names = ", ".join(w.name for w in config.watches)
+        print(f"no watch named {args.watch!r} (watches: {names})", file=sys.stderr)
+        return EXIT_CONFIG
+    if not (config.state_dir / LEDGER_FILE).exists():
+        print("nothing to retry (no ledger yet)")
+        return EXIT_OK
+    ledger = Ledger(config.state_dir)
+    try:
+        n = ledger.retry(args.watch)
+    finally:
+        ledger.close()
+    print(f"queued {n} failed items again")
+    pid = running_pid(config.state_dir)
+    if pid is not None:
+        # The daemon polls the ledger anyway; the signal makes it re-plan failed files now.
+        os.kill(pid, signal.SIGUSR1)
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace) -> int:
+    path = find_config(args.config)
+    problems: list[str] = []
+    try:
+        state_dir = load_config(path).state_dir
+    except ConfigError as e:
+        problems = [str(p) for p in e.problems]
+        state_dir = state_dir_of(path)
+    pid = running_pid(state_dir)
+    if pid is None:
+        print(f"no ingestd is running on state_dir {state_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked ingestd (pid {pid}) to reload {path}")
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        print("the daemon refuses this edit and keeps its current config", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,674 @@
+"""The running daemon's control endpoint: /healthz, /metrics, /api/* and the dashboard.
+
+`status.listen` says where: HOST:PORT (loopback by default; port 0 takes a free port)
+or unix:PATH (relative to state_dir). The address actually bound is written to
+`state_dir/control.addr` for local tools and tests, and removed on stop. Failing to
+bind (port taken, socket path too long) is logged, naming `status.listen`, and the
+daemon carries on without the endpoint: syncing matters more than a dashboard.
+
+Routes (JSON unless said):
+
+- GET  /healthz            {"ok": true} while the event loop runs
+- GET  /metrics            Prometheus text format (daemon/ingestd/metrics.py)
+- GET  /api/status         the object `ingestd status --json` prints
+- GET  /api/activity       per watch: syncs and failures in the last minute, last activity,
+                           files seen, scans, overflows; queue depth, reloads
+- GET  /api/items          recent items (?watch=&status=&limit=), each with a thumbnail URL or null
+- POST /api/retry          {"watch": name|null, "item": source_id|null}; Content-Type must be
+                           application/json, which an HTML form on another site cannot send
+- GET  /thumbs/<watch>/<source_id>   a JPEG thumbnail
+- GET  /                   the dashboard page
+
+The server never slows syncing down: ledger reads go through a read-only connection on
+the server's own thread (SQLite WAL lets it read while the daemon writes), so a
+dashboard polling every second never queues behind the ledger's writes, and thumbnails
+render on a separate small pool. Requests whose Host header names some other site are
+refused on a loopback listener, so a web page cannot reach the endpoint through DNS
+rebinding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import sqlite3
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote, urlsplit
+
+import structlog
+from aiohttp import hdrs, web
+
+from ingestd.config import Config
+from ingestd.ledger import LEDGER_FILE, AsyncLedger, connect
+from ingestd.media.thumbs import ThumbCache, cache_key, pick
+from ingestd.metrics import DaemonMetrics, Snapshot
+from ingestd.model import ItemPlan
+from ingestd.server.dashboard import add_static_routes, json_error, thumb_response
+from ingestd.sync import Outcome
+
+log = structlog.get_logger("ingestd.control")
+
+T = TypeVar("T")
+
+ADDR_FILE = "control.addr"
+RECENT_MAX = 500  # recent items remembered for the dashboard
+SEED_MAX_ITEMS = 200_000  # seed the recent list from the ledger only below this size
+ITEMS_LIMIT_MAX = 500
+STATUS_TTL = 1.0  # dashboards poll /api/status; one ledger read per second serves them all
+RATE_WINDOW = 60  # seconds
+STOP_TIMEOUT = 1.0  # the daemon's whole stop must stay well under systemd's timeout
+SETTLED_STATUSES = ("synced", "pending", "failed", "deleted")
+
+
+class ControlTarget(Protocol):
+    """What the control endpoint needs from the running daemon (ingestd.app.App).
+
+    Attributes are read on every request, so a reload that swaps `config` is seen at
+    once. Methods are called on the event loop, except `status_json`, which blocks on
+    SQLite and is called from a worker thread: it must not use `ledger.sync`'s
+    connection (the ledger thread owns it)."""
+
+    config: Config
+    config_path: Path
+    ledger: AsyncLedger
+    reloads: int
+
+    def status_json(self) -> dict[str, Any]:
+        """The object `ingestd status --json` prints."""
+        ...
+
+    async def retry(self, watch: str | None, source_id: str | None) -> int:
+        """Queue failed items again (one when source_id is given); how many."""
+        ...
+
+    def watch_stats(self) -> dict[str, dict[str, float]]:
+        """Per watch: {"files_seen", "scans", "overflows"} since the daemon started."""
+        ...
+
+    def queue_depth(self) -> int:
+        """Items in flight (claimed by a sync worker)."""
+        ...
+
+    def add_outcome_listener(self, fn: Callable[[Outcome], None]) -> None:
+        """Call fn (on the event loop) with every sync outcome."""
+        ...
+
+
+# --- listen addresses -------------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int] | str:
+    """(host, port) for HOST:PORT, or the socket path for unix:PATH."""
+    if listen.startswith("unix:"):
+        return listen[len("unix:") :]
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _connectable(host: str) -> str:
+    """A host a local client can connect to for a bound address (not the wildcard)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _url(host: str, port: int) -> str:
+    host = _connectable(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+# --- what the dashboard shows about recent activity ---------------------------------------------
+
+
+class Activity:
+    """Per watch: outcomes per second over the last minute and the last activity; and
+    the most recently finished items, most recent last. Fed from sync outcomes."""
+
+    def __init__(self) -> None:
+        self.recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._buckets: dict[str, deque[list[int]]] = {}  # [second, synced, failed]
+        self.last: dict[str, float] = {}
+
+    def outcome(self, o: Outcome, now: float | None = None) -> None:
+        if o.result in ("abandoned", "changed"):
+            return  # nothing happened to the item yet
+        now = time.time() if now is None else now
+        c = o.claim
+        self.last[c.watch] = now
+        k = (c.watch, c.source_id)
+        self.recent[k] = None
+        self.recent.move_to_end(k)
+        while len(self.recent) > RECENT_MAX:
+            self.recent.popitem(last=False)
+        sec = int(now)
+        buckets = self._buckets.setdefault(c.watch, deque(maxlen=RATE_WINDOW))
+        if not buckets or buckets[-1][0] != sec:
+            buckets.append([sec, 0, 0])
+        if o.result in ("synced", "unchanged", "deleted"):
+            buckets[-1][1] += 1
+        elif o.result == "failed":
+            buckets[-1][2] += 1
+
+    def seed(self, keys: list[tuple[str, str]]) -> None:
+        """Oldest first: items finished before this run, shown until new ones come."""
+        for k in keys:
+            if k not in self.recent:
+                self.recent[k] = None
+                self.recent.move_to_end(k, last=False)
+
+    def last_minute(self, watch: str, now: float | None = None) -> tuple[int, int]:
+        """(items synced, items failed) in the last minute."""
+        now = time.time() if now is None else now
+        since = int(now) - RATE_WINDOW
+        synced = failed = 0
+        for sec, s, f in self._buckets.get(watch, ()):
+            if sec > since:
+                synced += s
+                failed += f
+        return synced, failed
+
+
+# --- ledger reads (on the server's own thread) ---------------------------------------------------
+
+_ITEM_COLUMNS = (
+    "watch, source_id, dataset, key, status, last_error, error_kind, attempts, updated_at,"
+    " plan, synced_manifest, desired_fp, synced_fp"
+)
+
+
+def _row_dict(cur: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+
+class LedgerReader:
+    """A read-only connection to the ledger, used from one thread of its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="control-db")
+        self._conn: sqlite3.Connection | None = None
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = connect(self.path, readonly=True)
+        return fn(self._conn)
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        with contextlib.suppress(RuntimeError):
+            self._pool.submit(shut)
+        self._pool.shutdown(wait=False)
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for watch, status, n in conn.execute(
+        "SELECT watch, status, count(*) FROM items GROUP BY watch, status"
+    ):
+        out.setdefault(watch, {})[status] = n
+    return out
+
+
+def _items_by_status(
+    watch: str | None, status: str, limit: int
+) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
+    def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        # Failed: most recent first (few, so sorting them is cheap). Pending can be a
+        # backlog of millions: in queue order, which the items_due index gives for free.
+        order = "next_attempt" if status == "pending" else "updated_at DESC"
+        where, args = "status=?", [status]
+        if watch is not None:
+            # `+watch`: the planner would otherwise walk the watch's whole primary-key
+            # range; the (status, next_attempt) index keeps it to the items in `status`.
+            where += " AND +watch=?"
+            args.append(watch)
+        cur = conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY {order} LIMIT ?",
+            (*args, limit),
+        )
+        return [_row_dict(cur, r) for r in cur.fetchall()]
+
+    return q
+
+
+def _items_by_key(
+    keys: list[tuple[str, str]],
+) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
+    def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(keys), 200):
+            chunk = keys[i : i + 200]
+            # A join, not `(watch, source_id) IN (VALUES ...)`: SQLite scans the whole
+            # table for the latter, and looks each key up by primary key for the join.
+            cur = conn.execute(
+                f"WITH k(w, s) AS (VALUES {','.join(['(?, ?)'] * len(chunk))})"
+                f" SELECT {_ITEM_COLUMNS} FROM k JOIN items ON items.watch=k.w"
+                " AND items.source_id=k.s",
+                [v for k in chunk for v in k],
+            )
+            out += [_row_dict(cur, r) for r in cur.fetchall()]
+        return out
+
+    return q
+
+
+def _item(watch: str, source_id: str) -> Callable[[sqlite3.Connection], dict[str, Any] | None]:
+    def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
+        cur = conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE watch=? AND source_id=?", (watch, source_id)
+        )
+        row = cur.fetchone()
+        return _row_dict(cur, row) if row is not None else None
+
+    return q
+
+
+def _seed_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """The ledger's most recently updated items, oldest first: only for a ledger small
+    enough that sorting it all is cheap (there is no index on updated_at)."""
+    (n,) = conn.execute("SELECT count(*) FROM items").fetchone()
+    if n > SEED_MAX_ITEMS:
+        return []
+    rows = conn.execute(
+        "SELECT watch, source_id FROM items WHERE status != 'deleted'"
+        " ORDER BY updated_at DESC LIMIT ?",
+        (RECENT_MAX,),
+    ).fetchall()
+    return [(w, s) for w, s in reversed(rows)]
+
+
+# --- thumbnails of ledger items ---------------------------------------------------------------
+
+
+def parse_plan(row: dict[str, Any]) -> ItemPlan | None:
+    try:
+        return ItemPlan.from_json(json.loads(row["plan"])) if row["plan"] else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def thumb_source(
+    row: dict[str, Any], folder: Path | None, plan: ItemPlan | None
+) -> tuple[str, str, str, int, int] | None:
+    """(cache key, kind, path, size, mtime_ns) of the file to show for an item: only
+    for a synced item of a local folder, and keyed by what its synced manifest says
+    the content was, so a changed item gets a new thumbnail and a touch does not."""
+    if folder is None or plan is None or row["status"] != "synced":
+        return None
+    if not row["synced_manifest"] or row["synced_fp"] != row["desired_fp"]:
+        return None
+    try:
+        manifest = json.loads(row["synced_manifest"])
+        sent_slots = manifest.get("slots") or []
+    except (ValueError, AttributeError):
+        return None
+    for i, slot in enumerate(plan.slots):
+        chosen = pick(slot.type, [f.relpath for f in slot.files])
+        if chosen is None:
+            continue
+        kind, rel = chosen
+        if rel.startswith("/") or ".." in rel.split("/"):
+            return None
+        f = next(f for f in slot.files if f.relpath == rel)
+        sent = sent_slots[i] if i < len(sent_slots) and isinstance(sent_slots[i], dict) else {}
+        content = json.dumps(sent.get("files"), sort_keys=True) if sent.get("files") else ""
+        content = content or str(manifest.get("source_key", ""))
+        if not content:
+            return None
+        return cache_key(kind, rel, content), kind, str(folder / rel), f.size, f.mtime_ns
+    return None
+
+
+def _unchanged(path: str, size: int, mtime_ns: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ControlServer:
+    def __init__(self, target: ControlTarget, listen: str | None, state_dir: Path) -> None:
+        self.target = target
+        self.listen = listen
+        self.state_dir = Path(state_dir)
+        self.address: str | None = None  # what control.addr says, once bound
+        self.metrics = DaemonMetrics()
+        self.activity = Activity()
+        self.thumbs = ThumbCache(self.state_dir / "thumbs")
+        self.reader = LedgerReader(self.state_dir / LEDGER_FILE)
+        self._runner: web.AppRunner | None = None
+        self._socket_path: Path | None = None
+        self._listening = False
+        self._status: tuple[float, dict[str, Any]] | None = None
+        self._status_lock = asyncio.Lock()
+        self._seeded = False
+        self._check_host = False
+        self._host_names: set[str] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and serve. Never raises for a bind failure: logs it and returns."""
+        if self.listen is None:
+            return
+        self.target.add_outcome_listener(self._on_outcome)
+        self._listening = True
+        app = self._make_app()
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=STOP_TIMEOUT)
+        await runner.setup()
+        try:
+            where = parse_listen(self.listen)
+            if isinstance(where, str):
+                path = self.state_dir / where
+                self._socket_path = path
+                site: web.BaseSite = web.UnixSite(runner, str(path))
+                await site.start()
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o660)  # the daemon's user and group only
+                address = f"unix:{path.resolve()}"
+            else:
+                host, port = where
+                site = web.TCPSite(runner, host, port)
+                await site.start()
+                bound = runner.addresses[0]
+                address = _url(host if host in ("0.0.0.0", "::") else bound[0], bound[1])
+                if is_loopback_host(host):
+                    self._check_host = True
+                    self._host_names = {"localhost", host.lower()}
+                else:
+                    log.warning(
+                        "the control endpoint listens beyond this machine; anyone who can "
+                        "reach it sees the dashboard and can retry items (status.listen)",
+                        listen=self.listen,
+                    )
+        except Exception as e:
+            await runner.cleanup()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            log.error(
+                "cannot serve the control endpoint; the daemon runs without it. "
+                "Set status.listen to a free HOST:PORT, a unix:PATH, or null",
+                field="status.listen",
+                listen=self.listen,
+                error=reason,
+            )
+            self._listening = False
+            return
+        self._runner = runner
+        self.address = address
+        await asyncio.to_thread(_write_atomic, self.state_dir / ADDR_FILE, address)
+        log.info("control endpoint listening", address=address)
+
+    async def stop(self) -> None:
+        self._listening = False
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        if self.address is not None:
+            await asyncio.to_thread(self._remove_addr, self.address)
+            self.address = None
+        if self._socket_path is not None:
+            with contextlib.suppress(OSError):
+                self._socket_path.unlink()
+        self.thumbs.close()
+        self.reader.close()
+
+    def _remove_addr(self, address: str) -> None:
+        path = self.state_dir / ADDR_FILE
+        with contextlib.suppress(OSError):
+            # Only our own: a server started meanwhile (a reload) may have written its own.
+            if path.read_text().strip() == address:
+                path.unlink()
+
+    def _on_outcome(self, o: Outcome) -> None:
+        if not self._listening:
+            return
+        self.metrics.outcome(o)
+        self.activity.outcome(o)
+
+    # -- the app ------------------------------------------------------------------------------
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=64 << 10)
+        r = app.router
+        r.add_get("/healthz", self._healthz)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/api/info", self._info)
+        r.add_get("/api/status", self._api_status)
+        r.add_get("/api/activity", self._api_activity)
+        r.add_get("/api/items", self._api_items)
+        r.add_post("/api/retry", self._api_retry)
+        r.add_get(r"/thumbs/{watch}/{source_id:[\s\S]+}", self._thumb)
+        add_static_routes(r)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._check_host:
+            host = (request.host or "").lower()
+            name = urlsplit(f"//{host}").hostname or ""
+            if not (name in self._host_names or name.endswith(".localhost") or _is_ip(name)):
+                return json_error(
+                    403, f"Host {host!r} is not this machine's control endpoint (DNS rebinding?)"
+                )
+        if request.method == "POST":
+            origin = request.headers.get(hdrs.ORIGIN)
+            if (
+                origin
+                and origin != "null"
+                and urlsplit(origin).netloc.lower() != (request.host or "").lower()
+            ):
+                return json_error(403, f"cross-origin request from {origin} refused")
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                return json_error(e.status, e.reason)
+            raise
+        except Exception as e:
+            log.exception("control request failed", path=request.path)
+            return json_error(500, f"internal error: {type(e).__name__}")
+
+    # -- routes -------------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        t = self.target
+        counts = await self.reader.run(_counts)
+        snap = Snapshot(
+            watch_stats=t.watch_stats(),
+            items=counts,
+            queue_depth=t.queue_depth(),
+            reloads=t.reloads,
+            watches=tuple(w.name for w in t.config.watches),
+        )
+        return web.Response(
+            body=self.metrics.render(snap),
+            headers={hdrs.CONTENT_TYPE: self.metrics.content_type},
+        )
+
+    async def _info(self, request: web.Request) -> web.Response:
+        t = self.target
+        return web.json_response(
+            {
+                "kind": "daemon",
+                "pid": os.getpid(),
+                "config": str(t.config_path),
+                "watches": [w.name for w in t.config.watches],
+                "retry": True,
+            }
+        )
+
+    async def status(self) -> dict[str, Any]:
+        async with self._status_lock:
+            now = time.monotonic()
+            if self._status is None or now - self._status[0] >= STATUS_TTL:
+                data = await asyncio.to_thread(self.target.status_json)
+                self._status = (time.monotonic(), data)
+            return self._status[1]
+
+    async def _api_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.status())
+
+    async def _api_activity(self, request: web.Request) -> web.Response:
+        t = self.target
+        stats = t.watch_stats()
+        now = time.time()
+        watches = {}
+        for w in t.config.watches:
+            synced, failed = self.activity.last_minute(w.name, now)
+            s = stats.get(w.name, {})
+            watches[w.name] = {
+                "synced_last_minute": synced,
+                "failed_last_minute": failed,
+                "last_activity": self.activity.last.get(w.name),
+                "files_seen": s.get("files_seen", 0),
+                "scans": s.get("scans", 0),
+                "overflows": s.get("overflows", 0),
+            }
+        return web.json_response(
+            {"now": now, "queue_depth": t.queue_depth(), "reloads": t.reloads, "watches": watches}
+        )
+
+    def _folder(self, watch: str) -> Path | None:
+        """The local folder of a configured watch (None: unknown, or a bucket)."""
+        for w in self.target.config.watches:
+            if w.name == watch:
+                return None if "://" in w.source else Path(w.source)
+        return None
+
+    def _item_json(self, row: dict[str, Any]) -> dict[str, Any]:
+        plan = parse_plan(row)
+        thumb = thumb_source(row, self._folder(row["watch"]), plan)
+        kind = plan.slots[0].type if plan is not None and plan.slots else None
+        url = None
+        if thumb is not None:
+            url = (
+                f"thumbs/{quote(row['watch'], safe='')}/{quote(row['source_id'], safe='/')}"
+                f"?v={thumb[0][:16]}"
+            )
+        return {
+            "watch": row["watch"],
+            "source_id": row["source_id"],
+            "dataset": row["dataset"],
+            "key": row["key"],
+            "status": row["status"],
+            "last_error": row["last_error"],
+            "error_kind": row["error_kind"],
+            "attempts": row["attempts"],
+            "updated_at": row["updated_at"],
+            "kind": kind,
+            "thumbnail": url,
+        }
+
+    async def _api_items(self, request: web.Request) -> web.Response:
+        q = request.query
+        watch = q.get("watch") or None
+        status = q.get("status") or None
+        if status is not None and status not in SETTLED_STATUSES:
+            return json_error(400, f"status must be one of {', '.join(SETTLED_STATUSES)}")
+        raw_limit = q.get("limit", "50")
+        if not raw_limit.isdigit() or int(raw_limit) < 1:
+            return json_error(400, f"limit must be a positive integer, got {raw_limit!r}")
+        limit = min(int(raw_limit), ITEMS_LIMIT_MAX)
+        if status in ("failed", "pending"):
+            rows = await self.reader.run(_items_by_status(watch, status, limit))
+        else:
+            # Recently finished items, from memory: sorting the ledger by time would read
+            # all of it on every dashboard refresh.
+            if not self._seeded:
+                self._seeded = True
+                self.activity.seed(await self.reader.run(_seed_keys))
+            keys = [k for k in reversed(self.activity.recent) if watch is None or k[0] == watch]
+            rows = await self.reader.run(_items_by_key(keys[: ITEMS_LIMIT_MAX * 2]))
+            rows = [
+                r for r in rows if (r["status"] == status if status else r["status"] != "deleted")
+            ]
+            rows.sort(key=lambda r: r["updated_at"], reverse=True)
+            rows = rows[:limit]
+        return web.json_response({"items": [self._item_json(r) for r in rows]})
+
+    async def _api_retry(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return json_error(415, "send the request as Content-Type: application/json")
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return json_error(400, f"body is not JSON: {e}")
+        if not isinstance(body, dict):
+            return json_error(400, 'body must be an object: {"watch": ..., "item": ...}')
+        watch, item = body.get("watch"), body.get("item")
+        if not (watch is None or isinstance(watch, str)) or not (
+            item is None or isinstance(item, str)
+        ):
+            return json_error(400, '"watch" and "item" must be strings or null')
+        if item is not None and watch is None:
+            return json_error(400, 'retrying one item needs its "watch" too')
+        if watch is not None and watch not in {w.name for w in self.target.config.watches}:
+            return json_error(404, f"no watch named {watch!r} in the running config")
+        n = await self.target.retry(watch, item)
+        log.info("retry requested on the control endpoint", watch=watch, item=item, queued=n)
+        self._status = None  # the next status read shows the new state
+        return web.json_response({"retried": n})
+
+    async def _thumb(self, request: web.Request) -> web.StreamResponse:
+        watch, source_id = request.match_info["watch"], request.match_info["source_id"]
+        row = await self.reader.run(_item(watch, source_id))
+        src = thumb_source(row, self._folder(watch), parse_plan(row)) if row is not None else None
+        if src is None:
+            return json_error(404, f"no thumbnail for {source_id} (watch {watch})")
+        key, kind, path, size, mtime_ns = src
+        made = await self.thumbs.get(
+            key, kind, path, check=lambda: _unchanged(path, size, mtime_ns)
+        )
+        if made is None:
+            return json_error(404, f"{source_id}: cannot show a thumbnail of this file now")
+        return thumb_response(made)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,134 @@
+"""What a slot's files become before they are sent: oversize images downscaled, videos
+sampled into frames, DICOM de-identified. Originals are never modified; derived files
+go to a spool folder that the caller removes once the sink has answered.
+
+Blocking and CPU-heavy: the sync step runs it in its media thread pool (OpenCV, PIL
+and pydicom's writers release the GIL for the heavy parts)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingestd.config import DicomConfig, ImagesConfig, VideoConfig
+from ingestd.errors import Abandoned
+from ingestd.media.detect import sniff
+from ingestd.model import SlotType
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSettings:
+    images: ImagesConfig
+    video: VideoConfig
+    dicom: DicomConfig
+    deid_key: bytes | None = None  # set when dicom.deidentify is on
+
+    def identity(self, slots: Sequence[tuple[SlotType, Sequence[str] | None]]) -> list[Any]:
+        """The settings that change what is sent for an item with these slots (type, and
+        the local paths of its files, or None for remote objects): part of the 'nothing
+        changed' check, so a settings edit re-sends only the items it changes. A local
+        image that fits the limit goes as it is whatever the limit, so only its being
+        over it counts (read from the header)."""
+        out: list[Any] = []
+        for slot_type, paths in slots:
+            if slot_type == "image":
+                limits = self.images.model_dump()
+                if paths is None:
+                    out.append(limits)
+                    continue
+                out.append([_image_identity(p, limits) for p in paths])
+            elif slot_type in ("video", "frames"):
+                out.append(self.video.model_dump())
+            elif slot_type in ("dicom", "file"):
+                out.append(self.dicom.deidentify)
+        return out
+
+
+def _image_identity(path: str, limits: dict[str, Any]) -> Any:
+    from ingestd.media.images import image_size
+
+    try:
+        w, h = image_size(path)
+    except Exception:  # unreadable: the send reports it; any change of settings may matter
+        return limits
+    return "as is" if max(w, h) <= int(limits["max_dimension"]) else limits
+
+
+@dataclass(slots=True)
+class PreparedSlot:
+    type: SlotType
+    files: list[tuple[str, str]]  # (name shown in the dataset, path to read)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def transform_slot(
+    slot_type: SlotType,
+    files: list[tuple[str, str]],
+    settings: MediaSettings,
+    spool: str,
+    stop: threading.Event | None = None,
+) -> PreparedSlot:
+    """Turn one planned slot's (name, source path) files into what is sent."""
+    if slot_type == "image":
+        from ingestd.media.images import prepare_image
+
+        os.makedirs(spool, exist_ok=True)
+        out = []
+        for name, path in files:
+            derived = prepare_image(
+                path, spool, settings.images.max_dimension, settings.images.oversize
+            )
+            out.append((name, derived or path))
+        return PreparedSlot("image", out)
+    if slot_type == "video":
+        video = settings.video
+        if video.mode == "native":
+            return PreparedSlot("video", files, {"fps": video.fps})
+        from ingestd.media.video import SamplingAbandoned, sample_frames
+
+        if len(files) != 1:
+            raise ValueError("a video slot holds one file")
+        name, path = files[0]
+        try:
+            frames = sample_frames(
+                path, os.path.join(spool, "frames"), video.fps, video.format, video.quality, stop
+            )
+        except SamplingAbandoned as e:
+            raise Abandoned(path) from e
+        return PreparedSlot(
+            "frames",
+            [(os.path.basename(f), f) for f in frames.files],
+            {"timestamps": frames.timestamps, "fps": video.fps, "source": name},
+        )
+    if (
+        slot_type == "file"
+        and settings.dicom.deidentify
+        and all(sniff(path) == "dicom" for _, path in files)
+    ):
+        # A safety net: whatever the planner decided, DICOM bytes never leave un-stripped.
+        slot_type = "dicom"
+    if slot_type == "dicom" and settings.dicom.deidentify:
+        from ingestd.media.dicom import deidentify
+
+        assert settings.deid_key is not None
+        os.makedirs(spool, exist_ok=True)
+        out = []
+        for i, (name, path) in enumerate(files):
+            dst = os.path.join(spool, f"deid-{i:06d}.dcm")
+            deidentify(path, dst, settings.deid_key)
+            out.append((name, dst))
+        return PreparedSlot("dicom", out)
+    return PreparedSlot(slot_type, files)
+
+
+def transforms(slot_type: SlotType, settings: MediaSettings) -> bool:
+    """Whether transform_slot may read or derive anything for this slot type (if not,
+    the files go as they are and no media work needs scheduling)."""
+    if slot_type == "image":
+        return True  # checked, and maybe downscaled, every time
+    if slot_type == "video":
+        return settings.video.mode == "frames"
+    return slot_type in ("dicom", "file") and settings.dicom.deidentify

@@ -1,0 +1,101 @@
+"""The status report (`ingestd status --json`, the control endpoint's /api/status):
+read from the ledger, so it works whether or not the daemon runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ingestd.config import Config, Problem
+from ingestd.ledger import LEDGER_FILE, Ledger
+from ingestd.service import running_pid
+
+REJECTED_FILE = "config-rejected.json"
+
+
+def write_rejected(state_dir: Path, problems: Sequence[Problem]) -> None:
+    """Record the problems of the config edit the running daemon refused ([] once a
+    good config is in use), for `status` in another process."""
+    path = Path(state_dir) / REJECTED_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"field": p.field, "error": p.error} for p in problems]))
+    os.replace(tmp, path)
+
+
+def read_rejected(state_dir: Path) -> list[dict[str, str]]:
+    try:
+        data = json.loads((Path(state_dir) / REJECTED_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def status_data(config: Config, path: Path) -> dict[str, Any]:
+    return status_report(config.state_dir, path, [(w.name, w.dataset) for w in config.watches])
+
+
+def status_report(
+    state_dir: Path, path: Path, watch_list: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """The status of these (watch, dataset) pairs, from the ledger under state_dir."""
+    pid = running_pid(state_dir)
+    ledger = None
+    if (state_dir / LEDGER_FILE).exists():  # no ledger yet: nothing happened
+        ledger = Ledger(state_dir, readonly=True)
+    try:
+        counts = ledger.counts() if ledger else {}
+        problems = ledger.watch_problems() if ledger else {}
+        watches = [
+            {
+                "name": name,
+                "dataset": dataset,
+                "synced": counts[name].synced if name in counts else 0,
+                "pending": counts[name].pending if name in counts else 0,
+                "failed": counts[name].failed if name in counts else 0,
+                "last_errors": ledger.last_errors(name) if ledger else [],
+                "problem": problems.get(name),
+            }
+            for name, dataset in watch_list
+        ]
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return {
+        "daemon": {"running": pid is not None, "pid": pid},
+        "config": {
+            "path": str(path),
+            "rejected": read_rejected(state_dir) if pid is not None else [],
+        },
+        "watches": watches,
+    }
+
+
+def raw_watches(path: Path) -> list[tuple[str, str]]:
+    """(name, dataset) of each watch in a config file that does not validate, read
+    leniently, so `status` still reports what it can next to the problems."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    watches = data.get("watches") if isinstance(data, dict) else None
+    out = []
+    for w in watches if isinstance(watches, list) else []:
+        if isinstance(w, dict) and isinstance(w.get("name"), str):
+            out.append((w["name"], str(w.get("dataset", ""))))
+    return out
+
+
+def state_dir_of(path: Path) -> Path:
+    """The state_dir a config file names, even when the rest of it is invalid."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = data.get("state_dir", "var/state") if isinstance(data, dict) else "var/state"
+    except (OSError, yaml.YAMLError):
+        raw = "var/state"
+    state = Path(os.path.expanduser(str(raw)))
+    return state if state.is_absolute() else Path(path).resolve().parent / state

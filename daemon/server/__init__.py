@@ -1,6 +1,0 @@
-"""`ingestd serve`: the ingestion HTTP API over the embedded store (see API.md)."""
-
-from daemon.server.app import make_app, serve
-from daemon.server.auth import ServeError, load_tokens
-
-__all__ = ["ServeError", "load_tokens", "make_app", "serve"]
