@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from common import Workspace, drop_caches, machine_md, median, runs_arg, spread, table
+from ingestd.media.dicom import read_header, slice_order_key
+from ingestd.media.images import prepare_image
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-
-from ingestd.media.dicom import read_header, slice_order_key
-from ingestd.media.images import prepare_image
 
 DICOM_FILES = 1_000
 SERIES = 10  # 100 slices each

@@ -30,11 +30,10 @@ from common import (
     table,
     write_config,
 )
-
-from ingestd import logs
 from ingestd.config import load_config
 from ingestd.ledger import AsyncLedger
-from ingestd.watch import WatchRunner
+from ingestd.pipeline.runner import WatchRunner
+from ingestd.runtime import logs
 
 FILES = 100_000
 PER_DIR = 100

@@ -5,7 +5,7 @@ and samples /proc/<pid>/status while it syncs them all (peak = VmHWM at the end 
 initial sync; steady = VmRSS 5 s after it). The daemon is then restarted on the full
 ledger: its startup rescan walks and diffs all 100,000 files (peak = VmHWM once the
 rescan has logged "scan done"; steady = VmRSS 5 s later). Baseline: the VmHWM of a
-bare `python -c "import ingestd.app"`.
+bare `python -c "import ingestd.runtime.app"`.
 
     .venv/bin/python bench/rss.py [--runs N]
 """
@@ -142,7 +142,7 @@ def one_run(ws: Workspace, src: Path) -> dict[str, float]:
 
 def main(runs: int | None = None) -> str:
     runs = runs or runs_arg(3)
-    base = [bare_hwm("import ingestd.app") for _ in range(5)]
+    base = [bare_hwm("import ingestd.runtime.app") for _ in range(5)]
     bare = [bare_hwm("pass") for _ in range(5)]
     res: dict[str, list[float]] = {}
     with Workspace("rss") as ws:
@@ -165,7 +165,7 @@ def main(runs: int | None = None) -> str:
     b = median(base)
     rows = [
         [
-            'baseline: `python -c "import ingestd.app"` (VmHWM)',
+            'baseline: `python -c "import ingestd.runtime.app"` (VmHWM)',
             f"{b / 1024:.1f}",
             spread([x / 1024 for x in base]),
             "1.00",

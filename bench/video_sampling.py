@@ -28,7 +28,6 @@ from pathlib import Path
 
 import cv2
 from common import Workspace, machine_md, median, runs_arg, spread, table
-
 from ingestd.media.video import probe_video, sample_frames
 
 SECONDS, SIZE, RATE = 60, "1280x720", 30

@@ -21,10 +21,10 @@ from ingestd.config import (
     json_schema,
     load_config,
 )
-from ingestd.errors import SyncError
+from ingestd.core.errors import SyncError
 from ingestd.ledger import LEDGER_FILE, Ledger
-from ingestd.service import AlreadyRunning, running_pid
-from ingestd.status import raw_watches, state_dir_of, status_data, status_report
+from ingestd.observe.status import raw_watches, state_dir_of, status_data, status_report
+from ingestd.runtime.service import AlreadyRunning, running_pid
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -127,8 +127,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ingestd import logs
-    from ingestd.app import App
+    from ingestd.runtime import logs
+    from ingestd.runtime.app import App
 
     config, path = _load(args)
     logs.setup(config.log.level, config.log.format)
@@ -152,9 +152,9 @@ def _exit_without_stragglers(rc: int) -> None:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from ingestd import logs
-    from ingestd.app import App
-    from ingestd.progress import Progress
+    from ingestd.runtime import logs
+    from ingestd.runtime.app import App
+    from ingestd.runtime.progress import Progress
 
     config, path = _load(args)
     tty = sys.stderr.isatty()
@@ -250,7 +250,7 @@ async def _list_items(config: Config, dataset: str) -> list[dict[str, Any]]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ingestd import logs
+    from ingestd.runtime import logs
     from ingestd.server.app import ServeError, load_tokens, serve
 
     logs.setup("info", args.log_format)

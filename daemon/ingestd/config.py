@@ -27,9 +27,9 @@ from pydantic import (
     model_validator,
 )
 
-from ingestd.plan.fingerprint import fingerprint
-from ingestd.plan.metadata import check_sidecar_template, compile_path_pattern
-from ingestd.sources.filters import PathFilter
+from ingestd.core.filters import PathFilter
+from ingestd.core.fingerprint import fingerprint
+from ingestd.core.names import check_sidecar_template, compile_path_pattern
 
 DEFAULT_LOCATIONS = ("ingestd.yaml", "/etc/ingestd/config.yaml")
 

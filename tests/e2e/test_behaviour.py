@@ -695,7 +695,7 @@ def test_sigterm_during_a_large_upload_then_restart_syncs_everything_once(env: E
 
 def test_sigterm_while_hashing_a_file_longer_than_the_grace(env: Env) -> None:
     """SHUTDOWN_GRACE gives in-flight work 6 s and "the whole stop stays under 10 s"
-    (daemon/ingestd/app.py): also when reading the file takes longer than that."""
+    (daemon/ingestd/runtime/app.py): also when reading the file takes longer than that."""
     drop = env.drop()
     env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
     env.start()

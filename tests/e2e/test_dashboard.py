@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from ingestd.media.thumbs import render
 from PIL import Image
 
-from ingestd.media.thumbs import render
 from tests.e2e.conftest import REPO, Env, Server, log_lines, synced_lines, wait_for
 
 CHROMIUM = "/usr/bin/chromium"

@@ -27,12 +27,11 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-
 from ingestd.config import DarwinBackend
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.plan.groups import LAYOUT_KEY
 from ingestd.sinks.darwin import DarwinSink, _Dataset
+from PIL import Image
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("V7_API_KEY"), reason="V7_API_KEY is not set (live V7 tests)"

@@ -23,11 +23,10 @@ from typing import Any
 
 import pydicom
 import pytest
-from PIL import Image
-
 from ingestd.config import LabelboxBackend
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.labelbox import LabelboxSink, global_key
+from PIL import Image
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("LABELBOX_API_KEY"), reason="LABELBOX_API_KEY is not set"

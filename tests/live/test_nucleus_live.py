@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-
 from ingestd.config import NucleusBackend
-from ingestd.errors import PermanentError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import PermanentError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.nucleus import NucleusSink
+from PIL import Image
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("NUCLEUS_API_KEY"), reason="NUCLEUS_API_KEY is not set"

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from ingestd.config import SourceOptions, parse_bucket_url
 from ingestd.sources.bucket import Timeouts, _parse_connection_string, open_store
 from ingestd.sources.objects import BucketError, ObjectChanged, ObjectInfo, ObjectStore
+
 from tests.emulators import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,

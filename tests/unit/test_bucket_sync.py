@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-
-from ingestd.bucket_watch import BucketWatchRunner
 from ingestd.config import Watch, parse_bucket_url
 from ingestd.ledger import AsyncLedger
+from ingestd.pipeline.bucket_runner import BucketWatchRunner
+from ingestd.pipeline.sync import Outcome, SyncPool, WatchSide, side_for
 from ingestd.sinks.base import Capabilities, Sink
 from ingestd.sinks.local import LocalSink
 from ingestd.sinks.memory import MemorySink
 from ingestd.sources.bucket_poll import StoreHandle
 from ingestd.sources.objects import BucketError, MemoryObjectStore
 from ingestd.store import Store
-from ingestd.sync import Outcome, SyncPool, WatchSide, side_for
+from PIL import Image
 
 URL = parse_bucket_url("s3://bkt/pre")
 OLD = time.time_ns() - 3600 * 10**9

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from ingestd.bucket_watch import BucketWatchRunner
 from ingestd.config import Watch, parse_bucket_url
 from ingestd.ledger import AsyncLedger
+from ingestd.pipeline.bucket_runner import BucketWatchRunner
 from ingestd.sources.bucket_poll import (
     ListingOutOfOrder,
     PendingObjects,
@@ -411,8 +410,8 @@ async def test_generically_named_objects_are_sniffed(make: Any) -> None:
 def test_an_older_ledger_gains_the_etag_column(tmp_path: Path) -> None:
     import sqlite3
 
+    from ingestd.core.model import Entry
     from ingestd.ledger import LEDGER_FILE, Ledger
-    from ingestd.model import Entry
 
     old = sqlite3.connect(tmp_path / LEDGER_FILE)
     old.execute(

@@ -1,4 +1,4 @@
-"""The control endpoint (daemon/ingestd/control.py) in-process, over real HTTP on 127.0.0.1 and
+"""The control endpoint (daemon/ingestd/observe/control.py) in-process, over real HTTP on 127.0.0.1 and
 a unix socket, against a small ControlTarget built from the real parts: the ledger, a
 watch runner scanning a real folder, the sync pool with real media checks, and the
 in-memory sink. Also the `ingestd serve` side of the dashboard (daemon/ingestd/server/dashboard.py)
@@ -19,17 +19,16 @@ import aiohttp
 import cv2
 import numpy as np
 import pytest
+from ingestd.config import Config, parse_config
+from ingestd.ledger import AsyncLedger
+from ingestd.observe.control import ADDR_FILE, ControlServer, ControlTarget
+from ingestd.observe.status import status_data
+from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
+from ingestd.pipeline.sync import Outcome, SyncPool, side_for
+from ingestd.sinks.memory import MemorySink
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
-
-from ingestd.config import Config, parse_config
-from ingestd.control import ADDR_FILE, ControlServer, ControlTarget
-from ingestd.ledger import AsyncLedger
-from ingestd.sinks.memory import MemorySink
-from ingestd.status import status_data
-from ingestd.sync import Outcome, SyncPool, side_for
-from ingestd.watch import WatchRunner, make_runner, runner_stats
 
 
 def write_jpeg(
@@ -497,7 +496,6 @@ async def test_no_listen_means_no_server(daemon: Daemon) -> None:
 
 async def _serve_app(store: Path, tokens: tuple[str, ...] = ()) -> tuple[Any, str]:
     from aiohttp import web
-
     from ingestd.server.app import make_app
 
     runner = web.AppRunner(make_app(store, tokens), access_log=None)

@@ -20,14 +20,14 @@ from typing import Any
 import cv2
 import pytest
 import structlog
-from PIL import Image
-
 from ingestd.config import DarwinBackend
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.plan.groups import LAYOUT_KEY
 from ingestd.sinks.base import Sink
 from ingestd.sinks.darwin import DarwinSink, slots_layout, slugify, storage_key
+from PIL import Image
+
 from tests.fakes.darwin import API_KEY, STORAGE, TEAM, FakeDarwin
 
 KEY_ENV = "INGESTD_TEST_V7_KEY"

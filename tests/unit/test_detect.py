@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from ingestd.media.detect import (
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,

@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID_dictionary
-
-from ingestd.errors import MediaError, SourceChangedError
+from ingestd.core.errors import MediaError, SourceChangedError
 from ingestd.media import dicom as dicom_module
 from ingestd.media.dicom import (
     DicomHeader,
@@ -32,6 +28,9 @@ from ingestd.media.dicom import (
     slice_order_key,
     verify_dicom,
 )
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID_dictionary
 
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
 CT_SMALL = TEST_FILES / "CT_small.dcm"

@@ -12,8 +12,7 @@ import fnmatch
 import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
-
-from ingestd.sources.filters import TEMP_PATTERNS, PathFilter, is_temp_name, translate
+from ingestd.core.filters import TEMP_PATTERNS, PathFilter, is_temp_name, translate
 
 # --- tables ------------------------------------------------------------------------------
 

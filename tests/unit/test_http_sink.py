@@ -16,11 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
-
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.base import Sink
 from ingestd.sinks.http import HttpSink, parse_retry_after
+
 from tests.unit.fake_ingest_server import FakeIngestServer, Fault
 
 TOKEN = "tok-3f9c2e71d0"

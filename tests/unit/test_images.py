@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms, ImageFile, ImageOps
-
-from ingestd.errors import MediaError, SourceChangedError
+from ingestd.core.errors import MediaError, SourceChangedError
 from ingestd.media.images import (
     image_info,
     image_size,
@@ -18,6 +16,7 @@ from ingestd.media.images import (
     same_size,
     verify_image,
 )
+from PIL import Image, ImageCms, ImageFile, ImageOps
 
 RED = (255, 0, 0)
 MARK = 400  # marker square painted at stored pixel (0, 0)

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import structlog
-
 from ingestd.config import LabelboxBackend
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks import labelbox as lb
 from ingestd.sinks.base import MetadataUpdater, Sink
 from ingestd.sinks.labelbox import LabelboxSink, global_key, https_url
+
 from tests.fakes.labelbox import FakeProcess, LabelboxFake
 
 KEY = "lb-key-5f0e9a27c3d1"

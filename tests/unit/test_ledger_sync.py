@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from ingestd.errors import PermanentError, RetriableError
+from ingestd.core.errors import PermanentError, RetriableError
+from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot
 from ingestd.ledger import AsyncLedger, Ledger
-from ingestd.model import Entry, ItemPlan, PlannedFile, PlannedSlot
+from ingestd.pipeline.sync import SyncPool, WatchSide, backoff_delay
 from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.memory import MemorySink
-from ingestd.sync import SyncPool, WatchSide, backoff_delay
 
 
 def make_plan(

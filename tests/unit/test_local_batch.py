@@ -9,15 +9,22 @@ import os
 import time
 from pathlib import Path
 
-from ingestd.errors import PermanentError, SourceChangedError
+from ingestd.core.errors import PermanentError, SourceChangedError
+from ingestd.core.model import (
+    FilePayload,
+    ItemPayload,
+    ItemPlan,
+    PlannedFile,
+    PlannedSlot,
+    SlotPayload,
+)
 from ingestd.ledger import AsyncLedger, Ledger
-from ingestd.model import FilePayload, ItemPayload, ItemPlan, PlannedFile, PlannedSlot, SlotPayload
+from ingestd.pipeline.sync import SyncPool, WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.base import BatchPutter, PutResult
 from ingestd.sinks.local import LocalSink
 from ingestd.store import BlobStore, Catalog, Store
 from ingestd.store.blobs import StagedBlob
-from ingestd.sync import SyncPool, WatchSide
 
 
 def sha(data: bytes) -> str:

@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.base import Sink
 from ingestd.sinks.local import LocalSink
 from ingestd.store import Catalog, Store
@@ -155,8 +154,8 @@ async def test_unreadable_file_is_permanent(tmp_path: Path, sink: LocalSink) -> 
 CHILD_UNREADABLE = """
 import asyncio, hashlib, os, sys
 from pathlib import Path
-from ingestd.errors import SyncError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import SyncError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.local import LocalSink
 
 async def main(work):

@@ -6,9 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.base import Capabilities, Sink
 from ingestd.sinks.memory import MemorySink
 

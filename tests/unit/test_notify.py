@@ -1,5 +1,5 @@
 """The systemd notify protocol, with the test playing systemd's side: a datagram socket
-that receives what ingestd.service.Notifier sends, exactly as systemd's notify socket does
+that receives what ingestd.runtime.service.Notifier sends, exactly as systemd's notify socket does
 (including the sender credentials systemd uses for NotifyAccess=main)."""
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-
-from ingestd.service import Notifier, watchdog_loop
+from ingestd.runtime.service import Notifier, watchdog_loop
 
 
 class FakeSystemd:

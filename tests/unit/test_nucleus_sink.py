@@ -16,13 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
-from PIL import Image
-
 from ingestd.config import NucleusBackend
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.base import MetadataUpdater, Sink
 from ingestd.sinks.nucleus import NucleusSink
+from PIL import Image
+
 from tests.fakes.nucleus import FakeNucleus, serve
 
 KEY_ENV = "NUCLEUS_UNIT_TEST_KEY"

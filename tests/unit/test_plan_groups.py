@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from ingestd.config import GroupConfig, Watch
-from ingestd.model import Entry, ItemPlan, PlannedFile
+from ingestd.core.model import Entry, ItemPlan, PlannedFile
 from ingestd.plan.groups import (
     LAYOUT_KEY,
     GroupMembership,

@@ -10,13 +10,12 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
-
 from ingestd.config import Watch
-from ingestd.model import Entry, ItemPlan, PlannedFile
-from ingestd.plan.fingerprint import canonical_json, fingerprint
+from ingestd.core.fingerprint import canonical_json, fingerprint
+from ingestd.core.model import Entry, ItemPlan, PlannedFile
 from ingestd.plan.layout import PlanError, dataset_folder, plan_file, plan_fingerprint
 from ingestd.plan.metadata import Sidecar, parse_sidecar
+from pydantic import ValidationError
 
 
 def make_watch(**overrides: Any) -> Watch:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 
 from ingestd.ledger import Claim
-from ingestd.progress import Progress, WatchProgress
-from ingestd.sync import Outcome
+from ingestd.pipeline.sync import Outcome
+from ingestd.runtime.progress import Progress, WatchProgress
 
 
 def _outcome(watch: str, result: str, size: int = 0) -> Outcome:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.config import backend_identity, diff_config, parse_config
-from ingestd.config_watch import ConfigWatcher, content_digest
+from ingestd.runtime.config_watch import ConfigWatcher, content_digest
 
 
 def _config(tmp_path: Path, **top: Any) -> Any:

@@ -23,11 +23,10 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDictProxy
-from yarl import URL
-
 from ingestd.server.app import DEFAULT_MAX_BODY, STATE, make_app
 from ingestd.store import Store
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "tkn-0123456789abcdef-secret"
@@ -510,7 +509,7 @@ SERVER_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
 import ingestd.server.uploads as uploads
-from ingestd.logs import setup
+from ingestd.runtime.logs import setup
 from ingestd.server.app import serve
 setup("info", "json")  # logs to stderr; stdout carries only the port
 uploads.CHECKPOINT = int(sys.argv[2])

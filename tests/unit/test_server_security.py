@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import ingestd.server.app as server_app
 import pytest
 import structlog
-
-import ingestd.server.app as server_app
 from ingestd.server.app import STATE, serve
 from ingestd.server.auth import (
     ServeError,
@@ -24,6 +23,7 @@ from ingestd.server.auth import (
     is_loopback,
     load_tokens,
 )
+
 from tests.unit.test_server import AUTH, TOKEN, item_url, running, sha, slots_for
 
 OTHER_TOKEN = "second-token-9876543210"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ingestd.model import Entry
+from ingestd.core.model import Entry
 from ingestd.sources.settle import Settler, Stat
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-
 from ingestd.store import BlobStore, Catalog, DigestMismatch, Store
 
 REPO = Path(__file__).resolve().parents[2]

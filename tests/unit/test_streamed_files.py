@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from ingestd.errors import SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload
+from ingestd.core.errors import SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.http import HttpSink
 from ingestd.sinks.local import LocalSink
 from ingestd.sinks.memory import MemorySink
 from ingestd.store import Store
+
 from tests.unit.fake_ingest_server import FakeIngestServer, Fault
 from tests.unit.test_server import item_url, running
 

@@ -14,10 +14,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-
 from ingestd.media import thumbs
 from ingestd.media.thumbs import MAX_SIDE, NoThumbnail, ThumbCache, pick, render
+from PIL import Image
 
 # Bundled with pydicom (get_testdata_file would try to download the ones that are not).
 DICOM = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ingestd.errors import Abandoned, MediaError, SourceChangedError
+from ingestd.core.errors import Abandoned, MediaError, SourceChangedError
 from ingestd.media.video import (
     TIME_TOLERANCE,
     FrameSelector,

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from ingestd.bucket_watch import BucketWatchRunner
 from ingestd.config import Watch
 from ingestd.ledger import AsyncLedger, op_plan_settled, op_watch_settings
+from ingestd.pipeline.bucket_runner import BucketWatchRunner
 from ingestd.sources.bucket_poll import StoreHandle
 from ingestd.sources.objects import MemoryObjectStore
 

@@ -5,7 +5,7 @@ stays free of I/O).
 
 from __future__ import annotations
 
-from ingestd.model import SlotType
+from ingestd.core.model import SlotType
 
 __all__ = [
     "DICOM_EXTENSIONS",

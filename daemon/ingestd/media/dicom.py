@@ -86,7 +86,7 @@ from pydicom.uid import (
     UID_dictionary,
 )
 
-from ingestd.errors import MediaError, SourceChangedError
+from ingestd.core.errors import MediaError, SourceChangedError
 
 __all__ = [
     "DicomHeader",

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from PIL import Image, ImageFile, UnidentifiedImageError
 from PIL.JpegImagePlugin import get_sampling
 
-from ingestd.errors import MediaError, SourceChangedError
+from ingestd.core.errors import MediaError, SourceChangedError
 
 __all__ = [
     "MAX_PIXELS",

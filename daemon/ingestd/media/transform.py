@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingestd.config import DicomConfig, ImagesConfig, VideoConfig
-from ingestd.errors import Abandoned
+from ingestd.core.errors import Abandoned
+from ingestd.core.model import SlotType
 from ingestd.media.detect import sniff
-from ingestd.model import SlotType
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,13 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from ingestd.errors import Abandoned, MediaError, PermanentError, RetriableError, SourceChangedError
+from ingestd.core.errors import (
+    Abandoned,
+    MediaError,
+    PermanentError,
+    RetriableError,
+    SourceChangedError,
+)
 
 __all__ = [
     "TIME_TOLERANCE",

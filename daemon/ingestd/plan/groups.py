@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 from ingestd.config import GroupConfig, Watch
+from ingestd.core.fingerprint import fingerprint
+from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot, SlotType
 from ingestd.media.detect import slot_type_for
-from ingestd.model import Entry, ItemPlan, PlannedFile, PlannedSlot, SlotType
-from ingestd.plan.fingerprint import fingerprint
 from ingestd.plan.layout import PlanError, _check_relpath, dataset_folder, plan_fingerprint
 from ingestd.plan.metadata import (
     Sidecar,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from ingestd.config import Watch
+from ingestd.core.fingerprint import fingerprint
+from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot, SlotType
 from ingestd.media.detect import slot_type_for
-from ingestd.model import Entry, ItemPlan, PlannedFile, PlannedSlot, SlotType
-from ingestd.plan.fingerprint import fingerprint
 from ingestd.plan.metadata import Sidecar, bind_path_pattern, build_metadata, is_sidecar_name
 
 __all__ = ["PlanError", "dataset_folder", "plan_file", "plan_fingerprint"]

@@ -14,8 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import aiofiles
 
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError, SyncError
-from ingestd.model import FilePayload, ItemPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.model import FilePayload, ItemPayload
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,7 @@ class BatchPutter(Protocol):
 
 @runtime_checkable
 class Sink(Protocol):
-    """One backend. Implementations raise ingestd.errors.RetriableError for transient
+    """One backend. Implementations raise ingestd.core.errors.RetriableError for transient
     trouble, PermanentError when the backend rejects the item, and SourceChangedError
     when a file's bytes did not match the digest the prepare step computed."""
 

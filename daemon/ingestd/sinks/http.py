@@ -43,9 +43,9 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from ingestd.backoff import full_jitter
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError, SyncError
-from ingestd.model import FilePayload, ItemPayload, item_key
+from ingestd.core.backoff import full_jitter
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.model import FilePayload, ItemPayload, item_key
 from ingestd.sinks.base import Capabilities, PutResult, read_chunks, reading
 
 log = structlog.get_logger("ingestd.sink.http")

@@ -53,8 +53,8 @@ from urllib.parse import quote
 import structlog
 
 from ingestd.config import LabelboxBackend
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError, SyncError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload, item_key
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload, item_key
 from ingestd.sinks.base import Capabilities, PutResult, read_chunks, reading
 from ingestd.sinks.platform import Answer, PlatformClient, RateLimiter
 

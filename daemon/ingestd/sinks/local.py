@@ -22,8 +22,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload
 from ingestd.sinks.base import Capabilities, PutResult, read_chunks
 from ingestd.store import DigestMismatch, Store, StoreIOError
 from ingestd.store.blobs import BlobWriter, StagedBlob

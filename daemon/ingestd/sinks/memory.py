@@ -14,8 +14,8 @@ import hashlib
 import json
 from typing import Any
 
-from ingestd.errors import PermanentError, SourceChangedError
-from ingestd.model import FilePayload, ItemPayload, item_key
+from ingestd.core.errors import PermanentError, SourceChangedError
+from ingestd.core.model import FilePayload, ItemPayload, item_key
 from ingestd.sinks.base import Capabilities, PutResult, read_chunks, reading
 
 

@@ -55,8 +55,8 @@ import structlog
 from PIL import Image, ImageFile
 
 from ingestd.config import NucleusBackend
-from ingestd.errors import PermanentError, RetriableError, SourceChangedError, SyncError
-from ingestd.model import FilePayload, ItemPayload, SlotPayload, item_key
+from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.model import FilePayload, ItemPayload, SlotPayload, item_key
 from ingestd.sinks.base import Capabilities, PutResult, read_chunks, read_error
 from ingestd.sinks.platform import Answer, PlatformClient
 

@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import structlog
 
-from ingestd.backoff import full_jitter
-from ingestd.errors import PermanentError, RetriableError
+from ingestd.core.backoff import full_jitter
+from ingestd.core.errors import PermanentError, RetriableError
 from ingestd.sinks.http import parse_retry_after
 
 log = structlog.get_logger("ingestd.sinks")

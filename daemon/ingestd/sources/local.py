@@ -29,8 +29,8 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from ingestd.model import Entry
-from ingestd.sources.filters import PathFilter
+from ingestd.core.filters import PathFilter
+from ingestd.core.model import Entry
 
 # (kind, relpath, is_dir) where kind is created | closed | gone | moved_in | dir
 EventSink = Callable[[str, str, bool], None]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from stat import S_ISREG
 
-from ingestd.model import Entry
+from ingestd.core.model import Entry
 
 Stat = tuple[int, int] | None  # (size, mtime_ns), or None when the path is gone
 StatMany = Callable[[Sequence[str]], list[Stat]]

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ingestd.model import item_key
+from ingestd.core.model import item_key
 
 BUSY_TIMEOUT_S = 10.0
 SCHEMA_VERSION = 1

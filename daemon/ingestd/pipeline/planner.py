@@ -15,11 +15,12 @@ from stat import S_ISREG
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ingestd.config import Watch
-from ingestd.errors import MediaError
+from ingestd.core.errors import MediaError
+from ingestd.core.filters import PathFilter
+from ingestd.core.fingerprint import fingerprint
+from ingestd.core.model import Entry, ItemPlan, SlotType, item_key
 from ingestd.ledger import ITEM, MEMBER, SIDECAR
 from ingestd.media.detect import slot_type_for, sniff
-from ingestd.model import Entry, ItemPlan, SlotType, item_key
-from ingestd.plan.fingerprint import fingerprint
 from ingestd.plan.groups import GroupMembership, group_of, group_sidecar_relpath, plan_group
 from ingestd.plan.layout import PlanError, dataset_folder, plan_file
 from ingestd.plan.metadata import (
@@ -29,7 +30,6 @@ from ingestd.plan.metadata import (
     sidecar_name,
     sidecar_targets,
 )
-from ingestd.sources.filters import PathFilter
 
 if TYPE_CHECKING:
     from ingestd.media.dicom import DicomHeader

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import structlog
 
 from ingestd.config import Watch
-from ingestd.errors import MediaError
+from ingestd.core.errors import MediaError
+from ingestd.core.model import Entry, SlotType
 from ingestd.ledger import AsyncLedger, Ledger
 from ingestd.media.detect import type_of_prefix
-from ingestd.model import Entry, SlotType
+from ingestd.pipeline.planner import MAX_SIDECAR_BYTES, NOT_A_FILE, Planner
+from ingestd.pipeline.runner import WatchRunner, _Work
 from ingestd.plan.metadata import Sidecar, parse_sidecar
-from ingestd.planning import MAX_SIDECAR_BYTES, NOT_A_FILE, Planner
 from ingestd.sources.bucket_poll import (
     ListingOutOfOrder,
     PendingObjects,
@@ -42,7 +43,6 @@ from ingestd.sources.bucket_poll import (
     usable_key,
 )
 from ingestd.sources.objects import BucketError, ObjectChanged, ObjectInfo, ObjectStore
-from ingestd.watch import WatchRunner, _Work
 
 if TYPE_CHECKING:
     from ingestd.media.dicom import DicomHeader

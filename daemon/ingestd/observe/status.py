@@ -13,7 +13,7 @@ import yaml
 
 from ingestd.config import Config, Problem
 from ingestd.ledger import LEDGER_FILE, Ledger
-from ingestd.service import running_pid
+from ingestd.runtime.service import running_pid
 
 REJECTED_FILE = "config-rejected.json"
 

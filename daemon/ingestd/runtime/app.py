@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ingestd import logs
-from ingestd.bucket_watch import BucketWatchRunner
 from ingestd.config import (
     Config,
     ConfigDiff,
@@ -30,20 +28,22 @@ from ingestd.config import (
     diff_config,
     load_config,
 )
-from ingestd.config_watch import ConfigWatcher, content_digest
+from ingestd.core.model import Entry
 from ingestd.ledger import DELETED, ITEM, AsyncLedger, op_switch_backend
-from ingestd.model import Entry
-from ingestd.progress import Progress
-from ingestd.service import Notifier, PidLock, install_signals, watchdog_loop
+from ingestd.observe.status import status_data, write_rejected
+from ingestd.pipeline.bucket_runner import BucketWatchRunner
+from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
+from ingestd.pipeline.sync import Outcome, SyncPool, WatchSide, side_for
+from ingestd.runtime import logs
+from ingestd.runtime.config_watch import ConfigWatcher, content_digest
+from ingestd.runtime.progress import Progress
+from ingestd.runtime.service import Notifier, PidLock, install_signals, watchdog_loop
 from ingestd.sinks.base import Sink
 from ingestd.sinks.local import LocalSink
 from ingestd.sources.objects import BucketError
-from ingestd.status import status_data, write_rejected
-from ingestd.sync import Outcome, SyncPool, WatchSide, side_for
-from ingestd.watch import WatchRunner, make_runner, runner_stats
 
 if TYPE_CHECKING:
-    from ingestd.control import ControlServer
+    from ingestd.observe.control import ControlServer
 
 log = structlog.get_logger("ingestd")
 
@@ -266,7 +266,7 @@ class App:
             self.control = None
             return
         try:  # TEMPORARY until the control server lands
-            from ingestd.control import ControlServer
+            from ingestd.observe.control import ControlServer
         except ImportError:
             return
         self.control = ControlServer(self, listen, self.config.state_dir)

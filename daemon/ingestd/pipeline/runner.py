@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from ingestd.config import Watch
+from ingestd.core.model import Entry
 from ingestd.ledger import (
     MEMBER,
     SIDECAR,
@@ -26,10 +27,9 @@ from ingestd.ledger import (
     op_plan_settled,
     op_watch_settings,
 )
-from ingestd.model import Entry
+from ingestd.pipeline.planner import PlanBatch, Planner, WatchFilter, failed_fingerprint
 from ingestd.plan.groups import GroupMembership
 from ingestd.plan.metadata import type_conflicts, value_type
-from ingestd.planning import PlanBatch, Planner, WatchFilter, failed_fingerprint
 from ingestd.sources.local import LocalSource, ScanResult
 from ingestd.sources.settle import Settler, stat_many
 
@@ -484,7 +484,7 @@ def make_runner(
 ) -> WatchRunner:
     """The runner for one configured watch: a folder's, or a bucket prefix's poller."""
     if watch.bucket is not None:
-        from ingestd.bucket_watch import BucketWatchRunner  # imports this module
+        from ingestd.pipeline.bucket_runner import BucketWatchRunner  # imports this module
 
         return BucketWatchRunner(watch, ledger, on_planned, observe=observe, deid_key=deid_key)
     return WatchRunner(watch, ledger, on_planned, observe=observe, deid_key=deid_key)

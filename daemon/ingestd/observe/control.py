@@ -9,7 +9,7 @@ daemon carries on without the endpoint: syncing matters more than a dashboard.
 Routes (JSON unless said):
 
 - GET  /healthz            {"ok": true} while the event loop runs
-- GET  /metrics            Prometheus text format (daemon/ingestd/metrics.py)
+- GET  /metrics            Prometheus text format (daemon/ingestd/observe/metrics.py)
 - GET  /api/status         the object `ingestd status --json` prints
 - GET  /api/activity       per watch: syncs and failures in the last minute, last activity,
                            files seen, scans, overflows; queue depth, reloads
@@ -47,12 +47,12 @@ import structlog
 from aiohttp import hdrs, web
 
 from ingestd.config import Config
+from ingestd.core.model import ItemPlan
 from ingestd.ledger import LEDGER_FILE, AsyncLedger, connect
 from ingestd.media.thumbs import ThumbCache, cache_key, pick
-from ingestd.metrics import DaemonMetrics, Snapshot
-from ingestd.model import ItemPlan
+from ingestd.observe.metrics import DaemonMetrics, Snapshot
+from ingestd.pipeline.sync import Outcome
 from ingestd.server.dashboard import add_static_routes, json_error, thumb_response
-from ingestd.sync import Outcome
 
 log = structlog.get_logger("ingestd.control")
 
@@ -69,7 +69,7 @@ SETTLED_STATUSES = ("synced", "pending", "failed", "deleted")
 
 
 class ControlTarget(Protocol):
-    """What the control endpoint needs from the running daemon (ingestd.app.App).
+    """What the control endpoint needs from the running daemon (ingestd.runtime.app.App).
 
     Attributes are read on every request, so a reload that swaps `config` is seen at
     once. Methods are called on the event loop, except `status_json`, which blocks on

@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import structlog
 
-from ingestd.backoff import full_jitter
 from ingestd.config import Watch
-from ingestd.errors import (
+from ingestd.core.backoff import full_jitter
+from ingestd.core.errors import (
     Abandoned,
     MediaError,
     PermanentError,
@@ -41,10 +41,8 @@ from ingestd.errors import (
     SourceChangedError,
     SyncError,
 )
-from ingestd.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
-from ingestd.media.detect import type_of_prefix
-from ingestd.media.transform import MediaSettings, transform_slot, transforms
-from ingestd.model import (
+from ingestd.core.fingerprint import fingerprint
+from ingestd.core.model import (
     FilePayload,
     ItemPayload,
     ItemPlan,
@@ -53,7 +51,9 @@ from ingestd.model import (
     SlotPayload,
     item_key,
 )
-from ingestd.plan.fingerprint import fingerprint
+from ingestd.ledger import AsyncLedger, Claim, Ledger, LedgerOp, key_conflict_reason
+from ingestd.media.detect import type_of_prefix
+from ingestd.media.transform import MediaSettings, transform_slot, transforms
 from ingestd.sinks.base import BatchPutter, MetadataUpdater, PutResult, Sink
 from ingestd.sources.bucket_poll import StoreHandle
 from ingestd.sources.objects import BucketError, ObjectChanged, ObjectStore

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ingestd.model import Entry, ItemPlan
+from ingestd.core.model import Entry, ItemPlan
 
 T = TypeVar("T")
 

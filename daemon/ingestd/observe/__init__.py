@@ -1,0 +1,1 @@
+"""What an operator sees of a running daemon: the control endpoint, metrics, status."""
