@@ -28,10 +28,9 @@ from ingestd.config import (
     diff_config,
     load_config,
 )
-from ingestd.core.model import Entry
-from ingestd.ledger import DELETED, ITEM, AsyncLedger, op_switch_backend
+from ingestd.ledger import AsyncLedger, op_switch_backend
 from ingestd.observe.status import status_data, write_rejected
-from ingestd.pipeline.bucket_runner import BucketWatchRunner
+from ingestd.pipeline.dry_run import dry_run_watch
 from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
 from ingestd.pipeline.sync import Outcome, SyncPool, WatchSide, side_for
 from ingestd.runtime import logs
@@ -40,7 +39,6 @@ from ingestd.runtime.progress import Progress
 from ingestd.runtime.service import Notifier, PidLock, install_signals, watchdog_loop
 from ingestd.sinks.base import Sink
 from ingestd.sinks.local import LocalSink
-from ingestd.sources.objects import BucketError
 
 if TYPE_CHECKING:
     from ingestd.observe.control import ControlServer
@@ -493,63 +491,12 @@ class App:
                 for w in self.config.watches:
                     runner = make_runner(w, self.ledger, lambda: None, observe=False)
                     try:
-                        lines += await _dry_run_watch(runner, self.ledger)
+                        lines += await dry_run_watch(runner, self.ledger)
                     finally:
                         await runner.stop()
             finally:
                 await self.ledger.close()
             return lines
-
-
-async def _dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
-    w = runner.watch
-    found: list[Entry] = []
-    if isinstance(runner, BucketWatchRunner):
-        try:
-            found, gone = await runner.listing_changes()
-        except BucketError as e:
-            return [f"error   {w.name}: {e.message}"]
-    else:
-        # Every file, not only changed ones: an edit of the item settings changes items
-        # whose files did not change (the comparison below keeps only real differences).
-        result = await asyncio.to_thread(runner._scan_blocking, "", found.extend, True)
-        if result.root_missing:
-            return [f"error   {w.name}: source folder {w.source} is missing"]
-        gone = result.gone
-    loose: list[Entry] = []
-    groups: set[str] = set()
-    for e in found:
-        m = runner.planner.membership(e.relpath)
-        if m.kind == "loose":
-            loose.append(e)
-        elif m.kind in ("member", "marker") and m.group_dir is not None:
-            groups.add(m.group_dir)
-    batch = await asyncio.to_thread(runner.planner.plan, loose, groups)
-    lines = []
-    for p in batch.planned:
-        if p.plan is None:
-            if p.error:
-                lines.append(f"fail    {w.name} {p.source_id}: {p.error}")
-            continue
-        row = await ledger.call(ledger.sync.item_row, w.name, p.plan.source_id)
-        if row is None or row["status"] == DELETED or row["synced_manifest"] is None:
-            lines.append(f"create  {w.dataset} {p.plan.key}")
-        elif row["desired_fp"] != p.plan.fingerprint or row["status"] == "pending":
-            lines.append(f"update  {w.dataset} {p.plan.key}")
-    known = await ledger.call(ledger.sync.known_items, w.name, sorted(gone))
-    total = await ledger.call(ledger.sync.live_count, w.name)
-    gone_items = [rel for rel, role in known if role == ITEM]
-    if known and not w.max_delete.allows(len(known), total):
-        lines.append(
-            f"refuse  {w.name}: would delete {len(known)} of {total} items (max_delete {w.max_delete})"
-        )
-    else:
-        for rel in gone_items:
-            row = await ledger.call(ledger.sync.item_row, w.name, rel)
-            key = row["key"] if row else rel
-            verb = "delete " if w.on_delete == "delete" else "forget "
-            lines.append(f"{verb} {w.dataset} {key}")
-    return lines
 
 
 def _pending_state(ledger: AsyncLedger, watches: list[str]) -> dict[str, tuple[int, int]]:
