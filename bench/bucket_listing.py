@@ -164,7 +164,7 @@ def one(variant: str, endpoint: str) -> dict[str, Any]:
 def main(runs: int | None = None) -> str:
     runs = runs or runs_arg(3)
     sys.path.insert(0, str(REPO))
-    from tests.emulators import start_s3
+    from tests.support.services import start_s3
 
     emu = None
     endpoint = os.environ.get("INGESTD_BENCH_S3")

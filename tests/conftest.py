@@ -1,51 +1,58 @@
-"""Session-wide fixtures: the storage emulators (see tests/emulators.py).
+"""Session-wide fixtures: the storage emulators (tests/support/emulators.py).
 
-Each starts on first use, once per test session, and is stopped at the end of the
-session (and at interpreter exit, should the session die). A tool that cannot be
-installed here skips the tests that need it, except under CI=true where it fails.
+`.ci/run` starts them before pytest and passes their endpoints in INGESTD_TEST_*
+variables; these fixtures only connect (each test makes its own buckets). Without the
+variables a test that needs an emulator skips, or fails under CI=true (`need`). To run
+such tests by hand: `. .ci/services.sh && start_services`, then pytest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.emulators import (
+from tests.support.emulators import (
+    ENDPOINT_VARS,
+    NAMES,
     AzureEmulator,
     Emulator,
     GcsEmulator,
     S3Emulator,
-    ToolMissing,
-    need_tool,
-    start_azure,
-    start_gcs,
-    start_s3,
+    answers,
+    from_env,
 )
+from tests.support.need import need
 
 
-def _run(start: object) -> Iterator[Emulator]:
-    try:
-        emu = start()  # type: ignore[operator]
-    except ToolMissing as e:
-        need_tool(str(e))
-        raise  # unreachable: need_tool skips or fails
-    try:
-        yield emu
-    finally:
-        emu.stop()
-
-
-@pytest.fixture(scope="session")
-def s3_emulator() -> Iterator[S3Emulator]:
-    yield from _run(start_s3)  # type: ignore[misc]
-
-
-@pytest.fixture(scope="session")
-def azure_emulator() -> Iterator[AzureEmulator]:
-    yield from _run(start_azure)  # type: ignore[misc]
+def _connect(scheme: str) -> Emulator:
+    var = ENDPOINT_VARS[scheme]
+    emu = from_env(scheme)
+    need(
+        emu is not None,
+        f"the {NAMES[scheme]} emulator is not running ({var} is not set): "
+        "run `bash .ci/run`, or `. .ci/services.sh && start_services` before pytest",
+    )
+    assert emu is not None
+    if not answers(emu.endpoint):
+        pytest.fail(f"nothing answers at {var}={emu.endpoint} (stopped emulators?)", pytrace=False)
+    return emu
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator() -> Iterator[GcsEmulator]:
-    yield from _run(start_gcs)  # type: ignore[misc]
+def s3_emulator() -> S3Emulator:
+    emu = _connect("s3")
+    assert isinstance(emu, S3Emulator)
+    return emu
+
+
+@pytest.fixture(scope="session")
+def azure_emulator() -> AzureEmulator:
+    emu = _connect("az")
+    assert isinstance(emu, AzureEmulator)
+    return emu
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> GcsEmulator:
+    emu = _connect("gs")
+    assert isinstance(emu, GcsEmulator)
+    return emu

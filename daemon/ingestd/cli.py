@@ -154,6 +154,7 @@ def _exit_without_stragglers(rc: int) -> None:
 def _sync(args: argparse.Namespace) -> int:
     from ingestd.runtime import logs
     from ingestd.runtime.app import App
+    from ingestd.runtime.once import dry_run, sync_once
     from ingestd.runtime.progress import Progress
 
     config, path = _load(args)
@@ -163,15 +164,15 @@ def _sync(args: argparse.Namespace) -> int:
         # One line per item would scroll the progress bars away; problems still show.
         level = "warning"
     logs.setup(level, config.log.format)
-    app = App(config, path)
     if args.dry_run:
-        lines = asyncio.run(app.dry_run())
+        lines = asyncio.run(dry_run(config))
         for line in lines:
             print(line)
         if not lines:
             print("nothing to do")
         return EXIT_OK
-    return asyncio.run(app.sync_once(Progress(out=sys.stderr, tty=tty)))
+    app = App(config, path)
+    return asyncio.run(sync_once(app, Progress(out=sys.stderr, tty=tty)))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -8,14 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import (
-    Env,
-    log_lines,
-    mode_bits_popen,
-    sha256_digest,
-    synced_lines,
-    wait_for,
-)
+from tests.support.daemon import Env, log_lines, mode_bits_popen, sha256_digest, synced_lines
+from tests.support.wait import wait_for
 
 
 def write(path: Path, data: bytes) -> bytes:

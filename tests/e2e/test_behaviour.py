@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import (
+from tests.support.daemon import (
     INGESTD,
     REPO,
     Env,
@@ -29,8 +29,8 @@ from tests.e2e.conftest import (
     mode_bits_popen,
     sha256_digest,
     synced_lines,
-    wait_for,
 )
+from tests.support.wait import wait_for
 
 
 def write(path: Path, data: bytes) -> bytes:

@@ -1,5 +1,5 @@
 """Bucket prefixes as watch sources, end to end: the daemon as a subprocess polling real
-storage emulators on loopback (moto S3, Azurite, fake-gcs-server; tests/emulators.py),
+storage emulators on loopback (moto S3, Azurite, fake-gcs-server; tests/support/emulators.py),
 with every object written by the cloud's official client.
 
 The daemon gets its credentials from each cloud's standard environment variables
@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Env, log_lines, sha256_digest, synced_lines, wait_for
-from tests.emulators import Emulator, unique_name
+from tests.support.daemon import Env, log_lines, sha256_digest, synced_lines
+from tests.support.emulators import Emulator, unique_name
+from tests.support.wait import wait_for
 
 FIXTURES = {"s3": "s3_emulator", "az": "azure_emulator", "gs": "gcs_emulator"}
 DEADLINE = 60.0  # generous: three emulators and other test sessions share two cores

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Env
+from tests.support.daemon import Env
 
 
 def _watch(env: Env, **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import Env, wait_for
+from tests.support.daemon import Env
+from tests.support.wait import wait_for
 
 SEED = int(os.environ.get("INGESTD_CRASH_SEED", "20240611"))
 SMALL_FILES = 1_000

@@ -1,5 +1,5 @@
 """The daemon with the `darwin` backend, end to end: `ingestd run` as a subprocess
-against the fake V7 API (tests/fakes/darwin.py) running in a thread of this process.
+against the fake V7 API (tests/support/fakes/darwin.py) running in a thread of this process.
 
 Real data: PIL images, pydicom's bundled CT series, an OpenCV-written video. Each test
 ends on the fake's remote state (items, archived items, slots, layouts, stored bytes)
@@ -22,8 +22,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Env, synced_lines, wait_for
-from tests.fakes.darwin import API_KEY, TEAM, FakeDarwin, FakeDarwinThread
+from tests.support.daemon import Env, synced_lines
+from tests.support.fakes.darwin import API_KEY, TEAM, FakeDarwin, FakeDarwinThread
+from tests.support.wait import wait_for
 
 KEY_ENV = "INGESTD_E2E_V7_KEY"
 CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"

@@ -2,9 +2,9 @@
 library (no browser download), against `ingestd run` and `ingestd serve` running as
 subprocesses on real folders and a real store.
 
-The browser is /usr/bin/chromium. When it is missing, the session installs it with
-`apt-get install -y chromium` if running as root, and otherwise skips with a message
-(or fails, under CI=true, where a skipped browser test would hide a broken dashboard).
+The browser is /usr/bin/chromium (Debian's `chromium` package, which `.ci/run` installs).
+Without it the tests skip, and fail under CI=true (`need`), where a skipped browser
+test would hide a broken dashboard.
 
 A screenshot of the daemon's dashboard is written to the test's tmp folder, and to
 docs/dashboard.png when INGESTD_SCREENSHOT=1.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,10 @@ import pytest
 from ingestd.media.thumbs import render
 from PIL import Image
 
-from tests.e2e.conftest import REPO, Env, Server, log_lines, synced_lines, wait_for
+from tests.support.daemon import REPO, Env, log_lines, synced_lines
+from tests.support.need import need
+from tests.support.serve import Server
+from tests.support.wait import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -44,32 +46,12 @@ TIMEOUT_MS = 60_000
 MR700 = Path(pydicom.__file__).parent / "data/test_files/dicomdirtests/98892003/MR700"
 
 
-def _install_chromium() -> str | None:
-    """Install Debian's chromium; the reason when that is not possible."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return "not root, or no apt-get"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    if subprocess.run(cmd, env=env, capture_output=True, timeout=900).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            return f"apt-get install chromium failed: {done.stderr[-500:]}"
-    return None if os.path.exists(CHROMIUM) else f"apt-get left no {CHROMIUM}"
-
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    if not os.path.exists(CHROMIUM):
-        why = _install_chromium()
-        if why is not None:
-            message = (
-                f"the dashboard test needs Debian's chromium at {CHROMIUM} "
-                f"(`apt-get install chromium` as root): {why}"
-            )
-            if os.environ.get("CI") == "true":
-                pytest.fail(message)
-            pytest.skip(message)
+    need(
+        os.path.exists(CHROMIUM),
+        f"the dashboard test needs Debian's chromium at {CHROMIUM} (`bash .ci/run` installs it)",
+    )
     return CHROMIUM
 
 

@@ -4,7 +4,7 @@ subprocesses on loopback (issue 4's acceptance list).
 1. serve + run: 1,000 files of mixed sizes end up as items with the files' digests.
 2. Faults, each ending with every file exactly once, version 1, right bytes: the server
    SIGKILLed and restarted 5 times during a sync; the daemon SIGKILLed and restarted
-   during uploads; a fault-injecting proxy (tests/e2e/fault_proxy.py) answering 10 % of
+   during uploads; a fault-injecting proxy (tests/support/fault_proxy.py) answering 10 % of
    requests 500/503/429 and cutting 2 % of connections mid-body; a 200 MB resumable
    upload interrupted at ~50 % that resumes instead of starting over.
 3. Security: tokens (401), `../` and absolute paths (400, nothing written outside the
@@ -35,14 +35,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import (
-    Env,
-    Proxy,
-    Server,
-    log_lines,
-    vm_hwm_kb,
-    wait_for,
-)
+from tests.support.daemon import Env, log_lines
+from tests.support.serve import Proxy, Server, vm_hwm_kb
+from tests.support.wait import wait_for
 
 TOKEN_ENV = "INGESTD_E2E_HTTP_TOKEN"
 MB = 1_000_000

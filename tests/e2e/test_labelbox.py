@@ -1,5 +1,5 @@
 """The labelbox backend end to end: the real CLI (`ingestd sync`, `ingestd run`) against
-the fake Labelbox API (tests/fakes/labelbox.py) running as its own process, with real
+the fake Labelbox API (tests/support/fakes/labelbox.py) running as its own process, with real
 files: PIL images, pydicom's bundled MR series, an OpenCV-written video. Every check
 reads the fake's remote state: rows by global key, their hosted bytes, attachments and
 metadata, and counts that would show a duplicate."""
@@ -20,8 +20,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Env, wait_for
-from tests.fakes.labelbox import FakeProcess
+from tests.support.daemon import Env
+from tests.support.fakes.labelbox import FakeProcess
+from tests.support.wait import wait_for
 
 KEY = "lb-e2e-key-93c1f0d2a8"
 ENV = "INGESTD_TEST_LABELBOX_KEY"

@@ -32,7 +32,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Env, blob_path, sha256_digest, synced_lines, wait_for
+from tests.support.daemon import Env, blob_path, sha256_digest, synced_lines
+from tests.support.wait import wait_for
 
 DICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
 DICOMDIR = DICOM_DATA / "dicomdirtests"

@@ -15,7 +15,8 @@ from typing import Any
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Env, log_lines, wait_for
+from tests.support.daemon import Env, log_lines
+from tests.support.wait import wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 W = (("watch", "w"),)

@@ -1,6 +1,6 @@
 """The `nucleus` backend end to end: the real CLI as a subprocess (`ingestd sync` for the
 deterministic flows, `ingestd run` where a daemon must be killed) against the fake Scale
-Nucleus API (tests/fakes/nucleus.py) served from a thread of this process.
+Nucleus API (tests/support/fakes/nucleus.py) served from a thread of this process.
 
 Files are real: images written by Pillow, a video by OpenCV's VideoWriter, DICOM files
 from pydicom's bundled test data. Checks go to the fake's remote state: which
@@ -22,8 +22,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Env, synced_lines, wait_for
-from tests.fakes.nucleus import FakeNucleus, FakeNucleusThread
+from tests.support.daemon import Env, synced_lines
+from tests.support.fakes.nucleus import FakeNucleus, FakeNucleusThread
+from tests.support.wait import wait_for
 
 KEY_ENV = "NUCLEUS_E2E_API_KEY"
 MR700 = (

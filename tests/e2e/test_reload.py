@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import INGESTD, REPO, Env, log_lines, synced_lines, wait_for
+from tests.support.daemon import INGESTD, REPO, Env, log_lines, synced_lines
+from tests.support.wait import wait_for
 
 
 def _edit(env: Env, change: Callable[[dict[str, Any]], None], *, rename: bool = True) -> None:

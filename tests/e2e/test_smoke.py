@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.e2e.conftest import Env, wait_for
+from tests.support.daemon import Env
+from tests.support.wait import wait_for
 
 
 def test_dropped_file_becomes_item(env: Env) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Env, wait_for
+from tests.support.daemon import Env
+from tests.support.wait import wait_for
 
 # Not in Python's socket module: the kernel stamps each datagram with its arrival time
 # (struct timespec, CLOCK_REALTIME), so ping gaps do not depend on when the test reads.

@@ -1,6 +1,6 @@
 """The daemon works inside the sandbox that systemd/ingestd.service asks for.
 
-Without systemd as PID 1 here, tests/e2e/syscall_sandbox.py builds the same confinement
+Without systemd as PID 1 here, tests/support/syscall_sandbox.py builds the same confinement
 from the unit file: its SystemCallFilter= allow list (expanded by `systemd-analyze
 syscall-filter`, failing calls get EPERM as SystemCallErrorNumber= says),
 MemoryDenyWriteExecute= (systemd's own seccomp rules), RestrictAddressFamilies=,
@@ -29,16 +29,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
-import pytest
 from PIL import Image
 
-from tests.e2e.conftest import REPO, Env, blob_path, wait_for
-from tests.e2e.syscall_sandbox import (
+from tests.support.daemon import REPO, Env, blob_path
+from tests.support.need import need
+from tests.support.syscall_sandbox import (
     CANNOT_SANDBOX,
     allowed_syscalls,
     find_systemd_analyze,
     read_unit,
 )
+from tests.support.wait import wait_for
 
 UNIT = REPO / "systemd" / "ingestd.service"
 DICOM_FILE = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
@@ -47,8 +48,8 @@ DICOM_FILE = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.d
 def sandbox_prefix(tmp: Path, writable: Path) -> list[str]:
     """The wrapper command that confines what follows it as the unit would."""
     analyze, why = find_systemd_analyze()
-    if analyze is None:
-        pytest.skip(why)
+    need(analyze is not None, why)
+    assert analyze is not None
     unit = read_unit(UNIT)
     allow = tmp / "allowed-syscalls.txt"
     allow.write_text("\n".join(sorted(allowed_syscalls(analyze, unit["SystemCallFilter"]))))
@@ -94,8 +95,7 @@ def test_the_sandbox_is_in_force(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    if proc.returncode == CANNOT_SANDBOX:
-        pytest.skip(proc.stderr.strip())
+    need(proc.returncode != CANNOT_SANDBOX, proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
         "PermissionError:1",  # MemoryDenyWriteExecute
@@ -148,8 +148,7 @@ def test_the_daemon_works_in_the_units_sandbox(env: Env, tmp_path: Path) -> None
         ]
     )
     probe = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=60)
-    if probe.returncode == CANNOT_SANDBOX:
-        pytest.skip(probe.stderr.strip())
+    need(probe.returncode != CANNOT_SANDBOX, probe.stderr.strip())
     env.start(prefix=prefix)
     assert env.daemon is not None
     # The wrapper exec'd into the daemon: this pid is the daemon, and it is confined.

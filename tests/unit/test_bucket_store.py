@@ -19,7 +19,7 @@ from ingestd.config import SourceOptions, parse_bucket_url
 from ingestd.sources.bucket import Timeouts, _parse_connection_string, open_store
 from ingestd.sources.objects import BucketError, ObjectChanged, ObjectInfo, ObjectStore
 
-from tests.emulators import (
+from tests.support.emulators import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
     Emulator,

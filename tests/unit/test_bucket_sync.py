@@ -17,12 +17,15 @@ from typing import Any
 import pytest
 from ingestd.config import Watch, parse_bucket_url
 from ingestd.ledger import AsyncLedger
-from ingestd.pipeline.bucket_runner import BucketWatchRunner
-from ingestd.pipeline.sync import Outcome, SyncPool, WatchSide, side_for
+from ingestd.pipeline.outcome import Outcome
+from ingestd.pipeline.pool import SyncPool
+from ingestd.pipeline.runner import WatchRunner
+from ingestd.pipeline.side import WatchSide, side_for
 from ingestd.sinks.base import Capabilities, Sink
 from ingestd.sinks.local import LocalSink
 from ingestd.sinks.memory import MemorySink
 from ingestd.sources.bucket_poll import StoreHandle
+from ingestd.sources.bucket_source import BucketSource
 from ingestd.sources.objects import BucketError, MemoryObjectStore
 from ingestd.store import Store
 from PIL import Image
@@ -53,7 +56,7 @@ class Rig:
         self.ledger = AsyncLedger(tmp / "state")
         self.outcomes: list[Outcome] = []
         self.pool: SyncPool | None = None
-        self.runner: BucketWatchRunner | None = None
+        self.runner: WatchRunner | None = None
         self._task: asyncio.Task[None] | None = None
 
     def side(self) -> WatchSide:
@@ -65,8 +68,8 @@ class Rig:
 
     async def open(self) -> None:
         await self.ledger.open()
-        self.runner = BucketWatchRunner(
-            self.watch, self.ledger, self._wake, store=StoreHandle.of(self.store)
+        self.runner = WatchRunner(
+            self.watch, self.ledger, self._wake, source=BucketSource(StoreHandle.of(self.store))
         )
         self.pool = SyncPool(
             self.ledger,

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from ingestd.config import Watch, parse_bucket_url
 from ingestd.ledger import AsyncLedger
-from ingestd.pipeline.bucket_runner import BucketWatchRunner
+from ingestd.pipeline.runner import WatchRunner
+from ingestd.pipeline.settling import ListedSettling
 from ingestd.sources.bucket_poll import (
     ListingOutOfOrder,
     PendingObjects,
@@ -21,6 +22,7 @@ from ingestd.sources.bucket_poll import (
     diff_pages,
     usable_key,
 )
+from ingestd.sources.bucket_source import BucketSource
 from ingestd.sources.objects import BucketError, MemoryObjectStore, ObjectInfo
 
 URL = parse_bucket_url("s3://bkt/pre")
@@ -134,8 +136,8 @@ class Harness:
         self.store = store
         self.ledger = AsyncLedger(tmp / "state")
         self.planned = 0
-        self.runner = BucketWatchRunner(
-            watch, self.ledger, self._planned, store=StoreHandle.of(store)
+        self.runner = WatchRunner(
+            watch, self.ledger, self._planned, source=BucketSource(StoreHandle.of(store))
         )
         self.runner.backoff_base = 0.01
 
@@ -329,10 +331,10 @@ async def test_store_errors_are_the_watch_problem_until_they_clear(
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    runner = BucketWatchRunner.__new__(BucketWatchRunner)
+    runner = WatchRunner.__new__(WatchRunner)
     runner.watch = make_watch(poll_interval="60s")
-    runner._one_pass = False
-    runner.pending = PendingObjects(1)
+    runner._observe, runner.events = True, False
+    runner.settling = ListedSettling(1)
     runner.backoff_base, runner.backoff_cap = 5.0, 300.0
     steps = []
     for failures in (1, 2, 3, 10):
@@ -441,7 +443,7 @@ async def test_a_pass_counts_as_busy_until_what_it_took_is_planned(make: Any) ->
     plan = h.runner._plan
 
     async def watching(work: Any) -> None:
-        seen.append((h.runner.busy, len(h.runner.pending)))
+        seen.append((h.runner.busy, len(h.runner.settling)))
         await plan(work)
 
     h.runner._plan = watching  # type: ignore[method-assign]

@@ -23,12 +23,16 @@ from ingestd.config import Config, parse_config
 from ingestd.ledger import AsyncLedger
 from ingestd.observe.control import ADDR_FILE, ControlServer, ControlTarget
 from ingestd.observe.status import status_data
+from ingestd.pipeline.outcome import Outcome
+from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
-from ingestd.pipeline.sync import Outcome, SyncPool, side_for
+from ingestd.pipeline.side import side_for
 from ingestd.sinks.memory import MemorySink
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+
+from tests.support.wait import wait_until
 
 
 def write_jpeg(
@@ -130,18 +134,6 @@ def make_config(tmp_path: Path, listen: str | None = "127.0.0.1:0") -> tuple[Con
     path = tmp_path / "ingestd.yaml"
     path.write_text(json.dumps(data))
     return parse_config(data, tmp_path), path
-
-
-async def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or cond}")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The V7 Darwin sink against the fake V7 API (tests/fakes/darwin.py) on loopback.
+"""The V7 Darwin sink against the fake V7 API (tests/support/fakes/darwin.py) on loopback.
 
 Each test ends by reading the fake's remote state: which items exist (archived ones
 too), their slots, layouts and the bytes each upload stored."""
@@ -28,7 +28,7 @@ from ingestd.sinks.base import Sink
 from ingestd.sinks.darwin import DarwinSink, slots_layout, slugify, storage_key
 from PIL import Image
 
-from tests.fakes.darwin import API_KEY, STORAGE, TEAM, FakeDarwin
+from tests.support.fakes.darwin import API_KEY, STORAGE, TEAM, FakeDarwin
 
 KEY_ENV = "INGESTD_TEST_V7_KEY"
 DS = "Test Photos"

@@ -21,7 +21,7 @@ from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.sinks.base import Sink
 from ingestd.sinks.http import HttpSink, parse_retry_after
 
-from tests.unit.fake_ingest_server import FakeIngestServer, Fault
+from tests.support.fake_ingest_server import FakeIngestServer, Fault
 
 TOKEN = "tok-3f9c2e71d0"
 KiB, MiB = 1 << 10, 1 << 20

@@ -1,4 +1,4 @@
-"""The labelbox sink against the fake Labelbox GraphQL API (tests/fakes/labelbox.py) on
+"""The labelbox sink against the fake Labelbox GraphQL API (tests/support/fakes/labelbox.py) on
 real loopback sockets: what ends up in the fake's rows, files and metadata is what a
 Labelbox organisation would hold."""
 
@@ -21,7 +21,7 @@ from ingestd.sinks import labelbox as lb
 from ingestd.sinks.base import MetadataUpdater, Sink
 from ingestd.sinks.labelbox import LabelboxSink, global_key, https_url
 
-from tests.fakes.labelbox import FakeProcess, LabelboxFake
+from tests.support.fakes.labelbox import FakeProcess, LabelboxFake
 
 KEY = "lb-key-5f0e9a27c3d1"
 ENV = "INGESTD_TEST_LABELBOX_KEY"

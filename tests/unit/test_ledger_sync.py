@@ -11,7 +11,9 @@ import pytest
 from ingestd.core.errors import PermanentError, RetriableError
 from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot
 from ingestd.ledger import AsyncLedger, Ledger
-from ingestd.pipeline.sync import SyncPool, WatchSide, backoff_delay
+from ingestd.pipeline.outcome import backoff_delay
+from ingestd.pipeline.pool import SyncPool
+from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.memory import MemorySink
 

@@ -19,7 +19,8 @@ from ingestd.core.model import (
     SlotPayload,
 )
 from ingestd.ledger import AsyncLedger, Ledger
-from ingestd.pipeline.sync import SyncPool, WatchSide
+from ingestd.pipeline.pool import SyncPool
+from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.base import BatchPutter, PutResult
 from ingestd.sinks.local import LocalSink

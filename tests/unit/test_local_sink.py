@@ -20,6 +20,8 @@ from ingestd.sinks.base import Sink
 from ingestd.sinks.local import LocalSink
 from ingestd.store import Catalog, Store
 
+from tests.support.need import need
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -181,8 +183,8 @@ def test_unreadable_file_as_another_user() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch users; test_unreadable_file_is_permanent covers it")
     setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("root reads mode-000 files and setpriv (util-linux) is not installed")
+    need(setpriv is not None, "root reads mode-000 files and setpriv (util-linux) is missing")
+    assert setpriv is not None
     work = Path(tempfile.mkdtemp(prefix="ingestd-perm-"))
     try:
         work.chmod(0o777)

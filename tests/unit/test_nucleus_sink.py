@@ -1,4 +1,4 @@
-"""The `nucleus` sink against the fake Scale Nucleus API (tests/fakes/nucleus.py) on real
+"""The `nucleus` sink against the fake Scale Nucleus API (tests/support/fakes/nucleus.py) on real
 loopback sockets, with real image files made by Pillow."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ingestd.sinks.base import MetadataUpdater, Sink
 from ingestd.sinks.nucleus import NucleusSink
 from PIL import Image
 
-from tests.fakes.nucleus import FakeNucleus, serve
+from tests.support.fakes.nucleus import FakeNucleus, serve
 
 KEY_ENV = "NUCLEUS_UNIT_TEST_KEY"
 DS = "photos"

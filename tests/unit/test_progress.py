@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from ingestd.ledger import Claim
-from ingestd.pipeline.sync import Outcome
+from ingestd.pipeline.outcome import Outcome
 from ingestd.runtime.progress import Progress, WatchProgress
 
 

@@ -4,9 +4,7 @@ across disconnects, restarts and SIGKILL, items and paging, metrics."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -14,8 +12,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,86 +20,21 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from aiohttp import web
-from ingestd.server.app import DEFAULT_MAX_BODY, STATE, make_app
+from ingestd.server.app import STATE
 from ingestd.store import Store
-from multidict import CIMultiDictProxy
-from yarl import URL
+
+from tests.support.server_app import (
+    AUTH,
+    TOKEN,
+    Running,
+    item_url,
+    running,
+    sha,
+    slots_for,
+)
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-TOKEN = "tkn-0123456789abcdef-secret"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def item_url(dataset: str, *segments: str) -> str:
-    enc = "/".join(quote(s, safe="") for s in segments)
-    return f"/v1/datasets/{quote(dataset, safe='')}/items/{enc}"
-
-
-def slots_for(*files: tuple[str, bytes]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": "0",
-            "type": "image",
-            "files": [{"name": n, "digest": sha(d), "size": len(d)} for n, d in files],
-        }
-    ]
-
-
-@dataclass
-class Running:
-    app: web.Application
-    session: aiohttp.ClientSession
-    port: int
-    store: Path
-
-    def url(self, raw: str) -> URL:
-        # encoded=True: send the path exactly as written (no dot-segment clean-up,
-        # no re-quoting), as a hostile client could.
-        return URL(f"http://127.0.0.1:{self.port}{raw}", encoded=True)
-
-    async def call(
-        self, method: str, raw: str, **kw: Any
-    ) -> tuple[int, Any, CIMultiDictProxy[str]]:
-        kw.setdefault("headers", AUTH)
-        async with self.session.request(method, self.url(raw), **kw) as r:
-            body = await r.read()
-            data: Any = body
-            if body and r.content_type == "application/json":
-                data = json.loads(body)
-            return r.status, data, r.headers
-
-    async def put_blob(self, data: bytes) -> str:
-        status, body, _ = await self.call("PUT", f"/v1/blobs/{sha(data)}", data=data)
-        assert status in (200, 201), body
-        return sha(data)
-
-
-@contextlib.asynccontextmanager
-async def running(
-    store: Path,
-    *,
-    tokens: tuple[str, ...] = (TOKEN,),
-    max_body: int = DEFAULT_MAX_BODY,
-    cancel_on_disconnect: bool = False,
-    **kw: Any,
-) -> AsyncIterator[Running]:
-    """The app on a real socket. `cancel_on_disconnect` mirrors aiohttp's TestServer
-    (handler_cancellation=True); the default is what `serve` runs."""
-    app = make_app(store, tokens, max_body, **kw)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel_on_disconnect)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        async with aiohttp.ClientSession() as session:
-            yield Running(app, session, port, store)
-    finally:
-        await runner.cleanup()
 
 
 async def raw_request(
@@ -119,13 +51,6 @@ async def raw_request(
         return await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
-
-
-async def wait_until(cond: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def metric(text: bytes, series: str) -> float:

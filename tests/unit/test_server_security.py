@@ -24,7 +24,7 @@ from ingestd.server.auth import (
     load_tokens,
 )
 
-from tests.unit.test_server import AUTH, TOKEN, item_url, running, sha, slots_for
+from tests.support.server_app import AUTH, TOKEN, item_url, running, sha, slots_for
 
 OTHER_TOKEN = "second-token-9876543210"
 WRONG_TOKEN = "wrong-token-not-configured-5555"

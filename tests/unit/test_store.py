@@ -11,13 +11,15 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 from ingestd.store import BlobStore, Catalog, DigestMismatch, Store
+
+from tests.support.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,14 +36,6 @@ def write(path: Path, data: bytes) -> Path:
 
 def tmp_files(root: Path) -> list[str]:
     return sorted(os.listdir(root / "tmp"))
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 # A writer in another process, blocked mid-copy: it streams from a FIFO, so it has

@@ -18,8 +18,8 @@ from ingestd.sinks.local import LocalSink
 from ingestd.sinks.memory import MemorySink
 from ingestd.store import Store
 
-from tests.unit.fake_ingest_server import FakeIngestServer, Fault
-from tests.unit.test_server import item_url, running
+from tests.support.fake_ingest_server import FakeIngestServer, Fault
+from tests.support.server_app import item_url, running
 
 KiB, MiB = 1 << 10, 1 << 20
 TOKEN = "tok-streamed-5e1"

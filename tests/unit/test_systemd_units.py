@@ -1,8 +1,8 @@
 """The systemd units: `systemd-analyze verify` is clean, `systemd-analyze security
 --offline=true` rates each 2.0 or lower, and they say what the daemon relies on.
 
-systemd-analyze comes with Debian's `systemd` package; when it is missing, the session
-fixture installs it (as root, with apt) or skips with the reason. `verify` checks that
+systemd-analyze comes with Debian's `systemd` package, which `.ci/run` installs; without
+it these tests skip, and fail under CI=true (`need`). `verify` checks that
 ExecStart's binary exists, so it runs on a copy of each unit whose ExecStart names this
 venv's `ingestd` script instead of /usr/local/bin/ingestd; nothing else is changed.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.syscall_sandbox import find_systemd_analyze, read_unit, systemd_version
+from tests.support.need import need
+from tests.support.syscall_sandbox import find_systemd_analyze, read_unit, systemd_version
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = {
@@ -31,8 +32,8 @@ MAX_EXPOSURE = 2.0
 @pytest.fixture(scope="session")
 def analyze() -> str:
     path, why = find_systemd_analyze()
-    if path is None:
-        pytest.skip(why)
+    need(path is not None, why)
+    assert path is not None
     return path
 
 
@@ -41,8 +42,8 @@ def venv_ingestd() -> str:
     if script.exists():
         return str(script)
     found = shutil.which("ingestd")
-    if found is None:
-        pytest.skip("no `ingestd` console script (pip install -e . first)")
+    need(found is not None, "no `ingestd` console script (pip install -e . first)")
+    assert found is not None
     return found
 
 
@@ -110,16 +111,14 @@ def exposure(analyze: str, unit: Path) -> tuple[float, str]:
 
 @pytest.mark.parametrize("name", list(UNITS))
 def test_security_exposure_at_most_2(analyze: str, name: str) -> None:
-    if systemd_version(analyze) < 250:
-        pytest.skip("systemd-analyze security --offline needs systemd 250 or newer")
+    need(systemd_version(analyze) >= 250, "systemd-analyze security --offline needs systemd 250+")
     level, out = exposure(analyze, UNITS[name])
     assert level <= MAX_EXPOSURE, out
 
 
 def test_security_rating_reacts_to_the_unit(analyze: str, tmp_path: Path) -> None:
     """Guard against a parse that always passes: without the sandbox the rating is bad."""
-    if systemd_version(analyze) < 250:
-        pytest.skip("systemd-analyze security --offline needs systemd 250 or newer")
+    need(systemd_version(analyze) >= 250, "systemd-analyze security --offline needs systemd 250+")
     bare = tmp_path / "bare.service"
     bare.write_text(f"[Service]\nType=notify\nExecStart={INSTALLED_BINARY} run\n")
     level, out = exposure(analyze, bare)

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from ingestd.config import Watch
 from ingestd.ledger import AsyncLedger, op_plan_settled, op_watch_settings
-from ingestd.pipeline.bucket_runner import BucketWatchRunner
+from ingestd.pipeline.runner import WatchRunner
 from ingestd.sources.bucket_poll import StoreHandle
+from ingestd.sources.bucket_source import BucketSource
 from ingestd.sources.objects import MemoryObjectStore
 
 OLD = time.time_ns() - 3600 * 10**9  # an hour ago: settled at once
@@ -122,8 +123,8 @@ async def test_a_bucket_watch_replans_every_object_when_its_metadata_changes(
     for key in ("a.jpg", "sub/b.jpg", "c.jpg"):
         store.put(key, key.encode(), OLD)
 
-    def runner(watch: Watch) -> BucketWatchRunner:
-        return BucketWatchRunner(watch, ledger, lambda: None, store=StoreHandle.of(store))
+    def runner(watch: Watch) -> WatchRunner:
+        return WatchRunner(watch, ledger, lambda: None, source=BucketSource(StoreHandle.of(store)))
 
     def metadata() -> dict[str, Any]:
         rows = ledger.sync.conn.execute("SELECT source_id, plan FROM items WHERE watch='b'")

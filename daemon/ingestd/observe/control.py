@@ -31,39 +31,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import json
 import os
-import sqlite3
 import time
-from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-from urllib.parse import quote, urlsplit
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import hdrs, web
 
 from ingestd.config import Config
-from ingestd.core.model import ItemPlan
-from ingestd.ledger import LEDGER_FILE, AsyncLedger, connect
-from ingestd.media.thumbs import ThumbCache, cache_key, pick
+from ingestd.dashboard import (
+    add_static_routes,
+    item_json,
+    json_error,
+    parse_plan,
+    thumb_response,
+    thumb_source,
+    unchanged,
+)
+from ingestd.ledger import LEDGER_FILE, AsyncLedger, LedgerReader
+from ingestd.media.thumbs import ThumbCache
+from ingestd.observe.activity import RECENT_MAX, Activity
+from ingestd.observe.listen import (
+    ADDR_FILE,
+    address_url,
+    is_loopback_host,
+    local_host_allowed,
+    parse_listen,
+    remove_addr,
+    write_addr,
+)
 from ingestd.observe.metrics import DaemonMetrics, Snapshot
-from ingestd.pipeline.sync import Outcome
-from ingestd.server.dashboard import add_static_routes, json_error, thumb_response
+from ingestd.pipeline.outcome import Outcome
 
 log = structlog.get_logger("ingestd.control")
 
-T = TypeVar("T")
+__all__ = ["ADDR_FILE", "ControlServer", "ControlTarget"]
 
-ADDR_FILE = "control.addr"
-RECENT_MAX = 500  # recent items remembered for the dashboard
 SEED_MAX_ITEMS = 200_000  # seed the recent list from the ledger only below this size
 ITEMS_LIMIT_MAX = 500
 STATUS_TTL = 1.0  # dashboards poll /api/status; one ledger read per second serves them all
-RATE_WINDOW = 60  # seconds
 STOP_TIMEOUT = 1.0  # the daemon's whole stop must stay well under systemd's timeout
 SETTLED_STATUSES = ("synced", "pending", "failed", "deleted")
 
@@ -101,266 +110,6 @@ class ControlTarget(Protocol):
         """Call fn (on the event loop) with every sync outcome."""
         ...
 
-
-# --- listen addresses -------------------------------------------------------------------------
-
-
-def parse_listen(listen: str) -> tuple[str, int] | str:
-    """(host, port) for HOST:PORT, or the socket path for unix:PATH."""
-    if listen.startswith("unix:"):
-        return listen[len("unix:") :]
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _connectable(host: str) -> str:
-    """A host a local client can connect to for a bound address (not the wildcard)."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
-def _url(host: str, port: int) -> str:
-    host = _connectable(host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
-
-
-# --- what the dashboard shows about recent activity ---------------------------------------------
-
-
-class Activity:
-    """Per watch: outcomes per second over the last minute and the last activity; and
-    the most recently finished items, most recent last. Fed from sync outcomes."""
-
-    def __init__(self) -> None:
-        self.recent: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._buckets: dict[str, deque[list[int]]] = {}  # [second, synced, failed]
-        self.last: dict[str, float] = {}
-
-    def outcome(self, o: Outcome, now: float | None = None) -> None:
-        if o.result in ("abandoned", "changed"):
-            return  # nothing happened to the item yet
-        now = time.time() if now is None else now
-        c = o.claim
-        self.last[c.watch] = now
-        k = (c.watch, c.source_id)
-        self.recent[k] = None
-        self.recent.move_to_end(k)
-        while len(self.recent) > RECENT_MAX:
-            self.recent.popitem(last=False)
-        sec = int(now)
-        buckets = self._buckets.setdefault(c.watch, deque(maxlen=RATE_WINDOW))
-        if not buckets or buckets[-1][0] != sec:
-            buckets.append([sec, 0, 0])
-        if o.result in ("synced", "unchanged", "deleted"):
-            buckets[-1][1] += 1
-        elif o.result == "failed":
-            buckets[-1][2] += 1
-
-    def seed(self, keys: list[tuple[str, str]]) -> None:
-        """Oldest first: items finished before this run, shown until new ones come."""
-        for k in keys:
-            if k not in self.recent:
-                self.recent[k] = None
-                self.recent.move_to_end(k, last=False)
-
-    def last_minute(self, watch: str, now: float | None = None) -> tuple[int, int]:
-        """(items synced, items failed) in the last minute."""
-        now = time.time() if now is None else now
-        since = int(now) - RATE_WINDOW
-        synced = failed = 0
-        for sec, s, f in self._buckets.get(watch, ()):
-            if sec > since:
-                synced += s
-                failed += f
-        return synced, failed
-
-
-# --- ledger reads (on the server's own thread) ---------------------------------------------------
-
-_ITEM_COLUMNS = (
-    "watch, source_id, dataset, key, status, last_error, error_kind, attempts, updated_at,"
-    " plan, synced_manifest, desired_fp, synced_fp"
-)
-
-
-def _row_dict(cur: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
-    return dict(zip([d[0] for d in cur.description], row, strict=True))
-
-
-class LedgerReader:
-    """A read-only connection to the ledger, used from one thread of its own."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="control-db")
-        self._conn: sqlite3.Connection | None = None
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            self._conn = connect(self.path, readonly=True)
-        return fn(self._conn)
-
-    def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        with contextlib.suppress(RuntimeError):
-            self._pool.submit(shut)
-        self._pool.shutdown(wait=False)
-
-
-def _counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for watch, status, n in conn.execute(
-        "SELECT watch, status, count(*) FROM items GROUP BY watch, status"
-    ):
-        out.setdefault(watch, {})[status] = n
-    return out
-
-
-def _items_by_status(
-    watch: str | None, status: str, limit: int
-) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
-    def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-        # Failed: most recent first (few, so sorting them is cheap). Pending can be a
-        # backlog of millions: in queue order, which the items_due index gives for free.
-        order = "next_attempt" if status == "pending" else "updated_at DESC"
-        where, args = "status=?", [status]
-        if watch is not None:
-            # `+watch`: the planner would otherwise walk the watch's whole primary-key
-            # range; the (status, next_attempt) index keeps it to the items in `status`.
-            where += " AND +watch=?"
-            args.append(watch)
-        cur = conn.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY {order} LIMIT ?",
-            (*args, limit),
-        )
-        return [_row_dict(cur, r) for r in cur.fetchall()]
-
-    return q
-
-
-def _items_by_key(
-    keys: list[tuple[str, str]],
-) -> Callable[[sqlite3.Connection], list[dict[str, Any]]]:
-    def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for i in range(0, len(keys), 200):
-            chunk = keys[i : i + 200]
-            # A join, not `(watch, source_id) IN (VALUES ...)`: SQLite scans the whole
-            # table for the latter, and looks each key up by primary key for the join.
-            cur = conn.execute(
-                f"WITH k(w, s) AS (VALUES {','.join(['(?, ?)'] * len(chunk))})"
-                f" SELECT {_ITEM_COLUMNS} FROM k JOIN items ON items.watch=k.w"
-                " AND items.source_id=k.s",
-                [v for k in chunk for v in k],
-            )
-            out += [_row_dict(cur, r) for r in cur.fetchall()]
-        return out
-
-    return q
-
-
-def _item(watch: str, source_id: str) -> Callable[[sqlite3.Connection], dict[str, Any] | None]:
-    def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
-        cur = conn.execute(
-            f"SELECT {_ITEM_COLUMNS} FROM items WHERE watch=? AND source_id=?", (watch, source_id)
-        )
-        row = cur.fetchone()
-        return _row_dict(cur, row) if row is not None else None
-
-    return q
-
-
-def _seed_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-    """The ledger's most recently updated items, oldest first: only for a ledger small
-    enough that sorting it all is cheap (there is no index on updated_at)."""
-    (n,) = conn.execute("SELECT count(*) FROM items").fetchone()
-    if n > SEED_MAX_ITEMS:
-        return []
-    rows = conn.execute(
-        "SELECT watch, source_id FROM items WHERE status != 'deleted'"
-        " ORDER BY updated_at DESC LIMIT ?",
-        (RECENT_MAX,),
-    ).fetchall()
-    return [(w, s) for w, s in reversed(rows)]
-
-
-# --- thumbnails of ledger items ---------------------------------------------------------------
-
-
-def parse_plan(row: dict[str, Any]) -> ItemPlan | None:
-    try:
-        return ItemPlan.from_json(json.loads(row["plan"])) if row["plan"] else None
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def thumb_source(
-    row: dict[str, Any], folder: Path | None, plan: ItemPlan | None
-) -> tuple[str, str, str, int, int] | None:
-    """(cache key, kind, path, size, mtime_ns) of the file to show for an item: only
-    for a synced item of a local folder, and keyed by what its synced manifest says
-    the content was, so a changed item gets a new thumbnail and a touch does not."""
-    if folder is None or plan is None or row["status"] != "synced":
-        return None
-    if not row["synced_manifest"] or row["synced_fp"] != row["desired_fp"]:
-        return None
-    try:
-        manifest = json.loads(row["synced_manifest"])
-        sent_slots = manifest.get("slots") or []
-    except (ValueError, AttributeError):
-        return None
-    for i, slot in enumerate(plan.slots):
-        chosen = pick(slot.type, [f.relpath for f in slot.files])
-        if chosen is None:
-            continue
-        kind, rel = chosen
-        if rel.startswith("/") or ".." in rel.split("/"):
-            return None
-        f = next(f for f in slot.files if f.relpath == rel)
-        sent = sent_slots[i] if i < len(sent_slots) and isinstance(sent_slots[i], dict) else {}
-        content = json.dumps(sent.get("files"), sort_keys=True) if sent.get("files") else ""
-        content = content or str(manifest.get("source_key", ""))
-        if not content:
-            return None
-        return cache_key(kind, rel, content), kind, str(folder / rel), f.size, f.mtime_ns
-    return None
-
-
-def _unchanged(path: str, size: int, mtime_ns: int) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
-
-
-# --- the server ----------------------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -410,7 +159,7 @@ class ControlServer:
                 site = web.TCPSite(runner, host, port)
                 await site.start()
                 bound = runner.addresses[0]
-                address = _url(host if host in ("0.0.0.0", "::") else bound[0], bound[1])
+                address = address_url(host if host in ("0.0.0.0", "::") else bound[0], bound[1])
                 if is_loopback_host(host):
                     self._check_host = True
                     self._host_names = {"localhost", host.lower()}
@@ -434,7 +183,7 @@ class ControlServer:
             return
         self._runner = runner
         self.address = address
-        await asyncio.to_thread(_write_atomic, self.state_dir / ADDR_FILE, address)
+        await asyncio.to_thread(write_addr, self.state_dir, address)
         log.info("control endpoint listening", address=address)
 
     async def stop(self) -> None:
@@ -443,20 +192,13 @@ class ControlServer:
         if runner is not None:
             await runner.cleanup()
         if self.address is not None:
-            await asyncio.to_thread(self._remove_addr, self.address)
+            await asyncio.to_thread(remove_addr, self.state_dir, self.address)
             self.address = None
         if self._socket_path is not None:
             with contextlib.suppress(OSError):
                 self._socket_path.unlink()
         self.thumbs.close()
         self.reader.close()
-
-    def _remove_addr(self, address: str) -> None:
-        path = self.state_dir / ADDR_FILE
-        with contextlib.suppress(OSError):
-            # Only our own: a server started meanwhile (a reload) may have written its own.
-            if path.read_text().strip() == address:
-                path.unlink()
 
     def _on_outcome(self, o: Outcome) -> None:
         if not self._listening:
@@ -485,7 +227,7 @@ class ControlServer:
         if self._check_host:
             host = (request.host or "").lower()
             name = urlsplit(f"//{host}").hostname or ""
-            if not (name in self._host_names or name.endswith(".localhost") or _is_ip(name)):
+            if not local_host_allowed(name, self._host_names):
                 return json_error(
                     403, f"Host {host!r} is not this machine's control endpoint (DNS rebinding?)"
                 )
@@ -514,7 +256,7 @@ class ControlServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         t = self.target
-        counts = await self.reader.run(_counts)
+        counts = await self.reader.status_counts()
         snap = Snapshot(
             watch_stats=t.watch_stats(),
             items=counts,
@@ -577,30 +319,6 @@ class ControlServer:
                 return None if "://" in w.source else Path(w.source)
         return None
 
-    def _item_json(self, row: dict[str, Any]) -> dict[str, Any]:
-        plan = parse_plan(row)
-        thumb = thumb_source(row, self._folder(row["watch"]), plan)
-        kind = plan.slots[0].type if plan is not None and plan.slots else None
-        url = None
-        if thumb is not None:
-            url = (
-                f"thumbs/{quote(row['watch'], safe='')}/{quote(row['source_id'], safe='/')}"
-                f"?v={thumb[0][:16]}"
-            )
-        return {
-            "watch": row["watch"],
-            "source_id": row["source_id"],
-            "dataset": row["dataset"],
-            "key": row["key"],
-            "status": row["status"],
-            "last_error": row["last_error"],
-            "error_kind": row["error_kind"],
-            "attempts": row["attempts"],
-            "updated_at": row["updated_at"],
-            "kind": kind,
-            "thumbnail": url,
-        }
-
     async def _api_items(self, request: web.Request) -> web.Response:
         q = request.query
         watch = q.get("watch") or None
@@ -612,21 +330,21 @@ class ControlServer:
             return json_error(400, f"limit must be a positive integer, got {raw_limit!r}")
         limit = min(int(raw_limit), ITEMS_LIMIT_MAX)
         if status in ("failed", "pending"):
-            rows = await self.reader.run(_items_by_status(watch, status, limit))
+            rows = await self.reader.items_by_status(watch, status, limit)
         else:
             # Recently finished items, from memory: sorting the ledger by time would read
             # all of it on every dashboard refresh.
             if not self._seeded:
                 self._seeded = True
-                self.activity.seed(await self.reader.run(_seed_keys))
+                self.activity.seed(await self.reader.recent_keys(SEED_MAX_ITEMS, RECENT_MAX))
             keys = [k for k in reversed(self.activity.recent) if watch is None or k[0] == watch]
-            rows = await self.reader.run(_items_by_key(keys[: ITEMS_LIMIT_MAX * 2]))
+            rows = await self.reader.items_by_key(keys[: ITEMS_LIMIT_MAX * 2])
             rows = [
                 r for r in rows if (r["status"] == status if status else r["status"] != "deleted")
             ]
             rows.sort(key=lambda r: r["updated_at"], reverse=True)
             rows = rows[:limit]
-        return web.json_response({"items": [self._item_json(r) for r in rows]})
+        return web.json_response({"items": [item_json(r, self._folder(r["watch"])) for r in rows]})
 
     async def _api_retry(self, request: web.Request) -> web.Response:
         if request.content_type != "application/json":
@@ -653,22 +371,12 @@ class ControlServer:
 
     async def _thumb(self, request: web.Request) -> web.StreamResponse:
         watch, source_id = request.match_info["watch"], request.match_info["source_id"]
-        row = await self.reader.run(_item(watch, source_id))
+        row = await self.reader.item(watch, source_id)
         src = thumb_source(row, self._folder(watch), parse_plan(row)) if row is not None else None
         if src is None:
             return json_error(404, f"no thumbnail for {source_id} (watch {watch})")
         key, kind, path, size, mtime_ns = src
-        made = await self.thumbs.get(
-            key, kind, path, check=lambda: _unchanged(path, size, mtime_ns)
-        )
+        made = await self.thumbs.get(key, kind, path, check=lambda: unchanged(path, size, mtime_ns))
         if made is None:
             return json_error(404, f"{source_id}: cannot show a thumbnail of this file now")
         return thumb_response(made)
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True

@@ -30,7 +30,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ingestd.pipeline.sync import Outcome
+    from ingestd.pipeline.outcome import Outcome
 
 # A file settles for a couple of seconds before it is planned; a big upload or a
 # backlog can take minutes to hours.

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 from ingestd.config import Config, Problem
+from ingestd.core.pidfile import running_pid
 from ingestd.ledger import LEDGER_FILE, Ledger
-from ingestd.runtime.service import running_pid
 
 REJECTED_FILE = "config-rejected.json"
 

@@ -6,27 +6,17 @@ from __future__ import annotations
 import asyncio
 
 from ingestd.core.model import Entry
+from ingestd.core.source import SourceError
 from ingestd.ledger import DELETED, ITEM, AsyncLedger
-from ingestd.pipeline.bucket_runner import BucketWatchRunner
 from ingestd.pipeline.runner import WatchRunner
-from ingestd.sources.objects import BucketError
 
 
 async def dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
     w = runner.watch
-    found: list[Entry] = []
-    if isinstance(runner, BucketWatchRunner):
-        try:
-            found, gone = await runner.listing_changes()
-        except BucketError as e:
-            return [f"error   {w.name}: {e.message}"]
-    else:
-        # Every file, not only changed ones: an edit of the item settings changes items
-        # whose files did not change (the comparison below keeps only real differences).
-        result = await asyncio.to_thread(runner._scan_blocking, "", found.extend, True)
-        if result.root_missing:
-            return [f"error   {w.name}: source folder {w.source} is missing"]
-        gone = result.gone
+    try:
+        found, gone = await runner.dry_changes()
+    except SourceError as e:
+        return [f"error   {w.name}: {e.message}"]
     loose: list[Entry] = []
     groups: set[str] = set()
     for e in found:

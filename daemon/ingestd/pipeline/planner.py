@@ -2,43 +2,34 @@
 folder's listing) and hands it to plan/. Blocking: the watch runner calls it in a
 thread. Kept apart from plan/ so that plan/ stays pure and exhaustively testable.
 
-Every read goes through a `SourceFiles` object: `LocalFiles` for folders (plain os
-calls), and the bucket runner's implementation for object stores (range reads and
-prefix listings), so one planner serves both kinds of watch."""
+Every read goes through the source's `files` (core.source.SourceFiles): plain os calls
+for a folder, range reads and prefix listings for a bucket, so one planner serves every
+kind of source."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from stat import S_ISREG
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING
 
 from ingestd.config import Watch
 from ingestd.core.errors import MediaError
 from ingestd.core.filters import PathFilter
 from ingestd.core.fingerprint import fingerprint
-from ingestd.core.model import Entry, ItemPlan, SlotType, item_key
+from ingestd.core.model import Entry, ItemPlan, item_key
+from ingestd.core.source import SourceFiles
 from ingestd.ledger import ITEM, MEMBER, SIDECAR
-from ingestd.media.detect import slot_type_for, sniff
+from ingestd.media.detect import slot_type_for
 from ingestd.plan.groups import GroupMembership, group_of, group_sidecar_relpath, plan_group
 from ingestd.plan.layout import PlanError, dataset_folder, plan_file
 from ingestd.plan.metadata import (
-    Sidecar,
     is_sidecar_name,
-    parse_sidecar,
     sidecar_name,
     sidecar_targets,
 )
 
 if TYPE_CHECKING:
-    from ingestd.media.dicom import DicomHeader
-
-MAX_SIDECAR_BYTES = 1 << 20
-
-# What `SourceFiles.stat` says about a path that exists but is not a regular file (a
-# folder, or a key prefix in a bucket).
-NOT_A_FILE = "not-a-file"
+    pass
 
 
 @dataclass(slots=True)
@@ -84,101 +75,6 @@ class WatchFilter:
         return self.base.prunes_dir(reldir)
 
 
-class SourceFiles(Protocol):
-    """The planner's access to a watch's files (blocking; called from a planning thread).
-    Paths are relative to the watch root and use '/'."""
-
-    def read_sidecar(self, relpath: str) -> tuple[Sidecar, Entry] | None:
-        """The parsed sidecar and its entry as the ledger records it; None when absent."""
-        ...
-
-    def sniff(self, relpath: str) -> SlotType | None:
-        """The type the first bytes announce (None: unknown or unreadable)."""
-        ...
-
-    def image_size(self, relpath: str) -> tuple[int, int]:
-        """Displayed (width, height) from the header; MediaError when unreadable."""
-        ...
-
-    def dicom_header(self, relpath: str, keywords: Sequence[str]) -> DicomHeader:
-        """The DICOM header without pixels; MediaError when it is not one."""
-        ...
-
-    def names(self, parent: str, start: str) -> set[str] | None:
-        """Names (files and folders) directly inside folder `parent` that start with
-        `start`; None when the folder cannot be listed."""
-        ...
-
-    def stat(self, relpath: str) -> Entry | Literal["not-a-file"] | None:
-        """The entry of a regular file, NOT_A_FILE for anything else that exists."""
-        ...
-
-    def list_files(self, reldir: str) -> list[Entry]:
-        """The regular files directly inside folder `reldir` ([] when it is gone)."""
-        ...
-
-
-class LocalFiles:
-    """A local folder through os calls."""
-
-    def __init__(self, root: str, follow_symlinks: bool) -> None:
-        self.root = root
-        self.follow_symlinks = follow_symlinks
-
-    def _path(self, relpath: str) -> str:
-        return os.path.join(self.root, relpath) if relpath else self.root
-
-    def read_sidecar(self, relpath: str) -> tuple[Sidecar, Entry] | None:
-        sidecar = read_sidecar(self.root, relpath)
-        if sidecar is None:
-            return None
-        return sidecar, Entry(relpath, sidecar.size, sidecar.mtime_ns)
-
-    def sniff(self, relpath: str) -> SlotType | None:
-        return sniff(self._path(relpath))
-
-    def image_size(self, relpath: str) -> tuple[int, int]:
-        from ingestd.media.images import image_size
-
-        return image_size(self._path(relpath))
-
-    def dicom_header(self, relpath: str, keywords: Sequence[str]) -> DicomHeader:
-        from ingestd.media.dicom import read_header
-
-        return read_header(self._path(relpath), keywords)
-
-    def names(self, parent: str, start: str) -> set[str] | None:
-        try:
-            return {n for n in os.listdir(self._path(parent)) if n.startswith(start)}
-        except OSError:
-            return None
-
-    def stat(self, relpath: str) -> Entry | Literal["not-a-file"] | None:
-        try:
-            st = os.stat(self._path(relpath), follow_symlinks=self.follow_symlinks)
-        except OSError:
-            return None
-        if S_ISREG(st.st_mode):
-            return Entry(relpath, st.st_size, st.st_mtime_ns)
-        return NOT_A_FILE
-
-    def list_files(self, reldir: str) -> list[Entry]:
-        out = []
-        try:
-            with os.scandir(self._path(reldir)) as it:
-                for de in it:
-                    try:
-                        if not de.is_file(follow_symlinks=self.follow_symlinks):
-                            continue
-                        st = de.stat(follow_symlinks=self.follow_symlinks)
-                    except OSError:
-                        continue
-                    out.append(Entry(_join(reldir, de.name), st.st_size, st.st_mtime_ns))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return out
-
-
 def sidecar_name_start(template: str, sidecar: str) -> str:
     """What the names of a sidecar's targets start with (the {name} or {stem} value), so
     that a bucket lists only those keys; "" when the template is too unusual to tell."""
@@ -190,22 +86,6 @@ def sidecar_name_start(template: str, sidecar: str) -> str:
     return ""
 
 
-def read_sidecar(root: str, relpath: str) -> Sidecar | None:
-    """Stat and parse a sidecar file; None when there is none."""
-    path = os.path.join(root, relpath)
-    try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_size > MAX_SIDECAR_BYTES:
-                return Sidecar(relpath, st.st_size, st.st_mtime_ns, None, "larger than 1 MiB")
-            raw = fh.read(MAX_SIDECAR_BYTES + 1)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    except OSError as e:
-        return Sidecar(relpath, 0, 0, None, f"cannot be read: {e.strerror}")
-    return parse_sidecar(relpath, st.st_size, st.st_mtime_ns, raw)
-
-
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -215,13 +95,13 @@ class Planner:
         self,
         watch: Watch,
         path_filter: WatchFilter,
-        deid_key: bytes | None = None,
-        files: SourceFiles | None = None,
+        deid_key: bytes | None,
+        files: SourceFiles,
     ) -> None:
         self.watch = watch
         self.root = str(watch.source)
         self.filter = path_filter
-        self.files: SourceFiles = files or LocalFiles(self.root, watch.follow_symlinks)
+        self.files = files
         # With de-identification on, names and metadata come from the header as the
         # de-identified copy will have it, so no patient data leaks through them.
         self.deid_key = deid_key if watch.dicom.deidentify else None

@@ -36,6 +36,9 @@ from ingestd.core.names import (  # re-exported: part of the planner's metadata 
 )
 
 
+MAX_SIDECAR_BYTES = 1 << 20  # a bigger sidecar fails its item rather than being read
+
+
 @dataclass(frozen=True, slots=True)
 class Sidecar:
     """A sidecar file as the caller read it: `data` when it held a JSON object, else

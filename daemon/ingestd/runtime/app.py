@@ -1,13 +1,12 @@
-"""The runtime: builds watches and the sync pool from the config, supervises them, and
-shuts down cleanly. `run` is the daemon; `sync_once` and `dry_run` are one-pass forms."""
+"""The daemon: builds watches and the sync pool from the config, supervises them, and
+shuts down cleanly. Live reload is reload.py; the one-pass forms (`ingestd sync`, its
+dry run) are once.py; what the backend and watches turn into is backend.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -15,30 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ingestd.config import (
-    Config,
-    ConfigDiff,
-    ConfigError,
-    DarwinBackend,
-    HttpBackend,
-    LabelboxBackend,
-    NucleusBackend,
-    Problem,
-    backend_identity,
-    diff_config,
-    load_config,
-)
+from ingestd.config import Config, Problem, backend_identity
 from ingestd.ledger import AsyncLedger, op_switch_backend
 from ingestd.observe.status import status_data, write_rejected
-from ingestd.pipeline.dry_run import dry_run_watch
+from ingestd.pipeline.outcome import Outcome
+from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
-from ingestd.pipeline.sync import Outcome, SyncPool, WatchSide, side_for
-from ingestd.runtime import logs
-from ingestd.runtime.config_watch import ConfigWatcher, content_digest
-from ingestd.runtime.progress import Progress
+from ingestd.runtime.backend import build_sink, deid_key, sides
+from ingestd.runtime.config_watch import ConfigWatcher
+from ingestd.runtime.reload import Reloader
 from ingestd.runtime.service import Notifier, PidLock, install_signals, watchdog_loop
 from ingestd.sinks.base import Sink
-from ingestd.sinks.local import LocalSink
 
 if TYPE_CHECKING:
     from ingestd.observe.control import ControlServer
@@ -47,47 +33,11 @@ log = structlog.get_logger("ingestd")
 
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates
 SHUTDOWN_GRACE = 6.0  # in-flight uploads get this long; the whole stop stays under 10 s
-ONE_PASS_MAX_ATTEMPTS = 5
-
-
-def build_sink(config: Config) -> Sink:
-    backend = config.backend
-    if isinstance(backend, HttpBackend):
-        from ingestd.sinks.http import HttpSink
-
-        return HttpSink(backend.url, backend.token(), workers=config.workers)
-    if isinstance(backend, DarwinBackend):
-        from ingestd.sinks.darwin import DarwinSink
-
-        return DarwinSink(backend, workers=config.workers)
-    if isinstance(backend, LabelboxBackend):
-        from ingestd.sinks.labelbox import LabelboxSink
-
-        return LabelboxSink(backend, workers=config.workers)
-    if isinstance(backend, NucleusBackend):
-        from ingestd.sinks.nucleus import NucleusSink
-
-        return NucleusSink(backend, workers=config.workers)
-    return LocalSink(backend.path)
-
-
-def deid_key(config: Config) -> bytes | None:
-    """One key per state dir: the same UID always maps to the same new UID, across runs
-    and watches, so series stay consistent."""
-    if not any(w.dicom.deidentify for w in config.watches):
-        return None
-    from ingestd.media.dicom import load_or_create_key
-
-    return load_or_create_key(str(config.state_dir))
-
-
-def _sides(config: Config, key: bytes | None) -> dict[str, WatchSide]:
-    return {w.name: side_for(w, key) for w in config.watches}
 
 
 class App:
-    """The running daemon (and the one-pass forms). For the control endpoint it is the
-    `ControlTarget`: status, retry, counters and sync outcomes."""
+    """The running daemon (and what the one-pass forms open). For the control endpoint
+    it is the `ControlTarget`: status, retry, counters and sync outcomes."""
 
     def __init__(self, config: Config, config_path: Path) -> None:
         self.config = config
@@ -98,19 +48,18 @@ class App:
         self.runners: dict[str, WatchRunner] = {}
         self.rejected: list[Problem] = []  # problems of the last refused config edit
         self.reloads = 0
-        self._stop = asyncio.Event()
-        self._deid_key: bytes | None = None
-        self._starts: dict[str, asyncio.Task[None]] = {}
-        self._outcome_listeners: list[Callable[[Outcome], None]] = []
-        self._reload_lock = asyncio.Lock()
-        self._reload_wanted = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self.deid: bytes | None = None  # the DICOM de-identification key, once one is needed
         self.notifier = Notifier()
         self.control: ControlServer | None = None
-        self._pool_task: asyncio.Task[None] | None = None
         self.config_watcher: ConfigWatcher | None = None
+        self.reloader = Reloader(self)
+        self._stop = asyncio.Event()
+        self._starts: dict[str, asyncio.Task[None]] = {}
+        self._outcome_listeners: list[Callable[[Outcome], None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._pool_task: asyncio.Task[None] | None = None
 
-    def _wake_pool(self) -> None:
+    def wake_pool(self) -> None:
         if self.pool is not None:
             self.pool.wake()
 
@@ -126,20 +75,24 @@ class App:
             except Exception:  # an observer must never break syncing
                 log.exception("outcome listener failed")
 
-    async def _open(self, *, observe: bool, on_outcome: Callable[[Outcome], None] | None) -> None:
+    # -- opening and closing ----------------------------------------------------------------
+
+    async def open(self, *, observe: bool, on_outcome: Callable[[Outcome], None] | None) -> None:
+        """Open the ledger and the sink, and build the sync pool and one runner per
+        watch (not started). `observe`: runners follow file events, not only scans."""
         await self.ledger.open()
         if on_outcome is not None:
             self._outcome_listeners.append(on_outcome)
         self.sink = build_sink(self.config)
-        await self._note_backend()
-        self._deid_key = key = await asyncio.to_thread(deid_key, self.config)
+        await self.note_backend()
+        self.deid = key = await asyncio.to_thread(deid_key, self.config)
         spool = self.config.state_dir / "spool"
         # Derived media of a previous run that ended mid-item: rebuilt when needed.
         await asyncio.to_thread(shutil.rmtree, spool, True)
         self.pool = SyncPool(
             self.ledger,
             self.sink,
-            _sides(self.config, key),
+            sides(self.config, key),
             self.config.workers,
             on_source_changed=self._source_changed,
             on_outcome=self._outcome,
@@ -147,10 +100,10 @@ class App:
         )
         for w in self.config.watches:
             self.runners[w.name] = make_runner(
-                w, self.ledger, self._wake_pool, observe=observe, deid_key=key
+                w, self.ledger, self.wake_pool, observe=observe, deid_key=key
             )
 
-    async def _note_backend(self) -> None:
+    async def note_backend(self) -> None:
         """Items synced to another backend than the configured one are sent again."""
         n = await self.ledger.write(op_switch_backend(backend_identity(self.config), time.time()))
         if n:
@@ -158,9 +111,9 @@ class App:
                 "the backend changed since items were synced; sending them to the new one",
                 items=n,
             )
-            self._wake_pool()
+            self.wake_pool()
 
-    async def _close(self) -> None:
+    async def close(self) -> None:
         for task in self._starts.values():
             task.cancel()
         for runner in self.runners.values():
@@ -171,7 +124,11 @@ class App:
             await self.sink.close()
         await self.ledger.close()
 
-    def _start_runner(self, name: str) -> None:
+    # -- supervision ------------------------------------------------------------------------
+
+    def start_runner(self, name: str) -> None:
+        """Start a watch's runner in the background: a watch that fails to start is
+        logged and does not hold up the others."""
         runner = self.runners[name]
 
         async def start() -> None:
@@ -184,7 +141,7 @@ class App:
 
         self._starts[name] = asyncio.create_task(start(), name=f"start:{name}")
 
-    async def _stop_runner(self, name: str) -> None:
+    async def stop_runner(self, name: str) -> None:
         task = self._starts.pop(name, None)
         if task is not None and not task.done():
             task.cancel()
@@ -194,7 +151,8 @@ class App:
         if runner is not None:
             await runner.stop()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a background task until it ends or the daemon stops."""
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -207,11 +165,11 @@ class App:
         try:
             loop = asyncio.get_running_loop()
             install_signals(loop, self._stop.set, self._rescan_all, self.request_reload)
-            await self._open(observe=True, on_outcome=None)
+            await self.open(observe=True, on_outcome=None)
             assert self.pool is not None
             self._pool_task = pool_task = asyncio.create_task(self.pool.run(), name="sync-pool")
             await asyncio.to_thread(write_rejected, self.config.state_dir, [])
-            await self._start_control()
+            await self.start_control()
             log.info(
                 "ingestd started",
                 config=str(self.config_path),
@@ -221,14 +179,14 @@ class App:
             if not self.config.watches:
                 log.warning("the config has no watches; nothing to do")
             for name in self.runners:
-                self._start_runner(name)
+                self.start_runner(name)
             await asyncio.sleep(0)  # the first scans are under way
             self.notifier.ready()
-            await self._update_status()
-            await self._watch_config_file()
-            self._spawn(self._reload_loop(), "reload")
-            self._spawn(self._status_loop(), "notify-status")
-            self._spawn(watchdog_loop(self.notifier, self._healthy), "watchdog")
+            await self.update_status()
+            await self.watch_config_file()
+            self.spawn(self.reloader.loop(), "reload")
+            self.spawn(self._status_loop(), "notify-status")
+            self.spawn(watchdog_loop(self.notifier, self._healthy), "watchdog")
             await self._stop.wait()
             self.notifier.stopping()
             log.info("stopping: finishing in-flight uploads")
@@ -238,7 +196,7 @@ class App:
                 await self.config_watcher.stop()
             if self.control is not None:
                 await self.control.stop()
-            await self._close()
+            await self.close()
             pool_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pool_task
@@ -258,39 +216,48 @@ class App:
         for runner in self.runners.values():
             runner.request_rescan()
 
-    async def _start_control(self) -> None:
+    async def start_control(self) -> None:
         listen = self.config.status.listen
         if listen is None:
             self.control = None
             return
-        try:  # TEMPORARY until the control server lands
-            from ingestd.observe.control import ControlServer
-        except ImportError:
-            return
+        # Imported only when the daemon serves the endpoint: the one-pass forms never do.
+        from ingestd.observe.control import ControlServer
+
         self.control = ControlServer(self, listen, self.config.state_dir)
         await self.control.start()
+
+    async def restart_control(self) -> None:
+        """After `status` changed in a reload: serve where it now says."""
+        if self.control is not None:
+            await self.control.stop()
+        await self.start_control()
 
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(STATUS_EVERY)
             with contextlib.suppress(Exception):
-                await self._update_status()
+                await self.update_status()
 
-    async def _update_status(self) -> None:
+    async def update_status(self) -> None:
         counts = await self.ledger.call(self.ledger.sync.counts)
         names = list(self.runners)
         pending = sum(counts[n].pending for n in names if n in counts)
         failed = sum(counts[n].failed for n in names if n in counts)
         self.notifier.status(f"{len(names)} watches, {pending} pending, {failed} failed")
 
-    # -- live reload ------------------------------------------------------------------------
+    # -- live reload (reload.py) --------------------------------------------------------------
 
     def request_reload(self, reason: str = "SIGHUP") -> None:
         """SIGHUP (also `systemctl reload`, `ingestd reload`) or an edit of the file."""
-        log.info("reload requested", reason=reason, config=str(self.config_path))
-        self._reload_wanted.set()
+        self.reloader.request(reason)
 
-    async def _watch_config_file(self) -> None:
+    async def reload(self) -> bool:
+        """Re-read the config file now; whether the file's config is now in use."""
+        return await self.reloader.reload()
+
+    async def watch_config_file(self) -> None:
+        """Follow edits of the config file while `watch_config` says so."""
         if self.config.watch_config and self.config_watcher is None:
             self.config_watcher = ConfigWatcher(
                 self.config_path, lambda: self.request_reload("config file edited")
@@ -299,112 +266,6 @@ class App:
         elif not self.config.watch_config and self.config_watcher is not None:
             await self.config_watcher.stop()
             self.config_watcher = None
-
-    async def _reload_loop(self) -> None:
-        while True:
-            await self._reload_wanted.wait()
-            self._reload_wanted.clear()
-            try:
-                await self.reload()
-            except Exception:
-                log.exception("reload failed; the previous config stays in effect")
-
-    async def reload(self) -> bool:
-        """Re-read the config file. A bad one is refused (each problem logged with its
-        field, shown in `status`) and the running config stays; a good one is applied as
-        a diff by watch name. Returns whether the file's config is now in use."""
-        async with self._reload_lock:
-            self.notifier.reloading()
-            try:
-                digest = await asyncio.to_thread(content_digest, self.config_path)
-                if self.config_watcher is not None:
-                    self.config_watcher.mark_loaded(digest)
-                try:
-                    new = await asyncio.to_thread(load_config, self.config_path)
-                except ConfigError as e:
-                    self.rejected = list(e.problems)
-                    await asyncio.to_thread(write_rejected, self.config.state_dir, self.rejected)
-                    for p in e.problems:
-                        log.error(
-                            "config edit refused; the previous config stays in effect",
-                            field=p.field or None,
-                            error=p.error,
-                            config=str(self.config_path),
-                        )
-                    return False
-                if self.rejected:
-                    self.rejected = []
-                    await asyncio.to_thread(write_rejected, self.config.state_dir, [])
-                diff = diff_config(self.config, new)
-                if diff.empty:
-                    log.info("config reloaded: nothing changed", config=str(self.config_path))
-                    return True
-                await self._apply(new, diff)
-                self.reloads += 1
-                log.info("config reloaded", config=str(self.config_path), **diff.summary())
-                return True
-            finally:
-                self.notifier.ready()
-                with contextlib.suppress(Exception):
-                    await self._update_status()
-
-    async def _apply(self, new: Config, diff: ConfigDiff) -> None:
-        assert self.pool is not None
-        if diff.state_dir:
-            log.warning(
-                "state_dir changes apply at the next start; the running daemon keeps its "
-                "ledger where it is",
-                running=str(self.config.state_dir),
-                configured=str(new.state_dir),
-            )
-            new = new.model_copy(update={"state_dir": self.config.state_dir})
-        if diff.log:
-            logs.setup(new.log.level, new.log.format)
-        if self._deid_key is None and any(w.dicom.deidentify for w in new.watches):
-            self._deid_key = await asyncio.to_thread(deid_key, new)
-        old_config, self.config = self.config, new
-        if diff.backend:
-            sink = build_sink(new)
-            old = self.pool.replace_sink(sink)
-            self.sink = sink
-            await self._note_backend()
-            self._spawn(self._retire_sink(old), "retire-sink")
-        if diff.workers:
-            self.pool.workers = new.workers
-            self.pool.wake()
-        sides = _sides(new, self._deid_key)
-        for name in (*diff.removed, *diff.changed):
-            await self._stop_runner(name)
-            side = self.pool.watches.pop(name, None)
-            if side is not None:
-                self._spawn(self._retire_side(side), "retire-side")
-            if name in diff.removed:
-                log.info("watch removed; its ledger rows stay", watch=name)
-        for name in (*diff.changed, *diff.added):
-            w = new.watch(name)
-            self.pool.watches[name] = sides[name]
-            self.runners[name] = make_runner(
-                w, self.ledger, self._wake_pool, observe=True, deid_key=self._deid_key
-            )
-            self._start_runner(name)
-            log.info("watch " + ("restarted" if name in diff.changed else "added"), watch=name)
-        if diff.watch_config:
-            await self._watch_config_file()
-        if diff.status and old_config.status != new.status:
-            if self.control is not None:
-                await self.control.stop()
-            await self._start_control()
-
-    async def _retire_side(self, side: WatchSide) -> None:
-        """Close a replaced watch's object-store client once its items in flight are done."""
-        assert self.pool is not None
-        await self.pool.drain()
-        await side.close()
-
-    async def _retire_sink(self, old: Sink) -> None:
-        assert self.pool is not None
-        await self.pool.drain()
-        await old.close()
 
     # -- what the control endpoint asks ------------------------------------------------------
 
@@ -418,7 +279,7 @@ class App:
         for name, runner in self.runners.items():
             if watch is None or name == watch:
                 runner.request_rescan()
-        self._wake_pool()
+        self.wake_pool()
         return n
 
     def watch_stats(self) -> dict[str, dict[str, float]]:
@@ -429,82 +290,3 @@ class App:
 
     def add_outcome_listener(self, fn: Callable[[Outcome], None]) -> None:
         self._outcome_listeners.append(fn)
-
-    # -- one pass ---------------------------------------------------------------------------
-
-    async def sync_once(self, progress: Progress) -> int:
-        lock = PidLock(self.config.state_dir)
-        lock.acquire()
-        try:
-            await self._open(observe=False, on_outcome=progress.outcome)
-            assert self.pool is not None
-            pool_task = asyncio.create_task(self.pool.run(poll=0.2))
-            try:
-                await asyncio.gather(*(r.start() for r in self.runners.values()))
-                while any(r.busy for r in self.runners.values()):
-                    await asyncio.sleep(0.05)
-                names = [w.name for w in self.config.watches]
-                progress.begin(names)
-                while True:
-                    per_watch = await self.ledger.call(_pending_state, self.ledger, names)
-                    progress.tick({n: p for n, (p, _) in per_watch.items()})
-                    pending = sum(p for p, _ in per_watch.values())
-                    stuck = sum(s for _, s in per_watch.values())
-                    if self.pool.inflight == 0 and (pending == 0 or pending == stuck):
-                        break
-                    await asyncio.sleep(0.05)
-                counts = await self.ledger.call(self.ledger.sync.counts)
-                problems = await self.ledger.call(self.ledger.sync.watch_problems)
-            finally:
-                await self._close()
-                pool_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pool_task
-            progress.end()
-            failed = sum(counts[n].failed for n in names if n in counts)
-            left = sum(counts[n].pending for n in names if n in counts)
-            for n in names:
-                c = counts.get(n)
-                if c is not None:
-                    print(
-                        f"{n}: {c.synced} synced, {c.pending} pending, {c.failed} failed",
-                        file=sys.stderr,
-                    )
-            # A watch that could not be listed, or whose deletions were refused, is not in
-            # step even when none of its known items failed.
-            troubled = {n: problems[n] for n in names if n in problems}
-            for n, problem in troubled.items():
-                print(f"{n}: {problem}", file=sys.stderr)
-            return 1 if failed or left or troubled else 0
-        finally:
-            lock.release()
-
-    async def dry_run(self) -> list[str]:
-        """What a sync would create, update or delete; changes nothing."""
-        ledger_file = self.config.state_dir / "ledger.sqlite"
-        with tempfile.TemporaryDirectory(prefix="ingestd-dry-") as tmp:
-            state = self.config.state_dir if ledger_file.exists() else Path(tmp)
-            self.ledger = AsyncLedger(state)
-            await self.ledger.open()
-            lines: list[str] = []
-            try:
-                for w in self.config.watches:
-                    runner = make_runner(w, self.ledger, lambda: None, observe=False)
-                    try:
-                        lines += await dry_run_watch(runner, self.ledger)
-                    finally:
-                        await runner.stop()
-            finally:
-                await self.ledger.close()
-            return lines
-
-
-def _pending_state(ledger: AsyncLedger, watches: list[str]) -> dict[str, tuple[int, int]]:
-    """Per watch: (pending items, pending items that used up the one-pass attempts)."""
-    q = ",".join("?" * len(watches))
-    rows = ledger.sync.conn.execute(
-        f"SELECT watch, count(*), coalesce(sum(attempts >= ?), 0) FROM items"
-        f" WHERE status='pending' AND watch IN ({q}) GROUP BY watch",
-        (ONE_PASS_MAX_ATTEMPTS, *watches),
-    ).fetchall()
-    return {w: (int(n), int(stuck)) for w, n, stuck in rows}

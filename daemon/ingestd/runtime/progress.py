@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from ingestd.pipeline.sync import Outcome
+    from ingestd.pipeline.outcome import Outcome
 
 # Results that finish an item for this pass; "retry" and "changed" come back later.
 _FINISHED = frozenset({"synced", "unchanged", "deleted", "failed"})

@@ -33,8 +33,8 @@ from urllib.parse import unquote
 import structlog
 from aiohttp import hdrs, web
 
+from ingestd.dashboard import add_dashboard_routes
 from ingestd.server.auth import ServeError, TokenAuth, check_bind, load_tokens
-from ingestd.server.dashboard import add_dashboard_routes
 from ingestd.server.metrics import ServerMetrics
 from ingestd.server.uploads import (
     CHUNK,
@@ -862,7 +862,7 @@ def make_app(
     items = r"/v1/datasets/{dataset}/items/{key:[\s\S]+}"
     r.add_route("PUT", items, put_item, expect_handler=manifest)
     r.add_route("DELETE", items, delete_item)
-    add_dashboard_routes(app, Path(store_root))  # GET /, /api/*, /thumbs/* (dashboard.py)
+    add_dashboard_routes(app, Path(store_root), _state)  # GET /, /api/*, /thumbs/*
     return app
 
 

@@ -38,7 +38,8 @@ from obstore.exceptions import InvalidPathError, PreconditionError, Unauthentica
 from obstore.store import AzureStore, GCSStore, S3Store
 
 from ingestd.config import BucketUrl, SourceOptions
-from ingestd.sources.objects import BucketError, ErrorKind, ObjectChanged, ObjectInfo
+from ingestd.core.source import ErrorKind
+from ingestd.sources.objects import BucketError, ObjectChanged, ObjectInfo
 
 __all__ = ["Timeouts", "open_store"]
 

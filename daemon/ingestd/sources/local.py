@@ -1,4 +1,5 @@
-"""Local folders: a watchdog (inotify) observer for hints, and a scandir walk for truth.
+"""A local folder as a Source (core.source): a watchdog (inotify) observer for hints, a
+scandir walk for truth, and plain os reads for the planner and the sync step.
 
 Events are only hints ("look here again"); the walk compares what is on disk with the
 ledger's entries. The observer is installed before the first walk so nothing created
@@ -8,13 +9,16 @@ every event kind subscribed, bursts overflow the kernel queue (DESIGN.md, measur
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
+from typing import TYPE_CHECKING, Literal
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -29,13 +33,27 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from ingestd.core.filters import PathFilter
-from ingestd.core.model import Entry
+from ingestd.core.model import Entry, SlotType
+from ingestd.core.source import (
+    NOT_A_FILE,
+    Changes,
+    EventSink,
+    Features,
+    Known,
+    KnownReader,
+    PathTest,
+    SourceChanged,
+    SourceError,
+    Stat,
+)
+from ingestd.media.detect import sniff
+from ingestd.plan.metadata import MAX_SIDECAR_BYTES, Sidecar, parse_sidecar
 
-# (kind, relpath, is_dir) where kind is created | closed | gone | moved_in | dir
-EventSink = Callable[[str, str, bool], None]
-KnownInDir = Callable[[str], dict[str, tuple[int, int]]]
-KnownDirs = Callable[[str], set[str]]
+if TYPE_CHECKING:
+    from ingestd.media.dicom import DicomHeader
+
+CHUNK = 1 << 20
+
 
 _EVENT_FILTER = [
     FileCreatedEvent,
@@ -113,15 +131,24 @@ class ScanResult:
     root_missing: bool = False
 
 
-class LocalSource:
-    def __init__(
-        self, root: Path, path_filter: PathFilter, *, follow_symlinks: bool = False
-    ) -> None:
+class LocalFolderSource:
+    """A folder on this machine. Events, local paths; no URLs."""
+
+    features = Features(events=True, local_paths=True, urls=False)
+
+    def __init__(self, root: Path | str, *, follow_symlinks: bool = False) -> None:
         self.root = str(root)
-        self.filter = path_filter
+        self.where = self.root
         self.follow_symlinks = follow_symlinks
+        self.files = LocalFiles(self.root, follow_symlinks)
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._overflow_cb: Callable[[], None] | None = None
+
+    def path_of(self, relpath: str) -> str:
+        return os.path.join(self.root, relpath) if relpath else self.root
+
+    def url_of(self, relpath: str) -> str:
+        raise NotImplementedError("a local folder has no URLs (Features.urls is False)")
 
     # -- events ---------------------------------------------------------------------------
 
@@ -158,11 +185,54 @@ class LocalSource:
 
     # -- walking --------------------------------------------------------------------------
 
+    async def changes(
+        self, subdir: str, known: Known, takes: PathTest, *, everything: bool = False
+    ) -> AsyncIterator[Changes]:
+        """The walk runs in a thread and hands its batches over as it goes; gone files
+        come in the last batch, so a deletion guard judges the whole pass."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Changes | ScanResult | BaseException] = asyncio.Queue()
+
+        def put(item: Changes | ScanResult | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def walk() -> None:
+            try:
+                with known.reader() as reader:
+                    result = self.scan(
+                        subdir,
+                        reader,
+                        takes,
+                        lambda chunk: put(Changes(changed=chunk, listed=len(chunk))),
+                        emit_all=everything,
+                    )
+                put(result)
+            except BaseException as e:
+                put(e)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(walk))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, ScanResult):
+                    if item.root_missing:
+                        raise SourceError(
+                            "missing",
+                            f"source folder {self.root} is missing (unmounted disk? deleted?)",
+                        )
+                    yield Changes(gone=item.gone, listed=0, errors=item.errors)
+                    return
+                yield item
+        finally:
+            await worker
+
     def scan(
         self,
         subdir: str,
-        known_in_dir: KnownInDir,
-        known_dirs: KnownDirs,
+        known: KnownReader,
+        takes: PathTest,
         emit_changed: Callable[[list[Entry]], None],
         *,
         emit_all: bool = False,
@@ -178,18 +248,18 @@ class LocalSource:
             return result
         visited: set[str] = set()
         chunk: list[Entry] = []
-        for reldir, files in self._walk(subdir, result):
+        for reldir, files in self._walk(subdir, takes, result):
             visited.add(reldir)
-            known = known_in_dir(reldir)
+            known_here = known.in_dir(reldir)
             for bad in result.errors:
-                known.pop(bad, None)  # unreadable is not gone
+                known_here.pop(bad, None)  # unreadable is not gone
             result.files += len(files)
             # The hot loop of a rescan: tuples only, an Entry just for what changed.
             for rel, size, mtime_ns in files:
-                if known.pop(rel, None) != (size, mtime_ns) or emit_all:
+                if known_here.pop(rel, None) != (size, mtime_ns) or emit_all:
                     chunk.append(Entry(rel, size, mtime_ns))
-            if known:
-                result.gone.extend(known)
+            if known_here:
+                result.gone.extend(known_here)
             if len(chunk) >= 1000:
                 result.changed += len(chunk)
                 emit_changed(chunk)
@@ -197,14 +267,14 @@ class LocalSource:
         if chunk:
             result.changed += len(chunk)
             emit_changed(chunk)
-        for reldir in known_dirs(subdir) - visited:
+        for reldir in known.dirs(subdir) - visited:
             if any(reldir == e or reldir.startswith(e + "/") for e in result.errors):
                 continue  # unreadable folders are not deletions
-            result.gone.extend(known_in_dir(reldir))
+            result.gone.extend(known.in_dir(reldir))
         return result
 
     def _walk(
-        self, subdir: str, result: ScanResult
+        self, subdir: str, takes: PathTest, result: ScanResult
     ) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
         """Per folder: (reldir, [(relpath, size, mtime_ns)]) of the files the watch takes."""
         seen_dirs: set[tuple[int, int]] = set()
@@ -214,7 +284,7 @@ class LocalSource:
             absdir = os.path.join(self.root, reldir) if reldir else self.root
             files: list[tuple[str, int, int]] = []
             follow = self.follow_symlinks
-            accepts = self.filter.accepts
+            accepts = takes.accepts
             prefix = f"{reldir}/" if reldir else ""
             try:
                 if self.follow_symlinks:
@@ -228,7 +298,7 @@ class LocalSource:
                         rel = prefix + de.name
                         try:
                             if de.is_dir(follow_symlinks=follow):
-                                if not self.filter.prunes_dir(rel):
+                                if not takes.prunes_dir(rel):
                                     stack.append(rel)
                                 continue
                             if not accepts(rel):
@@ -252,3 +322,149 @@ class LocalSource:
                 result.errors.append(reldir)
                 continue
             yield reldir, files
+
+    # -- reads for the sync step ----------------------------------------------------------
+
+    def stat_many(self, relpaths: Sequence[str]) -> list[Stat]:
+        out: list[Stat] = []
+        for rel in relpaths:
+            try:
+                s = os.stat(self.path_of(rel), follow_symlinks=self.follow_symlinks)
+            except (FileNotFoundError, NotADirectoryError):
+                out.append(None)
+                continue
+            except OSError:
+                # Unreadable metadata (EACCES on a parent, ELOOP): treat as present and
+                # unchanged-less so the sync step reports the real reason.
+                out.append((-1, -1))
+                continue
+            out.append((s.st_size, s.st_mtime_ns) if S_ISREG(s.st_mode) else None)
+        return out
+
+    async def stat(self, relpath: str) -> Entry | None:
+        st = await asyncio.to_thread(self.files.stat, relpath)
+        return st if isinstance(st, Entry) else None
+
+    def _open_version(self, entry: Entry) -> int:
+        """A descriptor on exactly the version `entry` describes (regular files only:
+        O_NONBLOCK keeps a FIFO from blocking the open)."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if self.follow_symlinks else os.O_NOFOLLOW)
+        path = self.path_of(entry.relpath)
+        try:
+            fd = os.open(path, flags)
+        except (FileNotFoundError, NotADirectoryError):
+            raise SourceChanged(f"{path} vanished") from None
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+            os.close(fd)
+            raise SourceChanged(f"{path} is no longer the version listed")
+        return fd
+
+    async def open(self, entry: Entry, *, chunk: int = CHUNK) -> AsyncIterator[bytes]:
+        fd = await asyncio.to_thread(self._open_version, entry)
+        try:
+            while data := await asyncio.to_thread(os.read, fd, chunk):
+                yield data
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                raise SourceChanged(f"{self.path_of(entry.relpath)} changed while it was read")
+        finally:
+            os.close(fd)
+
+    async def read_range(self, relpath: str, start: int, end: int) -> bytes:
+        def read() -> bytes:
+            with open(self.path_of(relpath), "rb") as fh:
+                fh.seek(start)
+                return fh.read(max(0, end - start))
+
+        return await asyncio.to_thread(read)
+
+    async def download(self, entry: Entry, dest: str) -> None:
+        def copy() -> None:
+            fd = self._open_version(entry)
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            with os.fdopen(fd, "rb") as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+
+        await asyncio.to_thread(copy)
+
+    async def close(self) -> None:
+        self.stop()
+
+
+class LocalFiles:
+    """The planner's reads (core.source.SourceFiles) on a local folder: plain os calls."""
+
+    def __init__(self, root: str, follow_symlinks: bool) -> None:
+        self.root = root
+        self.follow_symlinks = follow_symlinks
+
+    def _path(self, relpath: str) -> str:
+        return os.path.join(self.root, relpath) if relpath else self.root
+
+    def read_sidecar(self, relpath: str) -> tuple[Sidecar, Entry] | None:
+        sidecar = read_sidecar(self.root, relpath)
+        if sidecar is None:
+            return None
+        return sidecar, Entry(relpath, sidecar.size, sidecar.mtime_ns)
+
+    def sniff(self, relpath: str) -> SlotType | None:
+        return sniff(self._path(relpath))
+
+    def image_size(self, relpath: str) -> tuple[int, int]:
+        from ingestd.media.images import image_size
+
+        return image_size(self._path(relpath))
+
+    def dicom_header(self, relpath: str, keywords: Sequence[str]) -> DicomHeader:
+        from ingestd.media.dicom import read_header
+
+        return read_header(self._path(relpath), keywords)
+
+    def names(self, parent: str, start: str) -> set[str] | None:
+        try:
+            return {n for n in os.listdir(self._path(parent)) if n.startswith(start)}
+        except OSError:
+            return None
+
+    def stat(self, relpath: str) -> Entry | Literal["not-a-file"] | None:
+        try:
+            st = os.stat(self._path(relpath), follow_symlinks=self.follow_symlinks)
+        except OSError:
+            return None
+        if S_ISREG(st.st_mode):
+            return Entry(relpath, st.st_size, st.st_mtime_ns)
+        return NOT_A_FILE
+
+    def list_files(self, reldir: str) -> list[Entry]:
+        out = []
+        try:
+            with os.scandir(self._path(reldir)) as it:
+                for de in it:
+                    try:
+                        if not de.is_file(follow_symlinks=self.follow_symlinks):
+                            continue
+                        st = de.stat(follow_symlinks=self.follow_symlinks)
+                    except OSError:
+                        continue
+                    rel = f"{reldir}/{de.name}" if reldir else de.name
+                    out.append(Entry(rel, st.st_size, st.st_mtime_ns))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return out
+
+
+def read_sidecar(root: str, relpath: str) -> Sidecar | None:
+    """Stat and parse a sidecar file; None when there is none."""
+    path = os.path.join(root, relpath)
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size > MAX_SIDECAR_BYTES:
+                return Sidecar(relpath, st.st_size, st.st_mtime_ns, None, "larger than 1 MiB")
+            raw = fh.read(MAX_SIDECAR_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as e:
+        return Sidecar(relpath, 0, 0, None, f"cannot be read: {e.strerror}")
+    return parse_sidecar(relpath, st.st_size, st.st_mtime_ns, raw)

@@ -14,11 +14,10 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ingestd.config import BucketUrl
-
-ErrorKind = Literal["credentials", "denied", "missing_bucket", "unreachable", "not_found", "other"]
+from ingestd.core.source import SourceChanged, SourceError
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +28,11 @@ class ObjectInfo:
     mtime_ns: int  # last-modified, in ns since the epoch
 
 
-class BucketError(Exception):
-    """A named, actionable failure of the object store. `kind` drives status and retry:
-    everything but `not_found` is retried with backoff."""
-
-    def __init__(self, kind: ErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+class BucketError(SourceError):
+    """A named, actionable failure of the object store (core.source.SourceError)."""
 
 
-class ObjectChanged(Exception):
+class ObjectChanged(SourceChanged):
     """The object is not the version asked for (ETag mismatch) or is gone."""
 
 

@@ -22,7 +22,7 @@ how often a client came back to a path sooner than a Retry-After it was given al
 
 Run it as a process (what the tests do, so it gets its own interpreter and GIL):
 
-    python -m tests.e2e.fault_proxy --port 8760 --upstream http://127.0.0.1:8750 \\
+    python -m tests.support.fault_proxy --port 8760 --upstream http://127.0.0.1:8750 \\
         --error-rate 0.1 --drop-rate 0.02 [--lose-answer-rate 0.01] [--seed 1]
 
 or in a thread with `ProxyThread(...)` (start/stop).

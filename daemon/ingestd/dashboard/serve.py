@@ -1,98 +1,62 @@
-"""The dashboard: one static page (daemon/ingestd/dashboard/) served by both the daemon's control
-endpoint and `ingestd serve`, and the read-only JSON routes it uses on `ingestd serve`.
+"""The dashboard's data routes on `ingestd serve`: the store's datasets with their item
+counts, and the items of the chosen one with thumbnails made from the stored blobs.
 
-On `ingestd serve` the page lists the store's datasets with their item counts and the
-items of the chosen one with thumbnails made from the stored blobs. The data routes
-live outside /v1 but take the same bearer token as the API when the server has tokens:
-the page asks for it once and sends it with every request (thumbnails too), so a
-server exposed with tokens does not show its items to anyone who finds the port.
+The data routes live outside /v1 but take the same bearer token as the API when the
+server has tokens: the page asks for it once and sends it with every request
+(thumbnails too), so a server exposed with tokens does not show its items to anyone
+who finds the port.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
+from ingestd.dashboard.page import add_static_routes, json_error, thumb_response
 from ingestd.media.thumbs import ThumbCache, cache_key, pick
 
 if TYPE_CHECKING:
-    from ingestd.server.app import ServerState
+    from ingestd.store import Store
 
-DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
-ASSETS = {
-    "/": ("index.html", "text/html"),
-    "/dashboard.js": ("dashboard.js", "text/javascript"),
-    "/dashboard.css": ("dashboard.css", "text/css"),
-}
-# Everything the page loads comes from the server itself: no CDN (networks may be
-# closed), and nothing injected can load or send anywhere else.
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+T = TypeVar("T")
+
 THUMB_CACHE = web.AppKey("ingestd_dashboard_thumbs", ThumbCache)
 ITEMS_MAX = 500
 
 
-def page_headers() -> dict[str, str]:
-    return {
-        "Content-Security-Policy": CSP,
-        "X-Frame-Options": "DENY",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        # The page is small and changes with the package: always revalidate.
-        hdrs.CACHE_CONTROL: "no-cache",
-    }
+class ServeAuth(Protocol):
+    @property
+    def enabled(self) -> bool: ...
+
+    def allows(self, authorization: str | None) -> bool: ...
 
 
-def _asset_handler(
-    filename: str, content_type: str
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.FileResponse(DASHBOARD_DIR / filename, headers=page_headers())
-        resp.content_type = content_type
-        return resp
+class ServeState(Protocol):
+    """What the routes need of `ingestd serve`'s state (ingestd.server.app.ServerState),
+    handed in by the server so that the dashboard does not import it."""
 
-    return handler
+    @property
+    def auth(self) -> ServeAuth: ...
 
+    @property
+    def store(self) -> Store | None: ...
 
-def add_static_routes(router: web.UrlDispatcher) -> None:
-    """GET / and the page's script and style."""
-    for route, (filename, content_type) in ASSETS.items():
-        router.add_get(route, _asset_handler(filename, content_type))
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+StateOf = Callable[[web.Request], ServeState]
+STATE_OF: web.AppKey[StateOf] = web.AppKey("ingestd_dashboard_state_of")
 
 
-def thumb_response(path: Path) -> web.FileResponse:
-    # URLs carry a content version (?v=...), so a browser may keep a thumbnail a while.
-    return web.FileResponse(
-        path,
-        headers={
-            hdrs.CONTENT_TYPE: "image/jpeg",
-            hdrs.CACHE_CONTROL: "private, max-age=86400",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+def _serve_state(request: web.Request) -> ServeState:
+    return request.app[STATE_OF](request)
 
 
-# --- `ingestd serve` ----------------------------------------------------------------------
-
-
-def _serve_state(request: web.Request) -> ServerState:
-    # Imported here: server/app.py imports this module to add the routes.
-    from ingestd.server.app import STATE
-
-    return request.app[STATE]
-
-
-def _authorized(request: web.Request, st: ServerState) -> web.Response | None:
+def _authorized(request: web.Request, st: ServeState) -> web.Response | None:
     if st.auth.allows(request.headers.get(hdrs.AUTHORIZATION)):
         return None
     return web.json_response(
@@ -113,7 +77,7 @@ def _split_key(key: str) -> tuple[str, str]:
     return path or "/", name
 
 
-def _thumb_choice(st: ServerState, item: dict[str, Any]) -> tuple[str, str, str] | None:
+def _thumb_choice(st: ServeState, item: dict[str, Any]) -> tuple[str, str, str] | None:
     """(cache key, kind, blob path) of the file to show for a stored item."""
     assert st.store is not None
     for slot in item.get("slots", []):
@@ -138,13 +102,13 @@ def _thumb_url(dataset: str, item: dict[str, Any], key: str) -> str:
     return f"thumbs/{quote(dataset, safe='')}/{segments}?v={key[:16]}"
 
 
-def _datasets(st: ServerState) -> list[dict[str, Any]]:
+def _datasets(st: ServeState) -> list[dict[str, Any]]:
     assert st.store is not None
     catalog = st.store.catalog
     return [{"name": n, "items": catalog.count_items(n)} for n in catalog.datasets()]
 
 
-def _items(st: ServerState, dataset: str, limit: int) -> list[dict[str, Any]] | None:
+def _items(st: ServeState, dataset: str, limit: int) -> list[dict[str, Any]] | None:
     assert st.store is not None
     catalog = st.store.catalog
     if not catalog.has_dataset(dataset):
@@ -207,11 +171,13 @@ async def _thumb(request: web.Request) -> web.StreamResponse:
     return thumb_response(made)
 
 
-def add_dashboard_routes(app: web.Application, store_dir: Path) -> None:
+def add_dashboard_routes(app: web.Application, store_dir: Path, state_of: StateOf) -> None:
     """The dashboard on `ingestd serve`: the page, /api/* for it, and thumbnails cached
-    under `store_dir/thumbs/` (keyed by blob digest, so they never go stale)."""
+    under `store_dir/thumbs/` (keyed by blob digest, so they never go stale).
+    `state_of` gives the server's state for a request."""
     cache = ThumbCache(Path(store_dir) / "thumbs")
     app[THUMB_CACHE] = cache
+    app[STATE_OF] = state_of
 
     async def close(_: web.Application) -> None:
         cache.close()

@@ -42,7 +42,7 @@ schema/task.py `DataUpsertTask`, schema/data_row_metadata.py, client.py
   part of an upload body; `hold_uploads` keeps upload answers back until released.
 
 Run in-process (`LabelboxFake`, started on a free port) or as a process:
-`python -m tests.fakes.labelbox --key KEY [--port P]`, which prints `LISTENING <port>`
+`python -m tests.support.fakes.labelbox --key KEY [--port P]`, which prints `LISTENING <port>`
 and has control routes under `/_fake/` (state, fault, hold) for end-to-end tests.
 """
 
@@ -993,7 +993,7 @@ def _spec_view(spec: Any) -> dict[str, Any]:
 
 
 class FakeProcess:
-    """The fake as a child process (`python -m tests.fakes.labelbox`), driven through its
+    """The fake as a child process (`python -m tests.support.fakes.labelbox`), driven through its
     `/_fake/` control routes: for end-to-end tests, and for measuring the client side
     alone."""
 
@@ -1001,10 +1001,13 @@ class FakeProcess:
         import os
         import subprocess
 
-        repo = cwd or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        # tests/support/fakes/labelbox.py -> the repository
+        repo = cwd or os.path.dirname(
+            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        )
         self.key = key
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.labelbox", "--key", key],
+            [sys.executable, "-m", "tests.support.fakes.labelbox", "--key", key],
             cwd=repo,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

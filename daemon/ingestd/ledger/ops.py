@@ -1,0 +1,467 @@
+"""Every write to the ledger: `op_*` functions each return an op, a function of a
+connection that `Ledger.transaction` runs inside the group commit (AsyncLedger batches
+the ops submitted while the previous transaction ran). An op may also be called
+directly with a connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ingestd.core.model import Entry, ItemPlan
+from ingestd.ledger.db import (
+    DELETED,
+    FAILED,
+    MEMBER,
+    PENDING,
+    SIDECAR,
+    SYNCED,
+    ensure_settings,
+    set_setting,
+    setting,
+)
+from ingestd.ledger.model import Claim, ConflictCheck, TypeOf
+from ingestd.ledger.reads import key_owner
+
+# -- what items should be (planning) -----------------------------------------------------------
+
+
+def op_apply_plan(
+    watch: str,
+    dataset: str,
+    plan: ItemPlan,
+    entries: Sequence[tuple[Entry, str]],
+    check_types: ConflictCheck,
+    type_of: TypeOf,
+    now: float,
+) -> Callable[[sqlite3.Connection], str]:
+    """Record what an item should now be. Returns 'unchanged', 'pending' or 'failed'."""
+
+    def op(conn: sqlite3.Connection) -> str:
+        _put_entries(conn, watch, entries)
+        row = conn.execute(
+            "SELECT desired_fp, status, dataset FROM items WHERE watch=? AND source_id=?",
+            (watch, plan.source_id),
+        ).fetchone()
+        # The dataset is the watch's, not part of the plan: an edit of it is a change.
+        if row and row[0] == plan.fingerprint and row[1] != DELETED and row[2] == dataset:
+            return "unchanged"
+        error, kind = _plan_problem(conn, watch, dataset, plan, check_types, type_of)
+        status = FAILED if error else PENDING
+        conn.execute(
+            "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
+            " attempts, next_attempt, last_error, error_kind, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+            " ON CONFLICT (watch, source_id) DO UPDATE SET dataset=excluded.dataset,"
+            " key=excluded.key, plan=excluded.plan, desired_fp=excluded.desired_fp,"
+            " status=excluded.status, attempts=0, next_attempt=excluded.next_attempt,"
+            " last_error=excluded.last_error, error_kind=excluded.error_kind,"
+            " updated_at=excluded.updated_at",
+            (
+                watch,
+                plan.source_id,
+                dataset,
+                plan.key,
+                plan.dumps(),
+                plan.fingerprint,
+                status,
+                now,
+                error,
+                kind,
+                now,
+            ),
+        )
+        return status
+
+    return op
+
+
+def op_plan_failed(
+    watch: str,
+    dataset: str,
+    source_id: str,
+    key: str,
+    fingerprint: str,
+    entries: Sequence[tuple[Entry, str]],
+    reason: str,
+    now: float,
+) -> Callable[[sqlite3.Connection], str]:
+    """The files could not be turned into an item (bad sidecar, unreadable header)."""
+
+    def op(conn: sqlite3.Connection) -> str:
+        _put_entries(conn, watch, entries)
+        conn.execute(
+            "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
+            " attempts, next_attempt, last_error, error_kind, updated_at)"
+            " VALUES (?, ?, ?, ?, NULL, ?, 'failed', 1, ?, ?, 'plan', ?)"
+            " ON CONFLICT (watch, source_id) DO UPDATE SET key=excluded.key,"
+            " desired_fp=excluded.desired_fp, status='failed', attempts=attempts+1,"
+            " last_error=excluded.last_error, error_kind='plan', updated_at=excluded.updated_at",
+            (watch, source_id, dataset, key, fingerprint, now, reason, now),
+        )
+        return FAILED
+
+    return op
+
+
+def op_put_entries(
+    watch: str, entries: Sequence[tuple[Entry, str]]
+) -> Callable[[sqlite3.Connection], None]:
+    return lambda conn: _put_entries(conn, watch, entries)
+
+
+def op_gone(
+    watch: str, relpaths: Sequence[str], on_delete: str, now: float
+) -> Callable[[sqlite3.Connection], dict[str, list[str]]]:
+    """Files that left the source. Items they were the source of become deleted
+    (on_delete: keep) or pending a delete (on_delete: delete). Returns the relpaths
+    that were sidecars or group members, whose items must be planned again."""
+
+    def op(conn: sqlite3.Connection) -> dict[str, list[str]]:
+        replan: dict[str, list[str]] = {SIDECAR: [], MEMBER: []}
+        for relpath in relpaths:
+            row = conn.execute(
+                "DELETE FROM entries WHERE watch=? AND relpath=? RETURNING role",
+                (watch, relpath),
+            ).fetchone()
+            if row and row[0] in replan:
+                replan[row[0]].append(relpath)
+                continue
+            _drop_item(conn, watch, relpath, on_delete, now)
+        return replan
+
+    return op
+
+
+def op_drop_items(
+    watch: str, source_ids: Sequence[str], on_delete: str, now: float
+) -> Callable[[sqlite3.Connection], None]:
+    """Items whose source is gone though some of its files remain (a series that left
+    a folder, a group whose last member went)."""
+
+    def op(conn: sqlite3.Connection) -> None:
+        for sid in source_ids:
+            _drop_item(conn, watch, sid, on_delete, now)
+
+    return op
+
+
+# -- what the sinks did ------------------------------------------------------------------------
+
+
+def op_synced(
+    claim: Claim, manifest: dict[str, Any] | None, backend_id: str | None, now: float
+) -> Callable[[sqlite3.Connection], None]:
+    """The sink confirmed the claimed state. If the desired state moved on meanwhile,
+    the item stays pending for another round."""
+
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE items SET synced_fp=?, synced_manifest=?, backend_id=?, attempts=0,"
+            " last_error=NULL, error_kind=NULL, updated_at=?,"
+            " status=CASE WHEN desired_fp IS ? THEN"
+            "   (CASE WHEN ? IS NULL THEN 'deleted' ELSE 'synced' END)"
+            " ELSE 'pending' END"
+            " WHERE watch=? AND source_id=?",
+            (
+                claim.desired_fp,
+                json.dumps(manifest, sort_keys=True) if manifest is not None else None,
+                backend_id,
+                now,
+                claim.desired_fp,
+                claim.desired_fp,
+                claim.watch,
+                claim.source_id,
+            ),
+        )
+
+    return op
+
+
+def op_synced_many(
+    done: Sequence[tuple[Claim, dict[str, Any], str | None]], now: float
+) -> Callable[[sqlite3.Connection], None]:
+    """op_synced for many (claim, manifest, backend_id) in one op: a group's results
+    cost one statement and one savepoint instead of one each."""
+    sql = (
+        "UPDATE items SET synced_fp=?, synced_manifest=?, backend_id=?, attempts=0,"
+        " last_error=NULL, error_kind=NULL, updated_at=?,"
+        " status=CASE WHEN desired_fp IS ? THEN 'synced' ELSE 'pending' END"
+        " WHERE watch=? AND source_id=?"
+    )
+
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            sql,
+            [
+                (
+                    c.desired_fp,
+                    json.dumps(manifest, sort_keys=True),
+                    backend_id,
+                    now,
+                    c.desired_fp,
+                    c.watch,
+                    c.source_id,
+                )
+                for c, manifest, backend_id in done
+            ],
+        )
+
+    return op
+
+
+def op_retry_later(
+    claim: Claim, reason: str | None, at: float, *, count_attempt: bool, now: float
+) -> Callable[[sqlite3.Connection], None]:
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE items SET attempts=attempts+?, next_attempt=?, last_error=?,"
+            " error_kind=?, updated_at=? WHERE watch=? AND source_id=? AND status='pending'",
+            (
+                1 if count_attempt else 0,
+                at,
+                reason,
+                "retry" if reason else None,
+                now,
+                claim.watch,
+                claim.source_id,
+            ),
+        )
+
+    return op
+
+
+def op_failed(
+    claim: Claim, reason: str, kind: str, now: float
+) -> Callable[[sqlite3.Connection], None]:
+    """Permanent failure of exactly the claimed state; a newer plan stays pending."""
+
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE items SET status='failed', attempts=attempts+1, last_error=?,"
+            " error_kind=?, updated_at=? WHERE watch=? AND source_id=? AND desired_fp IS ?",
+            (reason, kind, now, claim.watch, claim.source_id, claim.desired_fp),
+        )
+
+    return op
+
+
+# -- watches, backends and settings ---------------------------------------------------------------
+
+
+def op_set_problem(
+    watch: str, problem: str | None, now: float
+) -> Callable[[sqlite3.Connection], bool]:
+    """Watch-level trouble (source folder missing, deletion refused). Returns whether
+    it changed, so callers log once per change rather than once per pass."""
+
+    def op(conn: sqlite3.Connection) -> bool:
+        row = conn.execute("SELECT problem FROM watch_state WHERE watch=?", (watch,)).fetchone()
+        if row is not None and row[0] == problem:
+            return False
+        if row is None and problem is None:
+            return False
+        conn.execute(
+            "INSERT INTO watch_state (watch, problem, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (watch) DO UPDATE SET problem=excluded.problem,"
+            " updated_at=excluded.updated_at",
+            (watch, problem, now),
+        )
+        return True
+
+    return op
+
+
+def retry(
+    conn: sqlite3.Connection,
+    watch: str | None = None,
+    now: float | None = None,
+    source_id: str | None = None,
+) -> int:
+    """Queue failed items again (ingestd retry; one item when `source_id` is given).
+    Items that failed while being planned (a bad sidecar, a metadata type or key
+    conflict) are forgotten with their entries, so the next scan plans them afresh
+    from the files and checks them again."""
+    now = time.time() if now is None else now
+    where = "status='failed'" + (" AND watch=?" if watch else "")
+    args: tuple[Any, ...] = (watch,) if watch else ()
+    if source_id is not None:
+        where += " AND source_id=?"
+        args += (source_id,)
+    replan = f"{where} AND (plan IS NULL OR error_kind IN ('plan', 'metadata', 'conflict'))"
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "DELETE FROM entries WHERE (watch, relpath) IN"
+            f" (SELECT watch, source_id FROM items WHERE {replan})",
+            args,
+        )
+        n = conn.execute(f"DELETE FROM items WHERE {replan}", args).rowcount
+        n += conn.execute(
+            "UPDATE items SET status='pending', attempts=0, next_attempt=?, error_kind=NULL,"
+            f" updated_at=? WHERE {where}",
+            (now, now, *args),
+        ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return n
+
+
+# -- shared by the ops above ---------------------------------------------------------------------
+
+
+def _drop_item(
+    conn: sqlite3.Connection, watch: str, source_id: str, on_delete: str, now: float
+) -> None:
+    if on_delete == "delete":
+        conn.execute(
+            "UPDATE items SET plan=NULL, desired_fp=NULL,"
+            " status=CASE WHEN synced_manifest IS NULL THEN 'deleted' ELSE 'pending' END,"
+            " attempts=0, next_attempt=?, last_error=NULL, error_kind=NULL, updated_at=?"
+            " WHERE watch=? AND source_id=? AND status != 'deleted'",
+            (now, now, watch, source_id),
+        )
+    else:
+        conn.execute(
+            "UPDATE items SET plan=NULL, desired_fp=NULL, status='deleted',"
+            " last_error=NULL, error_kind=NULL, updated_at=?"
+            " WHERE watch=? AND source_id=?",
+            (now, watch, source_id),
+        )
+
+
+def _put_entries(
+    conn: sqlite3.Connection, watch: str, entries: Sequence[tuple[Entry, str]]
+) -> None:
+    conn.executemany(
+        "INSERT INTO entries (watch, relpath, parent, size, mtime_ns, role, etag)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (watch, relpath) DO UPDATE SET size=excluded.size,"
+        " mtime_ns=excluded.mtime_ns, role=excluded.role, etag=excluded.etag",
+        [(watch, e.relpath, e.parent, e.size, e.mtime_ns, role, e.etag) for e, role in entries],
+    )
+
+
+def _plan_problem(
+    conn: sqlite3.Connection,
+    watch: str,
+    dataset: str,
+    plan: ItemPlan,
+    check_types: ConflictCheck,
+    type_of: TypeOf,
+) -> tuple[str | None, str | None]:
+    owner = key_owner(conn, dataset, plan.key, watch, plan.source_id)
+    if owner:
+        return key_conflict_reason(plan.key, plan.source_id, owner), "conflict"
+    keys = list(plan.metadata)
+    if keys:
+        known: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            known.update(
+                (k, (t, item))
+                for k, t, item, shared in conn.execute(
+                    "SELECT key, type, item, shared FROM meta_types WHERE dataset=? AND key IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    (dataset, *chunk),
+                )
+                # an item may change the type of a key that no other item has used yet
+                if shared or item != plan.key
+            )
+        conflicts = check_types(plan.metadata, known)
+        if conflicts:
+            return "; ".join(conflicts), "metadata"
+        conn.executemany(
+            "INSERT INTO meta_types (dataset, key, type, item) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (dataset, key) DO UPDATE SET"
+            " type=CASE WHEN meta_types.shared = 0 AND meta_types.item = excluded.item"
+            "   THEN excluded.type ELSE meta_types.type END,"
+            " shared=CASE WHEN meta_types.item != excluded.item THEN 1 ELSE meta_types.shared END",
+            [
+                (dataset, k, t, plan.key)
+                for k, v in plan.metadata.items()
+                if (t := type_of(v)) is not None
+            ],
+        )
+    return None, None
+
+
+def key_conflict_reason(key: str, source_id: str, owner: tuple[str, str]) -> str:
+    return (
+        f"{source_id}: item key {key} is already taken by {owner[1]} (watch {owner[0]}); "
+        "file names must be unique within a dataset folder: rename one of the files, or set "
+        "preserve_folders: true to keep sub-folders apart"
+    )
+
+
+def op_switch_backend(identity: str, now: float) -> Callable[[sqlite3.Connection], int]:
+    """Record which backend the ledger's "synced" states refer to. When it differs from
+    the recorded one (the config now points at another store or platform), every live
+    item is queued again for the new backend; returns how many (0 when unchanged or on
+    the first run)."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        ensure_settings(conn)
+        row = conn.execute("SELECT v FROM settings WHERE k='backend'").fetchone()
+        conn.execute(
+            "INSERT INTO settings (k, v) VALUES ('backend', ?)"
+            " ON CONFLICT(k) DO UPDATE SET v=excluded.v",
+            (identity,),
+        )
+        if row is None or row[0] == identity:
+            return 0
+        cur = conn.execute(
+            "UPDATE items SET status=?, synced_manifest=NULL, synced_fp=NULL, backend_id=NULL,"
+            " attempts=0, next_attempt=0, last_error=NULL, error_kind=NULL, updated_at=?"
+            " WHERE plan IS NOT NULL AND (status=? OR (status=? AND error_kind='sink'))",
+            (PENDING, now, SYNCED, FAILED),
+        )
+        # Items deleted from the old backend have nothing to do on the new one.
+        conn.execute(
+            "UPDATE items SET synced_manifest=NULL, backend_id=NULL WHERE status=?", (DELETED,)
+        )
+        return cur.rowcount
+
+    return op
+
+
+def op_watch_settings(
+    watch: str, plan_id: str, send_id: str, now: float
+) -> Callable[[sqlite3.Connection], tuple[bool, int]]:
+    """Compare a starting watch's settings with those its items were made with.
+    Returns (replan, requeued): `replan` when the plan identity differs from the recorded
+    one (the caller plans every file again, then records it with op_plan_settled, so a
+    crash before the end re-plans again); `requeued`, the items queued again because the
+    send identity changed, recorded in the same transaction. A watch seen for the first
+    time (or a ledger from before these settings) records both and redoes nothing."""
+    plan_key, send_key = f"watch:{watch}:plan", f"watch:{watch}:send"
+
+    def op(conn: sqlite3.Connection) -> tuple[bool, int]:
+        old_plan, old_send = setting(conn, plan_key), setting(conn, send_key)
+        if old_plan is None:
+            set_setting(conn, plan_key, plan_id)
+        set_setting(conn, send_key, send_id)
+        requeued = 0
+        if old_send is not None and old_send != send_id:
+            # Failures while preparing or sending (an oversize image with `reject`, a
+            # transfer the backend refused) may pass with the new settings.
+            requeued = conn.execute(
+                "UPDATE items SET status=?, attempts=0, next_attempt=0, last_error=NULL,"
+                " error_kind=NULL, updated_at=? WHERE watch=? AND plan IS NOT NULL AND"
+                " (status=? OR (status=? AND error_kind IN ('media', 'sink')))",
+                (PENDING, now, watch, SYNCED, FAILED),
+            ).rowcount
+        return old_plan is not None and old_plan != plan_id, requeued
+
+    return op
+
+
+def op_plan_settled(watch: str, plan_id: str) -> Callable[[sqlite3.Connection], None]:
+    """Every file of the watch was planned with these settings."""
+    return lambda conn: set_setting(conn, f"watch:{watch}:plan", plan_id)

@@ -1,0 +1,295 @@
+"""The sync workers: claim due items from the ledger, hand them to the sync step, record.
+
+The backlog lives in the ledger; in memory there is only the set of items in flight
+(a fixed multiple of `workers`), so memory stays flat whatever the backlog.
+
+`workers` bounds the calls into the sink at once. Items are claimed and hashed ahead of
+that, so a sink call does not wait for the ledger or for the hashing of its item. For a
+sink with the optional batch put (sinks.base.BatchPutter, e.g. the local store), small
+items of local files go in groups of up to GROUP_ITEMS, each group one task: one thread
+hop hashes it, one sink call stores it (one disk sync, one catalog transaction), one
+ledger transaction records it. At thousands of small files per second, per-item thread
+hops, tasks and syncs, not bytes, are what costs; each item's outcome is still its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+from ingestd.ledger import AsyncLedger, Claim, LedgerOp
+from ingestd.media.transform import transforms
+from ingestd.pipeline.outcome import Outcome, abandoned, crashed
+from ingestd.pipeline.prepare import Preparer
+from ingestd.pipeline.send import Sender, old_place
+from ingestd.pipeline.side import WatchSide
+from ingestd.pipeline.sync import SyncStep
+from ingestd.sinks.base import Sink
+
+# Items claimed per worker: a couple, so the next sink call's item is ready when a worker
+# frees up; many more for a sink that takes groups, so that groups fill up.
+AHEAD = 2
+AHEAD_BATCHED = 16
+# Small items of local files go in groups of up to GROUP_ITEMS: one thread hop hashes a
+# group and one batch put stores it. Only small items: a big file would hold up the rest.
+SMALL_ITEM = 1 << 20
+GROUP_ITEMS = 64
+
+
+class _Slots:
+    """At most `limit()` holders at once; the limit is read on every entry, so a changed
+    `workers` applies from the next call (`poke` after raising it wakes the waiters)."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        while self._used >= self._limit():
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+        self._used += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._used -= 1
+        self.poke()
+
+    def poke(self) -> None:
+        free = self._limit() - self._used
+        for fut in list(self._waiters):
+            if free <= 0:
+                break
+            if not fut.done():
+                fut.set_result(None)
+                free -= 1
+
+
+class SyncPool:
+    def __init__(
+        self,
+        ledger: AsyncLedger,
+        sink: Sink,
+        watches: Mapping[str, WatchSide],
+        workers: int,
+        *,
+        on_source_changed: Callable[[str, list[str]], None] | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        spool_root: str = "",
+    ) -> None:
+        self.ledger = ledger
+        self.watches = dict(watches)
+        self.workers = workers  # sink calls at once; may change while running (reload)
+        self._on_source_changed = on_source_changed
+        self._on_outcome = on_outcome
+        # Items claimed and not yet recorded, and the task working on each (a group's
+        # items share one task).
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._busy = 0  # items between claim and sink result
+        self._slots = _Slots(lambda: self.workers)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._sender = Sender(sink, self._slots)
+        self._preparer = Preparer(self._stop_event, spool_root, self._sender.transfer)
+        self._step = SyncStep(self._preparer, self._sender)
+
+    @property
+    def sink(self) -> Sink:
+        return self._sender.sink
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def _depth(self) -> int:
+        """Items claimed at most (between claim and sink result)."""
+        return self.workers * (AHEAD_BATCHED if self._sender.batches() else AHEAD)
+
+    def replace_sink(self, sink: Sink) -> Sink:
+        """Send new work to `sink` from now on (a reload changed the backend). Items in
+        flight finish on the old sink, which is returned with `drain()` to await before
+        closing it."""
+        old = self._sender.replace(sink)
+        self.wake()
+        return old
+
+    async def drain(self) -> None:
+        """Wait for the items in flight now (not for ones claimed later)."""
+        tasks = set(self._inflight.values())
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def wake(self) -> None:
+        self._wake.set()
+        self._slots.poke()  # `workers` may have been raised
+
+    async def run(self, poll: float = 1.0) -> None:
+        """Dispatch until stopped. Polls the ledger at least every `poll` seconds so that
+        `ingestd retry` from another process and backoff timers are picked up."""
+        while not self._stopping:
+            self._wake.clear()
+            free = self._depth() - self._busy
+            claims: list[Claim] = []
+            if free > 0:
+                claims = await self.ledger.call(
+                    self.ledger.sync.due,
+                    time.time(),
+                    free,
+                    list(self._inflight),
+                    list(self.watches),
+                )
+                self._dispatch(claims)
+            if claims and self._busy < self._depth():
+                continue
+            timeout = poll
+            if free > 0 and not claims:
+                # Items in flight are still pending in the ledger, and due: without them
+                # excluded the wait would be 0 until they finish (a busy loop).
+                nxt = await self.ledger.call(
+                    self.ledger.sync.next_due_time, list(self.watches), list(self._inflight)
+                )
+                if nxt is not None:
+                    timeout = min(poll, max(0.0, nxt - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _dispatch(self, claims: list[Claim]) -> None:
+        """A task per claim, or per group of small items for a sink that takes groups."""
+        group: list[Claim] = []
+        batches = self._sender.batches()
+        for claim in claims:
+            self._busy += 1
+            if batches and self._groupable(claim):
+                group.append(claim)
+                if len(group) < GROUP_ITEMS:
+                    continue
+                claim_group, group = group, []
+                task = asyncio.create_task(self._process_group(claim_group))
+                for c in claim_group:
+                    self._inflight[(c.watch, c.source_id)] = task
+            else:
+                self._inflight[(claim.watch, claim.source_id)] = asyncio.create_task(
+                    self._process(claim)
+                )
+        if group:
+            task = asyncio.create_task(self._process_group(group))
+            for c in group:
+                self._inflight[(c.watch, c.source_id)] = task
+
+    def _groupable(self, claim: Claim) -> bool:
+        """A small item of local files that go as they are, with no conflict to report:
+        the common case, which a group handles with a fraction of the per-item cost."""
+        plan = claim.plan
+        side = self.watches.get(claim.watch)
+        if plan is None or side is None or side.store is not None or claim.key_owner:
+            return False
+        if old_place(claim) is not None:  # rare; the per-item path handles the move
+            return False
+        media = side.media
+        if media is not None and any(transforms(s.type, media) for s in plan.slots):
+            return False
+        return sum(f.size for slot in plan.slots for f in slot.files) <= SMALL_ITEM
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking work; give in-flight items `grace` seconds, then abandon them.
+        An abandoned item is still pending in the ledger and is redone (idempotently)
+        on the next start."""
+        self._stopping = True
+        self._wake.set()
+        tasks = set(self._inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            self._stop_event.set()  # reading threads give up at their next chunk
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        self._preparer.shutdown()
+        for side in self.watches.values():
+            with contextlib.suppress(Exception):
+                await side.close()
+
+    def _report(self, outcome: Outcome) -> None:
+        claim = outcome.claim
+        if outcome.result == "changed" and self._on_source_changed and claim.plan is not None:
+            self._on_source_changed(
+                claim.watch, [f.relpath for s in claim.plan.slots for f in s.files]
+            )
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+    async def _process(self, claim: Claim) -> None:
+        k = (claim.watch, claim.source_id)
+        try:
+            try:
+                side = self.watches.get(claim.watch)
+                if side is None:  # a reload removed the watch after the claim: leave it be
+                    outcome, op = abandoned(claim)
+                else:
+                    outcome, op = await self._step.sync_one(claim, side)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug: keep the item, back off, say so loudly
+                outcome, op = crashed(claim, e)
+            finally:
+                # The worker is free once the sink is done; the item stays claimed until
+                # its result is committed, so recording overlaps the next upload.
+                self._busy -= 1
+                self._wake.set()
+            await self.ledger.write(op)
+        finally:
+            self._inflight.pop(k, None)
+            self._wake.set()
+        self._report(outcome)
+
+    async def _process_group(self, claims: list[Claim]) -> None:
+        """_process for a group of small local items (see _groupable): one thread hop
+        hashes them all, one batch put stores those that changed, one ledger
+        transaction records every result. Each item's outcome is its own."""
+        done: list[tuple[Outcome, LedgerOp | None]] = []
+        try:
+            try:
+                done, synced = await self._sync_group(claims)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug: keep the items, back off, say so loudly
+                done, synced = [crashed(c, e) for c in claims], None
+            finally:
+                self._busy -= len(claims)
+                self._wake.set()
+            ops = [op for _, op in done if op is not None]
+            await self.ledger.write_many([synced, *ops] if synced is not None else ops)
+        finally:
+            for c in claims:
+                self._inflight.pop((c.watch, c.source_id), None)
+            self._wake.set()
+        for outcome, _ in done:
+            self._report(outcome)
+
+    async def _sync_group(
+        self, claims: list[Claim]
+    ) -> tuple[list[tuple[Outcome, LedgerOp | None]], LedgerOp | None]:
+        """Each item's outcome with the op recording it, except that the items the sink
+        took are recorded together by the second value."""
+        done: list[tuple[Outcome, LedgerOp | None]] = []
+        kept: list[tuple[Claim, WatchSide]] = []
+        for c in claims:
+            side = self.watches.get(c.watch)
+            if side is None:  # a reload removed the watch after the claim: leave the row be
+                done.append(abandoned(c))
+            else:
+                kept.append((c, side))
+        if not kept:
+            return done, None
+        more, synced = await self._step.sync_group([c for c, _ in kept], [s for _, s in kept])
+        return done + more, synced
