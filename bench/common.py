@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 class Workspace:
     """A bench's scratch area. Every run gets new folders (`fresh`); nothing is deleted
     until the benchmark ends, because creating files right after deleting many is up to
-    10x slower here for a while (DESIGN.md) and would skew the next run."""
+    10x slower here for a while (docs/design.md) and would skew the next run."""
 
     def __init__(self, name: str, base: str | None = None) -> None:
         base = base or os.environ.get("INGESTD_BENCH_DIR") or tempfile.gettempdir()

@@ -4,7 +4,7 @@ files.
 
     .venv/bin/python bench/media_images_dicom.py [--runs N]
 
-Each run writes its inputs into fresh folders (DESIGN.md: file creation right after
+Each run writes its inputs into fresh folders (docs/design.md: file creation right after
 mass deletion is slow for a while) and the figures are medians over runs. Everything
 runs in this process, one file at a time: these are per-core costs, the daemon spreads
 them over its worker pool.

@@ -76,16 +76,14 @@ async def daemon_scan(watch, state) -> tuple[float, int]:  # type: ignore[no-unt
     runner = WatchRunner(watch, ledger, lambda: None, observe=False)
     try:
         t = time.perf_counter()
-        result = await runner.scan("")
+        ok = await runner.scan("")
         dt = time.perf_counter() - t
+        result = runner.last_pass
     finally:
         await runner.stop()
         await ledger.close()
-    if result.changed or result.gone or result.errors or result.root_missing:
-        raise RuntimeError(
-            f"the tree is not unchanged for the ledger: changed={result.changed}"
-            f" gone={len(result.gone)} errors={len(result.errors)}"
-        )
+    if not ok or result is None or result.changed or result.gone or result.errors:
+        raise RuntimeError(f"the tree is not unchanged for the ledger: {result}")
     return dt, result.files
 
 

@@ -7,7 +7,7 @@ The file is made by the ffmpeg CLI (this OpenCV build cannot write H.264):
 the sequential reader does not care). Needs `ffmpeg` on PATH (Debian: apt-get install
 ffmpeg).
 
-Each run writes into a fresh folder (DESIGN.md: creating files right after deleting many
+Each run writes into a fresh folder (docs/design.md: creating files right after deleting many
 is slow for a while) and the two tools alternate which goes first, so neither always
 gets the warmer cache. Wall time is the median over runs; CPU time (user + system, of
 the child process for ffmpeg) shows how much of the 2 cores each one used.

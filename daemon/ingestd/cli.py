@@ -1,4 +1,5 @@
-"""Command line: argument parsing only; the work happens in app, ledger and store."""
+"""Command line: argument parsing and printing; the work happens in runtime/ (run, sync),
+the ledger and observe/ (status, retry), the store and sinks (items) and server/ (serve)."""
 
 from __future__ import annotations
 

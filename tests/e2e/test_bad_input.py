@@ -1,5 +1,5 @@
 """Bad input never stops the other items, and each failure is visible in
-`ingestd status --json` with a reason (DESIGN.md, "Behaviour that users rely on")."""
+`ingestd status --json` with a reason (docs/design.md, "Behaviour that users rely on")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What users rely on (DESIGN.md, "Behaviour that users rely on"), through the real CLI:
+"""What users rely on (docs/design.md, "Behaviour that users rely on"), through the real CLI:
 folder layout, include/exclude, settling, updates, touches, metadata, deletions, one-pass
 sync, retry and shutdown.
 

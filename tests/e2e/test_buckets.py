@@ -50,7 +50,7 @@ def bucket_watch(emu: Emulator, bucket: str, prefix: str = "in", **kw: Any) -> d
 
 
 def listings(env: Env) -> int:
-    return len(log_lines(env, "listing done", watch="b"))
+    return len(log_lines(env, "scan done", watch="b"))
 
 
 def file_of(item: dict[str, Any], slot: int = 0) -> dict[str, Any]:

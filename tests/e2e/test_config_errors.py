@@ -1,5 +1,5 @@
 """A bad config is refused with the field named, by `check` and by `run` alike: exit 2,
-one line per problem on stderr, never a traceback (DESIGN.md, "Commands")."""
+one line per problem on stderr, never a traceback (docs/design.md, "Commands")."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def sandbox_prefix(tmp: Path, writable: Path) -> list[str]:
     assert unit["ProtectSystem"] == ["strict"] and unit["ProcSubset"] == ["pid"]
     assert unit["CapabilityBoundingSet"] == [""]
     families = ",".join(" ".join(unit["RestrictAddressFamilies"]).split())
-    prefix = [sys.executable, "-m", "tests.e2e.syscall_sandbox"]
+    prefix = [sys.executable, "-m", "tests.support.syscall_sandbox"]
     prefix += ["--read-only-except", str(writable), "--proc-subset-pid", "--no-caps"]
     if unit.get("MemoryDenyWriteExecute") == ["yes"]:
         prefix.append("--mdwe")

@@ -295,15 +295,15 @@ def from_env(scheme: str, environ: Mapping[str, str] = os.environ) -> Emulator |
 
 
 def answers(endpoint: str, timeout: float = 5.0) -> bool:
-    """Whether anything answers HTTP at `endpoint` (any status: an auth error is an answer)."""
-    import urllib.error
-    import urllib.request
+    """Whether anything listens at `endpoint` (a TCP connect: an HTTP probe would make
+    moto log a traceback for the unsigned request)."""
+    import socket
+    from urllib.parse import urlsplit
 
+    url = urlsplit(endpoint)
     try:
-        with urllib.request.urlopen(endpoint, timeout=timeout):
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout):
             return True
-    except urllib.error.HTTPError:
-        return True
     except OSError:
         return False
 

@@ -20,7 +20,8 @@ from ingestd.ledger import AsyncLedger
 from ingestd.pipeline.outcome import Outcome
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.runner import WatchRunner
-from ingestd.pipeline.side import WatchSide, side_for
+from ingestd.pipeline.side import WatchSide
+from ingestd.runtime.backend import side_for
 from ingestd.sinks.base import Capabilities, Sink
 from ingestd.sinks.local import LocalSink
 from ingestd.sinks.memory import MemorySink
@@ -63,7 +64,7 @@ class Rig:
         side = side_for(self.watch, None)
         # The workers read through the same in-memory store as the runner.
         return WatchSide(
-            side.root, side.settle, False, side.media, StoreHandle.of(self.store), side.transfer
+            BucketSource(StoreHandle.of(self.store)), side.settle, False, side.media, side.transfer
         )
 
     async def open(self) -> None:

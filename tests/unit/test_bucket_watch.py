@@ -147,8 +147,8 @@ class Harness:
     async def poll(self) -> bool:
         ok = await self.runner.poll()
         # Re-plans that deletions queued (groups losing files) run on the plan loop.
-        while not self.runner._plan_queue.empty():
-            await self.runner._plan(self.runner._plan_queue.get_nowait())
+        while not self.runner.plans._queue.empty():
+            await self.runner.plans.plan(self.runner.plans._queue.get_nowait())
         return ok
 
     def items(self) -> dict[str, dict[str, Any]]:

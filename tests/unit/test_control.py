@@ -1,7 +1,7 @@
 """The control endpoint (daemon/ingestd/observe/control.py) in-process, over real HTTP on 127.0.0.1 and
 a unix socket, against a small ControlTarget built from the real parts: the ledger, a
 watch runner scanning a real folder, the sync pool with real media checks, and the
-in-memory sink. Also the `ingestd serve` side of the dashboard (daemon/ingestd/server/dashboard.py)
+in-memory sink. Also the `ingestd serve` side of the dashboard (daemon/ingestd/dashboard/serve.py)
 over a real store."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ingestd.observe.status import status_data
 from ingestd.pipeline.outcome import Outcome
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
-from ingestd.pipeline.side import side_for
+from ingestd.runtime.backend import side_for
 from ingestd.sinks.memory import MemorySink
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families

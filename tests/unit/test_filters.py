@@ -1,4 +1,4 @@
-"""PathFilter: the .gitignore habits of DESIGN.md, temp names, folder pruning.
+"""PathFilter: the .gitignore habits of docs/design.md, temp names, folder pruning.
 
 The tables pin each rule down by example; the property tests compare the compiled
 regexes with a slow, obviously-correct reference matcher built on fnmatch, so the speed

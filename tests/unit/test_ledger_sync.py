@@ -16,6 +16,7 @@ from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.memory import MemorySink
+from ingestd.sources.local import LocalFolderSource
 
 
 def make_plan(
@@ -133,7 +134,7 @@ async def run_pool(tmp_path: Path, sink: MemorySink, files: dict[str, bytes], un
             Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, time.time())
         )
     await ledger.write_many(ops)
-    pool = SyncPool(ledger, sink, {"w": WatchSide(str(root), 0.1, False)}, workers=3)
+    pool = SyncPool(ledger, sink, {"w": WatchSide(LocalFolderSource(root), 0.1, False)}, workers=3)
     task = asyncio.create_task(pool.run(poll=0.05))
     deadline = time.monotonic() + 20
     while not await ledger.call(until, ledger.sync):
@@ -200,7 +201,7 @@ async def test_pool_discards_a_file_changed_since_planned(tmp_path: Path) -> Non
     pool = SyncPool(
         ledger,
         sink,
-        {"w": WatchSide(str(root), 30.0, False)},
+        {"w": WatchSide(LocalFolderSource(root), 30.0, False)},
         workers=1,
         on_source_changed=lambda w, rels: changed.append(rels),
     )

@@ -24,6 +24,7 @@ from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.base import BatchPutter, PutResult
 from ingestd.sinks.local import LocalSink
+from ingestd.sources.local import LocalFolderSource
 from ingestd.store import BlobStore, Catalog, Store
 from ingestd.store.blobs import StagedBlob
 
@@ -184,7 +185,7 @@ async def test_pool_syncs_a_group_and_requeues_a_file_changed_since_planning(
     pool = SyncPool(
         ledger,
         sink,
-        {"w": WatchSide(str(root), 30.0, False)},
+        {"w": WatchSide(LocalFolderSource(root), 30.0, False)},
         workers=2,
         on_source_changed=lambda w, rels: changed.append(rels),
     )

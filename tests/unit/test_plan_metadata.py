@@ -27,7 +27,7 @@ from ingestd.plan.metadata import (
 # --- bind_path_pattern ----------------------------------------------------------------------
 
 BINDS: list[tuple[str, str, dict[str, str] | None]] = [
-    # the DESIGN.md example
+    # the docs/design.md example
     ("{camera}/{date}/*", "cam1/2024-05-01/a.jpg", {"camera": "cam1", "date": "2024-05-01"}),
     ("{camera}/{date}/*", "cam1/a.jpg", None),  # too shallow
     ("{camera}/{date}/*", "cam1/2024/x/a.jpg", None),  # too deep: the whole path must match

@@ -1,6 +1,6 @@
 """Which files a watch takes: include/exclude patterns with .gitignore habits.
 
-Pattern rules (DESIGN.md, "Patterns in include and exclude follow .gitignore habits"):
+Pattern rules (docs/design.md, "Patterns in include and exclude follow .gitignore habits"):
 
 - A pattern without `/` matches a name at any depth: `*.png` takes `a/b/c.png`.
 - A pattern with `/` matches the path relative to the watch root. A leading `/` only
@@ -14,7 +14,7 @@ Pattern rules (DESIGN.md, "Patterns in include and exclude follow .gitignore hab
 - `\\` escapes the next character (`\\[`, `\\*`, `\\!`).
 - Matching is case-sensitive: POSIX names are.
 
-Decided beyond DESIGN.md:
+Decided beyond docs/design.md:
 
 - An *exclude* pattern also matches folders (gitignore habit: `exclude: [cache]` drops
   `cache/x.jpg`, `exclude: [a/b]` drops everything below `a/b`). An *include* pattern

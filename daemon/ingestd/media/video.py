@@ -3,7 +3,7 @@
 Everything here is synchronous and blocking (decoding is CPU work); the sync step runs
 it in a thread or process pool so the event loop never waits on it.
 
-Why the sampler reads the way it does (DESIGN.md, "Measured on this kind of machine"):
+Why the sampler reads the way it does (docs/design.md, "Measured on this kind of machine"):
 it reads the file once, front to back, with `cv2.VideoCapture.grab()`, and converts to
 pixels (`retrieve()`) only the frames it keeps. That is 1.25x faster than
 `ffmpeg -vf fps=1` on 720p30 H.264; seeking to each sampling time instead is 2.7x

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
-from ingestd.pipeline.outcome import Outcome
+if TYPE_CHECKING:
+    from ingestd.pipeline.outcome import Outcome
 
 RECENT_MAX = 500  # recent items remembered for the dashboard
 RATE_WINDOW = 60  # seconds

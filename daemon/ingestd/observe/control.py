@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import structlog
@@ -64,7 +64,9 @@ from ingestd.observe.listen import (
     write_addr,
 )
 from ingestd.observe.metrics import DaemonMetrics, Snapshot
-from ingestd.pipeline.outcome import Outcome
+
+if TYPE_CHECKING:
+    from ingestd.pipeline.outcome import Outcome
 
 log = structlog.get_logger("ingestd.control")
 

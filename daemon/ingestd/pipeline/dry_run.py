@@ -14,7 +14,7 @@ from ingestd.pipeline.runner import WatchRunner
 async def dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
     w = runner.watch
     try:
-        found, gone = await runner.dry_changes()
+        found, gone = await _listing(runner)
     except SourceError as e:
         return [f"error   {w.name}: {e.message}"]
     loose: list[Entry] = []
@@ -51,3 +51,14 @@ async def dry_run_watch(runner: WatchRunner, ledger: AsyncLedger) -> list[str]:
             verb = "delete " if w.on_delete == "delete" else "forget "
             lines.append(f"{verb} {w.dataset} {key}")
     return lines
+
+
+async def _listing(runner: WatchRunner) -> tuple[list[Entry], list[str]]:
+    """(every file listed, gone paths) of one pass, settled or not. Every file, not only
+    changed ones: an edit of the item settings changes items whose files did not."""
+    found: list[Entry] = []
+    gone: list[str] = []
+    async for batch in runner.source.changes("", runner.known, runner.takes, everything=True):
+        found += batch.changed
+        gone += batch.gone
+    return found, gone

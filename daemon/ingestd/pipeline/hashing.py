@@ -1,7 +1,8 @@
 """Local files of an item: check they are still what was planned, hash them, and build
 the payload that sends them (as they are, or as the media rules derive them).
 
-Everything here blocks: the sync step runs it in a thread or in its media pool.
+Everything here blocks: the sync step runs it in a thread or in its media pool. Only for
+sources with local paths (core.source.Features.local_paths).
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ def hash_sources(
     SourceChangedError so the half-read version is never sent. Setting `stop` abandons
     the work between chunks, so a shutdown never waits for a large file."""
     digests = [
-        hash_checked(
-            os.path.join(side.root, f.relpath), f.size, f.mtime_ns, side.follow_symlinks, stop
-        )
+        hash_checked(side.source.path_of(f.relpath), f.size, f.mtime_ns, side.follow_symlinks, stop)
         for slot in plan.slots
         for f in slot.files
     ]
     media = (
         side.media.identity(
-            [(s.type, [os.path.join(side.root, f.relpath) for f in s.files]) for s in plan.slots]
+            [(s.type, [side.source.path_of(f.relpath) for f in s.files]) for s in plan.slots]
         )
         if side.media is not None
         else None
@@ -82,12 +81,12 @@ def build_payload(
     i = 0
     for slot in plan.slots:
         for f in slot.files:
-            source_digest[os.path.join(side.root, f.relpath)] = (digests[i], f.size)
+            source_digest[side.source.path_of(f.relpath)] = (digests[i], f.size)
             i += 1
     slots = []
     derived = False
     for slot in plan.slots:
-        files = [(f.name, os.path.join(side.root, f.relpath)) for f in slot.files]
+        files = [(f.name, side.source.path_of(f.relpath)) for f in slot.files]
         if side.media is not None:
             prepared = transform_slot(slot.type, files, side.media, spool, stop)
             slot_type, files, extra = (
@@ -112,7 +111,7 @@ def build_payload(
         # Derived files were made from whatever the sources held while they were read.
         for slot in plan.slots:
             for f in slot.files:
-                _check_unchanged(os.path.join(side.root, f.relpath), f.size, f.mtime_ns)
+                _check_unchanged(side.source.path_of(f.relpath), f.size, f.mtime_ns)
     return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
 
 

@@ -191,7 +191,9 @@ class SyncPool:
         the common case, which a group handles with a fraction of the per-item cost."""
         plan = claim.plan
         side = self.watches.get(claim.watch)
-        if plan is None or side is None or side.store is not None or claim.key_owner:
+        if plan is None or side is None or claim.key_owner:
+            return False
+        if not side.source.features.local_paths:
             return False
         if old_place(claim) is not None:  # rare; the per-item path handles the move
             return False

@@ -1,8 +1,10 @@
 """Claim → payload: the key that tells whether an item changed, and the item as sent.
 
-Local files are hashed and sent as they are or through the media rules (hashing.py).
-Bucket objects are keyed by ETag and size, then streamed to the sink, downloaded to a
-spool for the media rules, or registered by URL (`transfer: register`).
+Files with local paths (core.source.Features.local_paths) are hashed and sent as they
+are or through the media rules (hashing.py). Other sources' files (bucket objects) are
+keyed by ETag and size, then streamed to the sink, downloaded to a spool for the media
+rules, or registered by URL (`transfer: register`). Every read goes through the side's
+source.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ingestd.core.errors import (
 )
 from ingestd.core.fingerprint import fingerprint
 from ingestd.core.model import (
+    Entry,
     FilePayload,
     ItemPayload,
     ItemPlan,
@@ -32,6 +35,7 @@ from ingestd.core.model import (
     PlannedSlot,
     SlotPayload,
 )
+from ingestd.core.source import Source, SourceChanged, SourceError
 from ingestd.ledger import Claim
 from ingestd.media.detect import type_of_prefix
 from ingestd.media.transform import MediaSettings, transform_slot, transforms
@@ -43,12 +47,12 @@ from ingestd.pipeline.hashing import (
     plan_shape,
 )
 from ingestd.pipeline.side import Transfer, WatchSide
-from ingestd.sources.objects import BucketError, ObjectChanged, ObjectStore
 
 
 class Preparer:
-    """Turns a claimed item into what the sink is sent. `transfer` says how a bucket
-    watch's items move; it is asked each time, as it follows the current sink."""
+    """Turns a claimed item into what the sink is sent. `transfer` says how the items
+    of a source without local paths move; it is asked each time, as it follows the
+    current sink."""
 
     def __init__(
         self,
@@ -76,7 +80,7 @@ class Preparer:
         """A key for everything the sent item depends on (equal keys: nothing to send),
         and the files' digests where finding the key needed them. Bucket objects are
         keyed by ETag and size, so an unchanged object is never downloaded."""
-        if side.store is None:
+        if side.source.features.local_paths:
             return await asyncio.to_thread(hash_sources, side, plan, self.stop)
         return bucket_source_key(side, plan, self.transfer(side)), []
 
@@ -95,7 +99,7 @@ class Preparer:
     ) -> ItemPayload:
         """The item as sent. `spooled`: some slot is derived by the media rules (in the
         media pool, into `spool`); otherwise local files go as they are, no thread hop."""
-        if side.store is not None:
+        if not side.source.features.local_paths:
             if self.transfer(side) == "register":
                 return await register_payload(side, plan)
             return await self._copy_payload(side, plan, spool)
@@ -110,12 +114,12 @@ class Preparer:
         """Bucket objects with their bytes: streamed to the sink when sent as they are
         (hashed by one etag-pinned GET, sent by another), downloaded to `spool` when the
         media rules must read or derive them."""
-        store = _store_of(side)
+        source = side.source
         media = side.media
         slots = []
         for i, slot in enumerate(plan.slots):
             if media is None or not transforms(slot.type, media):
-                files = [await _streamed_file(store, f, self.stop) for f in slot.files]
+                files = [await _streamed_file(source, f, self.stop) for f in slot.files]
                 slots.append(
                     SlotPayload(slot.name, slot.type, tuple(files), _plain_extra(slot, media))
                 )
@@ -123,7 +127,7 @@ class Preparer:
             local: list[tuple[str, str]] = []
             for j, f in enumerate(slot.files):
                 dest = os.path.join(spool, "src", f"{i:04d}-{j:06d}", f.name)
-                await _download(store, f, dest)
+                await _download(source, f, dest)
                 local.append((f.name, dest))
             loop = asyncio.get_running_loop()
             slots.append(
@@ -140,7 +144,7 @@ class Preparer:
         return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
 
 
-# -- bucket objects -------------------------------------------------------------------------
+# -- files without local paths (bucket objects) --------------------------------------------
 
 
 def bucket_source_key(side: WatchSide, plan: ItemPlan, transfer: Transfer) -> str:
@@ -155,15 +159,7 @@ def bucket_source_key(side: WatchSide, plan: ItemPlan, transfer: Transfer) -> st
     return fingerprint([plan_shape(plan), files, media, transfer])
 
 
-def _store_of(side: WatchSide) -> ObjectStore:
-    assert side.store is not None
-    try:
-        return side.store.get()
-    except BucketError as e:
-        raise _bucket_sync_error(e) from None
-
-
-def _bucket_sync_error(e: BucketError) -> SyncError:
+def _sync_error(e: SourceError) -> SyncError:
     if e.kind == "not_found":
         return SourceChangedError(e.message)
     if e.kind == "denied":
@@ -179,21 +175,35 @@ async def _reading_object(url: str) -> AsyncIterator[None]:
     vanished object waits for the next listing to plan it again."""
     try:
         yield
-    except ObjectChanged as e:
+    except SourceChanged as e:
         raise SourceChangedError(f"{url} changed since it was listed ({e})") from None
-    except BucketError as e:
-        raise _bucket_sync_error(e) from None
+    except SourceError as e:
+        raise _sync_error(e) from None
+
+
+def _entry(f: PlannedFile) -> Entry:
+    """The version of a file the plan was made from (what reads are pinned to)."""
+    return Entry(f.relpath, f.size, f.mtime_ns, f.etag)
+
+
+def _where(source: Source, relpath: str) -> str:
+    """The file's name in messages: its URL where the source has them."""
+    if not source.features.urls:
+        return f"{source.where.rstrip('/')}/{relpath}"
+    try:
+        return source.url_of(relpath)
+    except SourceError as e:  # the client could not be made (e.g. no credentials)
+        raise _sync_error(e) from None
 
 
 class _ObjectOpener:
     """FilePayload.opener for a bucket object: a fresh etag-pinned stream per attempt.
     `where` names the object for a sink's messages."""
 
-    def __init__(self, store: ObjectStore, f: PlannedFile) -> None:
-        self.store = store
-        self.key = f.relpath
-        self.etag = f.etag
-        self.where = store.object_url(f.relpath)
+    def __init__(self, source: Source, f: PlannedFile) -> None:
+        self.source = source
+        self.entry = _entry(f)
+        self.where = _where(source, f.relpath)
 
     def __call__(self) -> AsyncIterator[bytes]:
         return self._chunks()
@@ -201,18 +211,18 @@ class _ObjectOpener:
     async def _chunks(self) -> AsyncIterator[bytes]:
         async with (
             _reading_object(self.where),
-            contextlib.aclosing(self.store.stream(self.key, etag=self.etag)) as chunks,
+            contextlib.aclosing(self.source.open(self.entry)) as chunks,
         ):
             async for chunk in chunks:
                 yield chunk
 
 
 async def _streamed_file(
-    store: ObjectStore, f: PlannedFile, stop: threading.Event | None
+    source: Source, f: PlannedFile, stop: threading.Event | None
 ) -> FilePayload:
     """Hash the object (one etag-pinned GET, nothing on disk) and hand the sink an
     opener that streams the same version again."""
-    opener = _ObjectOpener(store, f)
+    opener = _ObjectOpener(source, f)
     h = hashlib.sha256()
     n = 0
     async with contextlib.aclosing(opener()) as chunks:
@@ -229,10 +239,10 @@ async def _streamed_file(
     return FilePayload(f.name, "", f.size, f"sha256:{h.hexdigest()}", etag=f.etag, opener=opener)
 
 
-async def _download(store: ObjectStore, f: PlannedFile, dest: str) -> None:
-    url = store.object_url(f.relpath)
+async def _download(source: Source, f: PlannedFile, dest: str) -> None:
+    url = _where(source, f.relpath)
     async with _reading_object(url):
-        await store.download(f.relpath, dest, etag=f.etag)
+        await source.download(_entry(f), dest)
     size = await asyncio.to_thread(os.path.getsize, dest)
     if size != f.size:
         raise SourceChangedError(f"{url} has {size} bytes, not the {f.size} listed")
@@ -266,17 +276,19 @@ async def register_payload(side: WatchSide, plan: ItemPlan) -> ItemPayload:
     """The item as references to its objects (`transfer: register`): no bytes move.
     Images go as they are (not decoded, not downscaled). What needs the bytes to be
     made (sampled frames, de-identified DICOM) fails with a reason naming the fix."""
-    store = _store_of(side)
+    source = side.source
+    if not source.features.urls:
+        raise PermanentError(f"{source.where} has no URLs to register; set transfer: copy")
     media = side.media
     slots = []
     for slot in plan.slots:
         if media is not None:
-            await _check_registrable(store, slot, media)
+            await _check_registrable(source, slot, media)
         files = []
         for f in slot.files:
-            url = store.object_url(f.relpath)
+            url = _where(source, f.relpath)
             async with _reading_object(url):
-                info = await store.head(f.relpath)
+                info = await source.stat(f.relpath)
             if info is None:
                 raise SourceChangedError(f"{url} vanished since it was listed")
             if f.etag and info.etag != f.etag:
@@ -286,7 +298,7 @@ async def register_payload(side: WatchSide, plan: ItemPlan) -> ItemPayload:
     return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
 
 
-async def _check_registrable(store: ObjectStore, slot: PlannedSlot, media: MediaSettings) -> None:
+async def _check_registrable(source: Source, slot: PlannedSlot, media: MediaSettings) -> None:
     names = ", ".join(f.relpath for f in slot.files[:3]) + (", …" if len(slot.files) > 3 else "")
     if slot.type == "video" and media.video.mode == "frames":
         raise PermanentError(
@@ -294,19 +306,19 @@ async def _check_registrable(store: ObjectStore, slot: PlannedSlot, media: Media
             "transfer: register never reads; set transfer: copy or video.mode: native"
         )
     deidentified = media.dicom.deidentify and slot.type in ("dicom", "file")
-    if deidentified and (slot.type == "dicom" or await _any_dicom(store, slot)):
+    if deidentified and (slot.type == "dicom" or await _any_dicom(source, slot)):
         raise PermanentError(
             f"{names}: dicom.deidentify must strip the file before it leaves, and "
             "transfer: register would hand out the original; set transfer: copy"
         )
 
 
-async def _any_dicom(store: ObjectStore, slot: PlannedSlot) -> bool:
+async def _any_dicom(source: Source, slot: PlannedSlot) -> bool:
     """Whether a slot of generic files holds DICOM by content (the safety net that
     transform_slot applies to local files, done here with the first bytes only)."""
     for f in slot.files:
-        async with _reading_object(store.object_url(f.relpath)):
-            head = await store.read_range(f.relpath, 0, 132)
+        async with _reading_object(_where(source, f.relpath)):
+            head = await source.read_range(f.relpath, 0, 132)
         if type_of_prefix(head) == "dicom":
             return True
     return False

@@ -25,10 +25,10 @@ from ingestd.core.source import Source, SourceError
 from ingestd.ledger import AsyncLedger, Ledger, op_plan_settled, op_watch_settings
 from ingestd.pipeline.deletions import apply_gone
 from ingestd.pipeline.events import EventHints
+from ingestd.pipeline.plan_queue import PlanQueue
 from ingestd.pipeline.planner import Planner, WatchFilter
-from ingestd.pipeline.recording import record_plans
 from ingestd.pipeline.settling import ListedSettling, ObservedSettling, Settling
-from ingestd.pipeline.work import LedgerKnown, PlanWork
+from ingestd.pipeline.work import LedgerKnown, PassStats, PlanWork
 from ingestd.plan.groups import GroupMembership
 from ingestd.sources import open_source
 
@@ -86,12 +86,10 @@ class WatchRunner:
         )
         self.hints = EventHints(self) if self.events and observe else None
         self.known = LedgerKnown(ledger, watch.name)
-        self._takes = _Takes(self)
+        self.takes = _Takes(self)
         self.on_planned = on_planned
         self._observe = observe
-        self._plan_queue: asyncio.Queue[PlanWork] = asyncio.Queue()
-        self._ignored_logged: set[str] = set()
-        self._planning = 0
+        self.plans = PlanQueue(self)
         self._passing = 0
         self.gone: set[str] = set()
         self.gone_at = 0.0
@@ -99,6 +97,7 @@ class WatchRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pass = 0.0
         self.scans = 0
+        self.last_pass: PassStats | None = None  # the last pass that completed
         self.overflows = 0
         self.failures = 0  # passes failed in a row
         self.files_seen = 0  # files noticed new or changed (each version counted once)
@@ -116,7 +115,7 @@ class WatchRunner:
             await self.hints.start_observer()
         self._tasks = [
             asyncio.create_task(self.settling.run(), name=f"settle:{name}"),
-            asyncio.create_task(self._plan_loop(), name=f"plan:{name}"),
+            asyncio.create_task(self.plans.run(), name=f"plan:{name}"),
         ]
         await self.check_settings()
         await self.scan("")
@@ -167,9 +166,7 @@ class WatchRunner:
         """Files are still settling or being planned (one-pass sync waits for this). A
         pass takes ready files out of settling before it plans them, so a pass in
         progress counts as busy too."""
-        return bool(
-            self._passing or len(self.settling) or self._planning or not self._plan_queue.empty()
-        )
+        return bool(self._passing or len(self.settling) or self.plans.busy)
 
     def next_delay(self) -> float:
         """Seconds until the next full pass: the interval, backing off after failures
@@ -220,15 +217,16 @@ class WatchRunner:
         started = time.monotonic()
         replan = self.replan and not subdir
         gone: list[str] = []
-        changed = listed = 0
+        changed = listed = errors = 0
         groups: dict[str, PlanWork] = {}  # group folders the listing is still inside
         try:
             async for batch in self.source.changes(
-                subdir, self.known, self._takes, everything=replan
+                subdir, self.known, self.takes, everything=replan
             ):
                 listed += batch.listed
                 changed += len(batch.changed)
                 gone += batch.gone
+                errors += len(batch.errors)
                 for rel in batch.errors:
                     self.log.warning("cannot read folder or file during scan", path=rel)
                 await self._take(batch.changed, pass_no, groups, batch.last_key)
@@ -249,13 +247,15 @@ class WatchRunner:
                 # Folders it could not read are not planned again now; recording anyway
                 # keeps a lasting unreadable folder from re-planning everything each pass.
                 self._full_pass_planned_all()
+        seconds = round(time.monotonic() - started, 3)
+        self.last_pass = PassStats(listed, changed, len(gone), errors, seconds)
         self.log.debug(
             "scan done",
             subdir=subdir or "/",
             files=listed,
             changed=changed,
             gone=len(gone),
-            seconds=round(time.monotonic() - started, 3),
+            seconds=seconds,
         )
         return True
 
@@ -311,7 +311,7 @@ class WatchRunner:
         overflows = self._settler_overflows
 
         async def finish() -> None:
-            while self._planning or not self._plan_queue.empty() or len(self.settling):
+            while self.plans.busy or len(self.settling):
                 await asyncio.sleep(0.05)
             if self._settler_overflows != overflows:
                 return  # files were dropped: the rescan this asked for hands on all again
@@ -325,81 +325,19 @@ class WatchRunner:
         self._settler_overflows += 1
         self.request_rescan()
 
-    async def dry_changes(self) -> tuple[list[Entry], list[str]]:
-        """(every file listed, gone paths) of one pass, settled or not, recording
-        nothing (for `ingestd sync --dry-run`). Every file, not only changed ones: an
-        edit of the item settings changes items whose files did not change. Raises
-        SourceError."""
-        found: list[Entry] = []
-        gone: list[str] = []
-        async for batch in self.source.changes("", self.known, self._takes, everything=True):
-            found += batch.changed
-            gone += batch.gone
-        return found, gone
-
     # -- planning -------------------------------------------------------------------------
 
     def queue_plan(self, work: PlanWork) -> None:
-        self._plan_queue.put_nowait(work)
+        self.plans.put(work)
 
     def _on_ready(self, entries: list[Entry]) -> None:
-        self._plan_queue.put_nowait(PlanWork(entries=entries))
+        self.plans.put(PlanWork(entries=entries))
 
     def log_ignored(self, rel: str, m: GroupMembership) -> None:
-        key = m.group_dir or ""
-        if key not in self._ignored_logged and len(self._ignored_logged) < 10_000:
-            self._ignored_logged.add(key)
-            self.log.debug("file below a group folder's first level ignored", path=rel)
-
-    async def _plan_loop(self) -> None:
-        while True:
-            work = await self._plan_queue.get()
-            self._planning += 1
-            try:
-                await self._plan(work)
-            except Exception:
-                self.log.exception("planning failed; the next rescan tries again")
-            finally:
-                self._planning -= 1
-
-    def _split(self, work: PlanWork) -> tuple[list[Entry], set[str]]:
-        """Loose files to plan now, and group folders that are ready as a whole."""
-        loose: list[Entry] = []
-        touched: set[str] = set()
-        for e in work.entries:
-            m = self.planner.membership(e.relpath)
-            if m.kind == "loose":
-                loose.append(e)
-            elif m.kind in ("member", "marker"):
-                assert m.group_dir is not None
-                touched.add(m.group_dir)
-            else:
-                self.log_ignored(e.relpath, m)
-        ready = set(work.groups) if work.forced else set()
-        # A group settles as a whole: wait while any of its files is still settling.
-        for g in touched | (set() if work.forced else work.groups):
-            if not self.settling.pending_under(g + "/"):
-                ready.add(g)
-        return loose, ready
+        self.plans.log_ignored(rel, m)
 
     async def _plan(self, work: PlanWork) -> None:
-        loose, groups = self._split(work)
-        if not loose and not groups and not work.sidecars_gone:
-            return
-        try:
-            batch = await asyncio.to_thread(
-                self.planner.plan, loose, groups, self.settling.__contains__, work.sidecars_gone
-            )
-        except SourceError:
-            if work.groups or work.sidecars_gone:
-                # Re-plans after deletions are not found again by a listing (the other
-                # entries did not change): try them again later.
-                asyncio.get_running_loop().call_later(
-                    self.next_delay(), self._plan_queue.put_nowait, work
-                )
-            raise
-        await record_plans(self, batch)
-        self.on_planned()
+        await self.plans.plan(work)
 
     # -- deletions ------------------------------------------------------------------------
 

@@ -51,11 +51,13 @@ class Sender:
         return bool(getattr(self.sink, "reachable", True))
 
     def transfer(self, side: WatchSide) -> Transfer:
-        """How a bucket watch's items move: as configured, else by what the sink takes
-        (asked per item, so a reload that switches the backend switches this too)."""
+        """How the items of a source without local paths move: as configured, else by
+        what the sink and the source can do (asked per item, so a reload that switches
+        the backend switches this too)."""
         if side.transfer is not None:
             return side.transfer
-        return "register" if self.sink.capabilities.remote_urls else "copy"
+        registrable = self.sink.capabilities.remote_urls and side.source.features.urls
+        return "register" if registrable else "copy"
 
     async def ensure_dataset(self, sink: Sink, dataset: str) -> None:
         """Once per dataset and sink (one call at a time: the first items of a new

@@ -57,7 +57,7 @@ class SyncStep:
             media = side.media
             spooled = media is not None and any(transforms(s.type, media) for s in claim.plan.slots)
             sink = sender.sink
-            if side.store is None and not spooled:
+            if side.source.features.local_paths and not spooled:
                 # Local files as they are: nothing to read to prepare them, so the item
                 # takes a sink slot only to be sent.
                 payload = self.preparer.as_is(side, claim.plan, digests)

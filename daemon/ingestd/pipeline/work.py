@@ -22,6 +22,17 @@ class PlanWork:
     sidecars_gone: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class PassStats:
+    """What one listing pass found (the runner keeps the last one)."""
+
+    files: int = 0  # files listed that the watch takes
+    changed: int = 0  # new or changed
+    gone: int = 0
+    errors: int = 0  # unreadable paths (not gone)
+    seconds: float = 0.0
+
+
 class _Reader:
     def __init__(self, conn: sqlite3.Connection, watch: str) -> None:
         self.conn = conn

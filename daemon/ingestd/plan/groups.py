@@ -3,7 +3,7 @@ per series) instead of one item per file.
 
 Pure, like layout.py: the caller lists the directory, reads image sizes and DICOM
 headers, reads the folder's sidecar, and hands all of it in; the same inputs always
-give the same plans. The rules are DESIGN.md's "Grouping rules":
+give the same plans. The rules are docs/design.md's "Grouping rules":
 
 - Each directory exactly `group.depth` levels below the watch root is one group. Only
   files directly inside it are members; deeper files are ignored; shallower files are
@@ -256,6 +256,7 @@ class _Group:
         return PlannedFile(entry.name, entry.relpath, entry.size, entry.mtime_ns, entry.etag)
 
 
+# long: one pass over a group's members that builds slots, metadata and the fingerprint together; split, the steps would pass half-built items around
 def plan_group(
     watch: Watch,
     group_dir: str,

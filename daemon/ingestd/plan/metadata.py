@@ -35,7 +35,6 @@ from ingestd.core.names import (  # re-exported: part of the planner's metadata 
     stem,
 )
 
-
 MAX_SIDECAR_BYTES = 1 << 20  # a bigger sidecar fails its item rather than being read
 
 

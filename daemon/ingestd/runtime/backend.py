@@ -1,5 +1,6 @@
 """What the config's backend and watches turn into at run time: the sink items are sent
-to, the de-identification key, and each watch's side of the sync pool."""
+to, the de-identification key, and each watch's side of the sync pool (with a source
+of its own, opened here)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from ingestd.config import (
     HttpBackend,
     LabelboxBackend,
     NucleusBackend,
+    Watch,
 )
-from ingestd.pipeline.side import WatchSide, side_for
+from ingestd.media.transform import MediaSettings
+from ingestd.pipeline.side import WatchSide
 from ingestd.sinks.base import Sink
 from ingestd.sinks.local import LocalSink
+from ingestd.sources import open_source
 
 
 def build_sink(config: Config) -> Sink:
@@ -45,6 +49,23 @@ def deid_key(config: Config) -> bytes | None:
     from ingestd.media.dicom import load_or_create_key
 
     return load_or_create_key(str(config.state_dir))
+
+
+def side_for(watch: Watch, key: bytes | None) -> WatchSide:
+    """What the sync workers need to know about one configured watch."""
+    media = MediaSettings(
+        watch.images, watch.video, watch.dicom, key if watch.dicom.deidentify else None
+    )
+    bucket = watch.bucket is not None
+    return WatchSide(
+        open_source(watch),
+        watch.settle,
+        # Objects of a bucket are no symlinks; `transfer` is for buckets only (config).
+        False if bucket else watch.follow_symlinks,
+        media,
+        watch.transfer if bucket else None,
+        on_delete=watch.on_delete,
+    )
 
 
 def sides(config: Config, key: bytes | None) -> dict[str, WatchSide]:

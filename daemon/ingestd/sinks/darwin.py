@@ -1,6 +1,6 @@
 """The `darwin` sink: items go to a V7 Darwin dataset (see docs/platforms.md).
 
-How our item model maps onto V7 (docs/readme/darwin.md has the user-facing table):
+How our item model maps onto V7 (docs/platforms.md has the user-facing table):
 
 - Identity is dataset + `path` + `name`, as V7's own. V7 has no upsert: registering a
   name that exists is refused per slot as `ALREADY_EXISTS`, and a registration with
@@ -292,6 +292,7 @@ def _frame_size(path: str) -> tuple[int, int]:
         return int(im.width), int(im.height)
 
 
+# long: the AVI muxer, written straight through; issue 13 moves containers to media/
 async def _avi_source(slot: SlotPayload) -> _Source:
     """The slot's frames, in order, as an AVI (RIFF) at the slot's fps: each frame one
     `00dc` chunk holding the JPEG or PNG file unchanged, then an `idx1` index."""
@@ -494,6 +495,7 @@ class _Found:
     archived: int
 
 
+# long: V7's API mapping, retries and dataset lookup in one class; issue 13 puts it on the shared sink skeleton
 class DarwinSink:
     capabilities = Capabilities(
         remote_urls=True, metadata_update=False, delete=True, video_fps=True

@@ -337,6 +337,7 @@ def _first_error(results: list[BaseException | None]) -> BaseException | None:
     return errors[0] if errors else None
 
 
+# long: the upload protocol (monolithic and resumable), outage probe and retries in one class; issue 13 puts it on the shared sink skeleton
 class HttpSink:
     capabilities = Capabilities(
         remote_urls=True, metadata_update=False, delete=True, video_fps=False
@@ -588,6 +589,7 @@ class HttpSink:
             raise _TooLarge
         self._fail(ans, what)
 
+    # long: the resumable upload's state machine reads best as one sequence
     async def _resumable(self, f: FilePayload, state: dict[str, int], check_first: bool) -> None:
         """One attempt at a large blob: find what the server holds, send the rest in
         chunks, complete. Every attempt starts from the server's offset, never from 0."""
@@ -759,6 +761,7 @@ class HttpSink:
             self._slots = asyncio.Semaphore(self.limit)
         return self._http, self._gate, self._slots
 
+    # long: one request with every retry rule of the protocol beside it
     async def _send(
         self,
         method: str,

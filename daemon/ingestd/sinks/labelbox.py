@@ -4,7 +4,7 @@ Everything is one endpoint (`https://api.labelbox.com/graphql`, or `<base_url>/g
 with `Authorization: Bearer <key>`. The requests and answers follow labelbox-python 6
 (the SDK's HTTP layer, see docs/platforms.md); the SDK itself is not used.
 
-How an item maps to a data row (docs/readme/labelbox.md has the user-facing table):
+How an item maps to a data row (docs/platforms.md has the user-facing table):
 
 - Identity: the row's `global_key` is `ingestd:<dataset>:<item key>` (':' and '%' in the
   dataset name percent-encoded, so the first ':' after the dataset always ends it; item
@@ -647,6 +647,7 @@ class _RowMissing(Exception):
     """A metadata update found no row for the key: the whole item must be put."""
 
 
+# long: Labelbox's GraphQL mapping, batcher and task poller in one class; issue 13 puts it on the shared sink skeleton
 class LabelboxSink:
     capabilities = Capabilities(
         remote_urls=True, metadata_update=True, delete=True, video_fps=False

@@ -253,6 +253,7 @@ def _header_of(data: bytes) -> tuple[int, int, str | None] | None:
     return im.size[0], im.size[1], im.format
 
 
+# long: Nucleus's API mapping, batcher and job poller in one class; issue 13 puts it on the shared sink skeleton
 class NucleusSink:
     capabilities = Capabilities(
         remote_urls=True, metadata_update=True, delete=True, video_fps=False
@@ -715,6 +716,7 @@ class NucleusSink:
 
     # multipart append of local and streamed bytes
 
+    # long: the multipart append and its per-item answer read best as one sequence; issue 13 replaces it with the async path
     async def _append_local(self, ds: str, parts: list[_Part]) -> None:
         boundary = uuid.uuid4().hex
         names = [_safe_name(i, p.file.name) for i, p in enumerate(parts)]

@@ -16,7 +16,7 @@ not do is worked around here:
   those threads a moment to leave Python before finalization starts.
 
 Credentials never come from the config: each cloud's standard environment, profile or
-workload identity is used (see `docs/readme/buckets-client.md`).
+workload identity is used (see `docs/buckets.md`).
 """
 
 from __future__ import annotations

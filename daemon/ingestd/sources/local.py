@@ -4,7 +4,7 @@ scandir walk for truth, and plain os reads for the planner and the sync step.
 Events are only hints ("look here again"); the walk compares what is on disk with the
 ledger's entries. The observer is installed before the first walk so nothing created
 during the walk is missed, and subscribes only to created/closed/moved/deleted: with
-every event kind subscribed, bursts overflow the kernel queue (DESIGN.md, measured).
+every event kind subscribed, bursts overflow the kernel queue (docs/design.md, measured).
 """
 
 from __future__ import annotations
