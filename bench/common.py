@@ -24,9 +24,10 @@ import yaml
 REPO = Path(os.environ.get("INGESTD_BENCH_REPO") or Path(__file__).resolve().parents[1])
 PYTHON = sys.executable
 INGESTD = [PYTHON, "-m", "ingestd.cli"]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The package lives in REPO/daemon (import name ingestd).
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "daemon")}
+if str(REPO / "daemon") not in sys.path:
+    sys.path.insert(0, str(REPO / "daemon"))
 
 
 # --- folders -------------------------------------------------------------------------

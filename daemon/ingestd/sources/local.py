@@ -203,7 +203,7 @@ class LocalFolderSource:
                         subdir,
                         reader,
                         takes,
-                        lambda chunk: put(Changes(changed=chunk, listed=len(chunk))),
+                        lambda chunk: put(Changes(changed=chunk)),
                         emit_all=everything,
                     )
                 put(result)
@@ -222,7 +222,8 @@ class LocalFolderSource:
                             "missing",
                             f"source folder {self.root} is missing (unmounted disk? deleted?)",
                         )
-                    yield Changes(gone=item.gone, listed=0, errors=item.errors)
+                    # The walk counts every file it takes, changed or not, once, at its end.
+                    yield Changes(gone=item.gone, listed=item.files, errors=item.errors)
                     return
                 yield item
         finally:
