@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from stat import S_ISREG
 
 from ingestd.core.model import Entry
 
@@ -167,20 +165,3 @@ class Settler:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
                 return
-
-
-def stat_many(root: str, relpaths: Sequence[str], follow_symlinks: bool) -> list[Stat]:
-    out: list[Stat] = []
-    for rel in relpaths:
-        try:
-            s = os.stat(os.path.join(root, rel), follow_symlinks=follow_symlinks)
-        except (FileNotFoundError, NotADirectoryError):
-            out.append(None)
-            continue
-        except OSError:
-            # Unreadable metadata (EACCES on a parent, ELOOP): treat as present and
-            # unchanged-less so the sync step reports the real reason.
-            out.append((-1, -1))
-            continue
-        out.append((s.st_size, s.st_mtime_ns) if S_ISREG(s.st_mode) else None)
-    return out
