@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ingestd.core.model import Entry
+from ingestd.core.source import Stat
 
-Stat = tuple[int, int] | None  # (size, mtime_ns), or None when the path is gone
 StatMany = Callable[[Sequence[str]], list[Stat]]
 
 
