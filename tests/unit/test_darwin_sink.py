@@ -102,7 +102,7 @@ async def sink(fake: FakeDarwin) -> AsyncIterator[DarwinSink]:
 async def test_implements_the_sink_interface(sink: DarwinSink) -> None:
     assert isinstance(sink, Sink)
     caps = sink.capabilities
-    assert (caps.remote_urls, caps.delete, caps.video_fps) == (True, True, True)
+    assert (caps.remote_urls, caps.delete) == (True, True)
     assert caps.metadata_update is False
 
 

@@ -80,7 +80,7 @@ async def test_implements_the_sink_interface(sink: HttpSink) -> None:
     assert isinstance(sink, Sink)
     caps = sink.capabilities
     assert caps.remote_urls and caps.delete
-    assert not caps.metadata_update and not caps.video_fps
+    assert not caps.metadata_update and caps.batch is None
     assert TOKEN not in repr(sink)
 
 

@@ -114,7 +114,7 @@ def test_registered_objects_become_https_urls() -> None:
 async def test_implements_the_sink_interface(sink: LabelboxSink) -> None:
     assert isinstance(sink, Sink) and isinstance(sink, MetadataUpdater)
     caps = sink.capabilities
-    assert caps.remote_urls and caps.metadata_update and caps.delete and not caps.video_fps
+    assert caps.remote_urls and caps.metadata_update and caps.delete
     assert KEY not in repr(sink)
     assert sink.endpoint.endswith("/graphql")
 

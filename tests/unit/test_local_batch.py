@@ -22,7 +22,7 @@ from ingestd.ledger import AsyncLedger, Ledger
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
-from ingestd.sinks.base import BatchPutter, PutResult
+from ingestd.sinks.base import BatchItem, BatchPutter, PutResult
 from ingestd.sinks.local import LocalSink
 from ingestd.sources.local import LocalFolderSource
 from ingestd.store import BlobStore, Catalog, Store
@@ -125,13 +125,13 @@ async def test_put_items_fails_only_the_bad_items(tmp_path: Path) -> None:
         p = tmp_path / f"f{i}.bin"
         data = f"file {i}".encode()
         p.write_bytes(data)
-        items.append(("ds", payload(f"f{i}.bin", p, data)))
+        items.append(BatchItem("ds", payload(f"f{i}.bin", p, data)))
     # Changed after it was hashed, vanished, and a name the catalog refuses.
     (tmp_path / "f1.bin").write_bytes(b"rewritten")
     (tmp_path / "f2.bin").unlink()
     p = tmp_path / "ok.bin"
     p.write_bytes(b"fine bytes")
-    items.append(("ds", payload("a/b", p, b"fine bytes")))
+    items.append(BatchItem("ds", payload("a/b", p, b"fine bytes")))
     try:
         results = await sink.put_items(items)
     finally:

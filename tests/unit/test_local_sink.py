@@ -57,7 +57,7 @@ def stored(root: Path, dataset: str, path: str, name: str) -> dict[str, object] 
 async def test_implements_the_sink_interface(sink: LocalSink) -> None:
     assert isinstance(sink, Sink)
     assert sink.capabilities.delete and sink.capabilities.metadata_update
-    assert sink.capabilities.remote_urls and not sink.capabilities.video_fps
+    assert sink.capabilities.remote_urls and sink.capabilities.batch is not None
 
 
 async def test_put_item_end_to_end(tmp_path: Path, sink: LocalSink) -> None:

@@ -82,7 +82,7 @@ async def test_changed_and_vanished_files(src: Path) -> None:
 
 
 async def test_capabilities_are_configurable(src: Path) -> None:
-    sink = MemorySink(Capabilities(remote_urls=True, video_fps=True))
+    sink = MemorySink(Capabilities(remote_urls=True))
     assert sink.capabilities.remote_urls and not sink.capabilities.delete
     await sink.put_item("ds", item_of(src))
     with pytest.raises(PermanentError, match="cannot delete"):

@@ -125,12 +125,7 @@ async def test_implements_the_interfaces(sink: NucleusSink) -> None:
     assert isinstance(sink, Sink)
     assert isinstance(sink, MetadataUpdater)
     caps = sink.capabilities
-    assert (caps.remote_urls, caps.metadata_update, caps.delete, caps.video_fps) == (
-        True,
-        True,
-        True,
-        False,
-    )
+    assert (caps.remote_urls, caps.metadata_update, caps.delete) == (True, True, True)
 
 
 async def test_dataset_is_created_once_and_found_by_name_later(

@@ -5,11 +5,13 @@ The backlog lives in the ledger; in memory there is only the set of items in fli
 
 `workers` bounds the calls into the sink at once. Items are claimed and hashed ahead of
 that, so a sink call does not wait for the ledger or for the hashing of its item. For a
-sink with the optional batch put (sinks.base.BatchPutter, e.g. the local store), small
-items of local files go in groups of up to GROUP_ITEMS, each group one task: one thread
-hop hashes it, one sink call stores it (one disk sync, one catalog transaction), one
-ledger transaction records it. At thousands of small files per second, per-item thread
-hops, tasks and syncs, not bytes, are what costs; each item's outcome is still its own.
+sink with the optional batch put (capabilities.batch: the local store, a Labelbox import
+task, a Nucleus append, a V7 register_upload), small items of local files and bucket
+objects registered by URL are claimed ahead from the backlog and go in groups as big as
+the sink allows, each group one task: one thread hop hashes it, one sink call stores
+it, one ledger transaction records it. Groups fill from the backlog, not from the
+workers: `workers` bounds the sink calls at once, not the rows per call. Each item's
+outcome is still its own.
 """
 
 from __future__ import annotations
@@ -28,16 +30,13 @@ from ingestd.pipeline.prepare import Preparer
 from ingestd.pipeline.send import Sender, old_place
 from ingestd.pipeline.side import WatchSide
 from ingestd.pipeline.sync import SyncStep
-from ingestd.sinks.base import Sink
+from ingestd.sinks.base import BatchLimits, Sink
 
 # Items claimed per worker: a couple, so the next sink call's item is ready when a worker
-# frees up; many more for a sink that takes groups, so that groups fill up.
+# frees up. A sink that takes groups gets two full groups more, so that the next group is
+# ready while one is sent.
 AHEAD = 2
-AHEAD_BATCHED = 16
-# Small items of local files go in groups of up to GROUP_ITEMS: one thread hop hashes a
-# group and one batch put stores it. Only small items: a big file would hold up the rest.
-SMALL_ITEM = 1 << 20
-GROUP_ITEMS = 64
+GROUPS_AHEAD = 2
 
 
 class _Slots:
@@ -113,7 +112,8 @@ class SyncPool:
 
     def _depth(self) -> int:
         """Items claimed at most (between claim and sink result)."""
-        return self.workers * (AHEAD_BATCHED if self._sender.batches() else AHEAD)
+        limits = self._sender.batches()
+        return self.workers * AHEAD + (GROUPS_AHEAD * limits.items if limits else 0)
 
     def replace_sink(self, sink: Sink) -> Sink:
         """Send new work to `sink` from now on (a reload changed the backend). Items in
@@ -141,13 +141,12 @@ class SyncPool:
             free = self._depth() - self._busy
             claims: list[Claim] = []
             if free > 0:
-                claims = await self.ledger.call(
-                    self.ledger.sync.due,
-                    time.time(),
-                    free,
-                    list(self._inflight),
-                    list(self.watches),
-                )
+                claims = await self._claim(free, [])
+                limits = self._sender.batches()
+                if limits and limits.linger > 0 and 0 < len(claims) < min(free, limits.items):
+                    # A short backlog: give the group `linger` to fill before it goes.
+                    await asyncio.sleep(limits.linger)
+                    claims += await self._claim(free - len(claims), claims)
                 self._dispatch(claims)
             if claims and self._busy < self._depth():
                 continue
@@ -163,16 +162,33 @@ class SyncPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def _claim(self, n: int, also: list[Claim]) -> list[Claim]:
+        """Up to `n` due items, none of those in flight or in `also`."""
+        exclude = list(self._inflight) + [(c.watch, c.source_id) for c in also]
+        return await self.ledger.call(
+            self.ledger.sync.due, time.time(), n, exclude, list(self.watches)
+        )
+
     def _dispatch(self, claims: list[Claim]) -> None:
         """A task per claim, or per group of small items for a sink that takes groups."""
         group: list[Claim] = []
-        batches = self._sender.batches()
+        limits = self._sender.batches()
+        group_bytes = 0
         for claim in claims:
             self._busy += 1
-            if batches and self._groupable(claim):
+            size = self._groupable(claim, limits)
+            if size is not None:
+                assert limits is not None
+                if group and group_bytes + size > limits.bytes:
+                    task = asyncio.create_task(self._process_group(group))
+                    for c in group:
+                        self._inflight[(c.watch, c.source_id)] = task
+                    group, group_bytes = [], 0
                 group.append(claim)
-                if len(group) < GROUP_ITEMS:
+                group_bytes += size
+                if len(group) < limits.items:
                     continue
+                group_bytes = 0
                 claim_group, group = group, []
                 task = asyncio.create_task(self._process_group(claim_group))
                 for c in claim_group:
@@ -186,21 +202,24 @@ class SyncPool:
             for c in group:
                 self._inflight[(c.watch, c.source_id)] = task
 
-    def _groupable(self, claim: Claim) -> bool:
-        """A small item of local files that go as they are, with no conflict to report:
-        the common case, which a group handles with a fraction of the per-item cost."""
+    def _groupable(self, claim: Claim, limits: BatchLimits | None) -> int | None:
+        """The bytes a group would move for the item, when it can go in one: a small
+        item of local files sent as they are, or bucket objects registered by URL (no
+        bytes), with no conflict to report. The common cases, which a group handles
+        with a fraction of the per-item cost; None for the rest."""
         plan = claim.plan
         side = self.watches.get(claim.watch)
-        if plan is None or side is None or claim.key_owner:
-            return False
-        if not side.source.features.local_paths:
-            return False
+        if limits is None or plan is None or side is None or claim.key_owner:
+            return None
         if old_place(claim) is not None:  # rare; the per-item path handles the move
-            return False
+            return None
+        if not side.source.features.local_paths:
+            return 0 if self._sender.transfer(side) == "register" else None
         media = side.media
         if media is not None and any(transforms(s.type, media) for s in plan.slots):
-            return False
-        return sum(f.size for slot in plan.slots for f in slot.files) <= SMALL_ITEM
+            return None
+        size = sum(f.size for slot in plan.slots for f in slot.files)
+        return size if size <= limits.small else None
 
     async def stop(self, grace: float) -> None:
         """Stop taking work; give in-flight items `grace` seconds, then abandon them.

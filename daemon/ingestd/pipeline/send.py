@@ -8,10 +8,9 @@ each item goes to the sink it was handed, new work to the new one.
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -19,7 +18,7 @@ from ingestd.core.errors import SyncError
 from ingestd.core.model import ItemPayload, item_key
 from ingestd.ledger import Claim
 from ingestd.pipeline.side import Transfer, WatchSide
-from ingestd.sinks.base import BatchPutter, MetadataUpdater, PutResult, Sink
+from ingestd.sinks.base import BatchItem, BatchLimits, BatchPutter, MetadataUpdater, PutResult, Sink
 
 log = structlog.get_logger("ingestd.sync")
 
@@ -40,15 +39,13 @@ class Sender:
         self._datasets_ready.clear()
         return old
 
-    def batches(self) -> bool:
-        """Whether the sink takes groups (the optional batch put). Not a sink whose
-        put_item wants the previous manifest: the batch put does not carry it."""
-        return isinstance(self.sink, BatchPutter) and not _takes_previous(self.sink)
+    def batches(self) -> BatchLimits | None:
+        """How big a group the sink takes in one batch put (None: it takes none)."""
+        return self.sink.capabilities.batch
 
     def reachable(self) -> bool:
         """False while the sink reports an outage it has already logged."""
-        # Not part of the Sink interface: only the http sink says (sinks/http.py).
-        return bool(getattr(self.sink, "reachable", True))
+        return self.sink.reachable
 
     def transfer(self, side: WatchSide) -> Transfer:
         """How the items of a source without local paths move: as configured, else by
@@ -81,17 +78,15 @@ class Sender:
         """One item to `sink` (the caller holds a sink slot)."""
         # An item an edit moved is new where it goes: no update in place, and what the
         # old place held says nothing about the new one.
-        synced = claim.synced_manifest if old_place(claim) is None else None
+        synced = _previous(claim)
         if _updates_metadata(sink, synced, payload):
             # Same bytes, new metadata (e.g. a sidecar edit): no re-upload.
-            assert isinstance(sink, MetadataUpdater)
-            result = await sink.update_metadata(claim.dataset, payload, claim.backend_id)
+            result = await cast(MetadataUpdater, sink).update_metadata(
+                claim.dataset, payload, claim.backend_id
+            )
             bound.info("metadata updated in place")
             return result
-        if _takes_previous(sink):
-            # The sink can tell a real content change from a re-send by it.
-            return await sink.put_item(claim.dataset, payload, previous=synced)  # type: ignore[call-arg]
-        return await sink.put_item(claim.dataset, payload)
+        return await sink.put_item(claim.dataset, payload, previous=synced)
 
     async def put_group(
         self, sink: Sink, items: list[tuple[Claim, ItemPayload]]
@@ -116,12 +111,12 @@ class Sender:
             else:
                 whole.append(i)
         if whole:
-            assert isinstance(sink, BatchPutter)
+            batch = [
+                BatchItem(items[i][0].dataset, items[i][1], _previous(items[i][0])) for i in whole
+            ]
             try:
                 async with self.slots:  # a group is one sink call
-                    results = await sink.put_items(
-                        [(items[i][0].dataset, items[i][1]) for i in whole]
-                    )
+                    results = await cast(BatchPutter, sink).put_items(batch)
             except Exception as e:  # the whole call failed: each item hears why
                 results = [e] * len(whole)
             for i, r in zip(whole, results, strict=True):
@@ -179,6 +174,12 @@ def old_place(claim: Claim) -> tuple[str, str, str] | None:
     return None if old == (claim.dataset, claim.plan.path, claim.plan.name) else old
 
 
+def _previous(claim: Claim) -> Mapping[str, Any] | None:
+    """What the sink was last given for the item at its place (None once an edit moved
+    it: the new place holds nothing yet)."""
+    return claim.synced_manifest if old_place(claim) is None else None
+
+
 def _metadata_only(synced: Mapping[str, Any] | None, payload: ItemPayload) -> bool:
     """The item the sink holds differs from `payload` in its metadata alone."""
     if synced is None:
@@ -193,27 +194,5 @@ def _metadata_only(synced: Mapping[str, Any] | None, payload: ItemPayload) -> bo
 def _updates_metadata(sink: Sink, synced: Mapping[str, Any] | None, payload: ItemPayload) -> bool:
     """The item goes as an in-place metadata update (sinks that can do one)."""
     return (
-        synced is not None
-        and sink.capabilities.metadata_update
-        and isinstance(sink, MetadataUpdater)
-        and _metadata_only(synced, payload)
+        synced is not None and sink.capabilities.metadata_update and _metadata_only(synced, payload)
     )
-
-
-def _takes_previous(sink: Sink) -> bool:
-    """Whether the sink's put_item accepts the last synced manifest (`previous=`)."""
-    # Not part of the Sink interface (sinks/base.py): only the darwin sink takes it.
-    method = sink.put_item
-    fn = getattr(method, "__func__", method)
-    known = _TAKES_PREVIOUS.get(fn)
-    if known is None:
-        try:
-            known = "previous" in inspect.signature(method).parameters
-        except (TypeError, ValueError):
-            known = False
-        _TAKES_PREVIOUS[fn] = known
-    return known
-
-
-# inspect.signature per item was 5 % of the event loop's time at thousands of items/s.
-_TAKES_PREVIOUS: dict[object, bool] = {}

@@ -21,7 +21,7 @@ from ingestd.core.model import ItemPayload
 from ingestd.ledger import Claim, Ledger, LedgerOp, key_conflict_reason
 from ingestd.media.transform import transforms
 from ingestd.pipeline.outcome import Conflict, Outcome, failed
-from ingestd.pipeline.prepare import Preparer
+from ingestd.pipeline.prepare import Preparer, bucket_source_key, register_payload
 from ingestd.pipeline.send import Sender, old_place
 from ingestd.pipeline.side import WatchSide
 
@@ -93,15 +93,11 @@ class SyncStep:
         """sync_one for a group of small local items (see SyncPool._groupable). Each
         item's outcome with the op recording it, except that the items the sink took
         are recorded together by the second value."""
-        jobs = [(side, c.plan) for side, c in zip(sides, claims, strict=True)]
         done: list[tuple[Outcome, LedgerOp | None] | None] = [None] * len(claims)
         # Bound once: each call on the module's lazy logger builds a logger anew.
         glog = log.bind()
         recorded: list[tuple[Claim, dict[str, Any], str | None]] = []
-        try:
-            hashed = await self.preparer.source_keys(jobs)  # type: ignore[arg-type]
-        except Exception as e:
-            hashed = [e] * len(claims)
+        hashed = await self._group_keys(claims, sides)
         sender = self.sender
         sink = sender.sink
         send: list[tuple[int, str, ItemPayload]] = []  # (index, source key, payload)
@@ -118,7 +114,11 @@ class SyncStep:
                     op = Ledger.op_synced(claim, synced, claim.backend_id, time.time())
                     done[i] = Outcome(claim, "unchanged"), op
                     continue
-                send.append((i, source_key, self.preparer.as_is(side, claim.plan, digests)))
+                if side.source.features.local_paths:
+                    payload = self.preparer.as_is(side, claim.plan, digests)
+                else:  # a bucket object registered by URL (see SyncPool._groupable)
+                    payload = await register_payload(side, claim.plan)
+                send.append((i, source_key, payload))
             except Exception as e:
                 done[i] = self.failed(claim, side, e)
         if send:
@@ -142,6 +142,27 @@ class SyncStep:
                 done[i] = Outcome(claim, "synced", bytes=size), None
         synced = Ledger.op_synced_many(recorded, time.time()) if recorded else None
         return [d for d in done if d is not None], synced
+
+    async def _group_keys(
+        self, claims: list[Claim], sides: list[WatchSide]
+    ) -> list[tuple[str, list[str]] | Exception]:
+        """Each item's source key: local files hashed in one thread hop, registered
+        bucket objects keyed by ETag and size (nothing read)."""
+        out: list[tuple[str, list[str]] | Exception] = [("", [])] * len(claims)
+        local = [i for i, s in enumerate(sides) if s.source.features.local_paths]
+        for i, (claim, side) in enumerate(zip(claims, sides, strict=True)):
+            if i not in local:
+                assert claim.plan is not None
+                out[i] = (bucket_source_key(side, claim.plan, "register"), [])
+        if local:
+            jobs = [(sides[i], claims[i].plan) for i in local]
+            try:
+                hashed = await self.preparer.source_keys(jobs)  # type: ignore[arg-type]
+            except Exception as e:
+                hashed = [e] * len(local)
+            for i, h in zip(local, hashed, strict=True):
+                out[i] = h
+        return out
 
     def failed(
         self,

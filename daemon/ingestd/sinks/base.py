@@ -1,16 +1,18 @@
 """The sink interface: what the sync step needs from any backend.
 
 Kept deliberately narrow (httpx-transport style): ensure a dataset exists, put an item,
-delete an item, close. Optional abilities are declared in `Capabilities` so the sync
-step can test for them instead of guessing (rclone-backend style).
+delete an item, say whether the backend is reachable, close. Optional abilities are
+declared once in `Capabilities`, as data, and are true: the sync step asks them and
+never probes a sink's methods (rclone's `Features`). What is declared is implemented;
+tests/conformance checks it for every sink.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import aiofiles
 
@@ -19,11 +21,25 @@ from ingestd.core.model import FilePayload, ItemPayload
 
 
 @dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """How big a group the sink's batch put takes: the sync step claims items ahead from
+    the backlog and hands over up to `items` items (about `bytes` bytes of files to
+    move) in one call, waiting at most `linger` seconds for a group to fill when the
+    backlog is short. `small` is the largest item (bytes to move) that goes in a group;
+    bigger ones go alone through put_item."""
+
+    items: int = 64
+    bytes: int = 64 << 20
+    linger: float = 0.05
+    small: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     remote_urls: bool = False  # can register an object URL without moving bytes
-    metadata_update: bool = False  # can change metadata without re-sending slots
-    delete: bool = False  # can delete an item
-    video_fps: bool = False  # takes a video with an fps hint and samples it itself
+    metadata_update: bool = False  # implements MetadataUpdater.update_metadata
+    delete: bool = False  # delete_item removes the item (else items are left on delete)
+    batch: BatchLimits | None = None  # implements BatchPutter.put_items with these limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,33 +97,68 @@ class MetadataUpdater(Protocol):
     ) -> PutResult: ...
 
 
+Manifest = Mapping[str, Any]  # what the ledger recorded of the last put (ItemPayload.manifest)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One item of a batch put: where it goes, what it is, and what the backend was
+    last given for it (None for an item the ledger has never synced)."""
+
+    dataset: str
+    item: ItemPayload
+    previous: Manifest | None = None
+
+
 @runtime_checkable
 class BatchPutter(Protocol):
-    """Optional: put several items in one call, for backends where a group is much
-    cheaper than its items one by one (the local store syncs a group's files to disk
-    together and records them in one catalog transaction). The sync step tests for it
-    and sends small items this way, a few dozen at a time; other items, and sinks
-    without it, go through put_item. Returns, in order, each item's PutResult or the
+    """Optional (capabilities.batch): put several items in one call, for backends where
+    a group is much cheaper than its items one by one (one Labelbox import task, one
+    Nucleus append, one V7 register_upload, one catalog transaction of the local
+    store). The sync step fills groups from the backlog up to capabilities.batch; other
+    items go through put_item. Returns, in order, each item's PutResult or the
     exception put_item would have raised for it, so one bad item fails alone; an
     exception raised by the call itself applies to every item of the group."""
 
-    async def put_items(
-        self, items: Sequence[tuple[str, ItemPayload]]
-    ) -> list[PutResult | Exception]: ...
+    async def put_items(self, items: Sequence[BatchItem]) -> list[PutResult | Exception]: ...
 
 
 @runtime_checkable
 class Sink(Protocol):
     """One backend. Implementations raise ingestd.core.errors.RetriableError for transient
     trouble, PermanentError when the backend rejects the item, and SourceChangedError
-    when a file's bytes did not match the digest the prepare step computed."""
+    when a file's bytes did not match the digest the prepare step computed.
+
+    `previous` is what the ledger recorded of the item's last put (None when it was
+    never synced): a sink may use it to skip a lookup for a new item, or to tell a real
+    content change from a re-send. `reachable` is False while the sink knows of an
+    outage it has already reported (failures are then logged quietly)."""
 
     capabilities: Capabilities
 
+    @property
+    def reachable(self) -> bool: ...
+
     async def ensure_dataset(self, dataset: str) -> None: ...
 
-    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult: ...
+    async def put_item(
+        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
+    ) -> PutResult: ...
 
     async def delete_item(self, dataset: str, path: str, name: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class SinkBase:
+    """The defaults a sink may inherit: no optional features, always reachable,
+    nothing to close."""
+
+    capabilities = Capabilities()
+
+    @property
+    def reachable(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None

@@ -58,7 +58,7 @@ import structlog
 from ingestd.config import DarwinBackend
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload, item_key
-from ingestd.sinks.base import Capabilities, PutResult, read_chunks, read_error
+from ingestd.sinks.base import Capabilities, PutResult, SinkBase, read_chunks, read_error
 from ingestd.sinks.platform import Answer, PlatformClient
 
 log = structlog.get_logger("ingestd.sink.darwin")
@@ -496,10 +496,8 @@ class _Found:
 
 
 # long: V7's API mapping, retries and dataset lookup in one class; issue 13 puts it on the shared sink skeleton
-class DarwinSink:
-    capabilities = Capabilities(
-        remote_urls=True, metadata_update=False, delete=True, video_fps=True
-    )
+class DarwinSink(SinkBase):
+    capabilities = Capabilities(remote_urls=True, metadata_update=False, delete=True)
     files_per_item = FILES_PER_ITEM
     page_size = PAGE_SIZE
 

@@ -46,7 +46,7 @@ from yarl import URL
 from ingestd.core.backoff import full_jitter
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from ingestd.core.model import FilePayload, ItemPayload, item_key
-from ingestd.sinks.base import Capabilities, PutResult, read_chunks, reading
+from ingestd.sinks.base import Capabilities, Manifest, PutResult, SinkBase, read_chunks, reading
 
 log = structlog.get_logger("ingestd.sink.http")
 
@@ -338,10 +338,8 @@ def _first_error(results: list[BaseException | None]) -> BaseException | None:
 
 
 # long: the upload protocol (monolithic and resumable), outage probe and retries in one class; issue 13 puts it on the shared sink skeleton
-class HttpSink:
-    capabilities = Capabilities(
-        remote_urls=True, metadata_update=False, delete=True, video_fps=False
-    )
+class HttpSink(SinkBase):
+    capabilities = Capabilities(remote_urls=True, metadata_update=False, delete=True)
 
     # Tunables, as attributes so tests (and one-off tools) can tighten them.
     max_attempts = MAX_ATTEMPTS
@@ -405,7 +403,9 @@ class HttpSink:
 
         await self._retrying(what, attempt)
 
-    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
+    async def put_item(
+        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
+    ) -> PutResult:
         # Files registered by URL carry no local bytes; their manifest entry is enough.
         blobs: dict[str, FilePayload] = {}
         for slot in item.slots:

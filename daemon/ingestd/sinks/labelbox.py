@@ -55,7 +55,7 @@ import structlog
 from ingestd.config import LabelboxBackend
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload, item_key
-from ingestd.sinks.base import Capabilities, PutResult, read_chunks, reading
+from ingestd.sinks.base import Capabilities, Manifest, PutResult, SinkBase, read_chunks, reading
 from ingestd.sinks.platform import Answer, PlatformClient, RateLimiter
 
 log = structlog.get_logger("ingestd.sink.labelbox")
@@ -648,10 +648,8 @@ class _RowMissing(Exception):
 
 
 # long: Labelbox's GraphQL mapping, batcher and task poller in one class; issue 13 puts it on the shared sink skeleton
-class LabelboxSink:
-    capabilities = Capabilities(
-        remote_urls=True, metadata_update=True, delete=True, video_fps=False
-    )
+class LabelboxSink(SinkBase):
+    capabilities = Capabilities(remote_urls=True, metadata_update=True, delete=True)
 
     # Tunables, as attributes so tests can tighten them.
     batch_window = 0.05  # seconds a put waits for others to share its task
@@ -700,7 +698,9 @@ class LabelboxSink:
     async def ensure_dataset(self, dataset: str) -> None:
         await self._dataset_id(dataset)
 
-    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
+    async def put_item(
+        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
+    ) -> PutResult:
         dataset_id = await self._dataset_id(dataset)
         gk = global_key(dataset, item.key)
         where = f"{item.key} (dataset {dataset})"

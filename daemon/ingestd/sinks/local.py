@@ -24,7 +24,15 @@ from typing import TypeVar
 
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
 from ingestd.core.model import FilePayload, ItemPayload
-from ingestd.sinks.base import Capabilities, PutResult, read_chunks
+from ingestd.sinks.base import (
+    BatchItem,
+    BatchLimits,
+    Capabilities,
+    Manifest,
+    PutResult,
+    SinkBase,
+    read_chunks,
+)
 from ingestd.store import DigestMismatch, Store, StoreIOError
 from ingestd.store.blobs import BlobWriter, StagedBlob
 
@@ -34,9 +42,13 @@ DEFAULT_THREADS = 8
 STREAMS_PER_ITEM = 4  # streamed files of one item read at once (a series can have hundreds)
 
 
-class LocalSink:
+class LocalSink(SinkBase):
     capabilities = Capabilities(
-        remote_urls=True, metadata_update=True, delete=True, video_fps=False
+        remote_urls=True,
+        metadata_update=True,
+        delete=True,
+        # A group is one trip to the pool, one disk sync and one catalog transaction.
+        batch=BatchLimits(items=64, bytes=64 << 20, linger=0.0, small=1 << 20),
     )
 
     def __init__(self, root: Path, executor: Executor | None = None) -> None:
@@ -56,7 +68,9 @@ class LocalSink:
     async def ensure_dataset(self, dataset: str) -> None:
         await self._run(lambda: self._catalog_call(lambda s: s.catalog.ensure_dataset(dataset)))
 
-    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
+    async def put_item(
+        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
+    ) -> PutResult:
         # References (transfer: register) have no bytes here: the catalog entry is all.
         files = [f for slot in item.slots for f in slot.files if not f.is_remote]
         if len(files) > 1 or any(f.opener is not None for f in files):
@@ -84,12 +98,19 @@ class LocalSink:
         version, changed = await self._run(partial(self._put_sync, dataset, item, files))
         return PutResult(backend_id=item.key, version=version, changed=changed)
 
-    async def put_items(
-        self, items: Sequence[tuple[str, ItemPayload]]
-    ) -> list[PutResult | Exception]:
+    async def update_metadata(
+        self, dataset: str, item: ItemPayload, backend_id: str | None
+    ) -> PutResult:
+        """The optional in-place update (MetadataUpdater): the slots are those the
+        store holds (the sync step's promise), so only the catalog entry is written."""
+        version, changed = await self._run(partial(self._put_sync, dataset, item, []))
+        return PutResult(backend_id=item.key, version=version, changed=changed)
+
+    async def put_items(self, batch: Sequence[BatchItem]) -> list[PutResult | Exception]:
         """The optional batch put (sinks.base.BatchPutter): items whose files are local
         paths go in one trip to the pool, their blobs synced to disk together and their
         catalog entries in one transaction; others (streamed files) go one by one."""
+        items = [(b.dataset, b.item) for b in batch]
         out: list[PutResult | Exception | None] = [None] * len(items)
         plain = [i for i, (_, item) in enumerate(items) if _local_only(item)]
         others = [i for i, (_, item) in enumerate(items) if not _local_only(item)]

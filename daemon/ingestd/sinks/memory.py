@@ -16,14 +16,14 @@ from typing import Any
 
 from ingestd.core.errors import PermanentError, SourceChangedError
 from ingestd.core.model import FilePayload, ItemPayload, item_key
-from ingestd.sinks.base import Capabilities, PutResult, read_chunks, reading
+from ingestd.sinks.base import Capabilities, Manifest, PutResult, SinkBase, read_chunks, reading
 
 
 def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-class MemorySink:
+class MemorySink(SinkBase):
     def __init__(self, capabilities: Capabilities | None = None) -> None:
         self.capabilities = capabilities or Capabilities(metadata_update=True, delete=True)
         self.datasets: set[str] = set()
@@ -47,7 +47,9 @@ class MemorySink:
         self.calls.append(("ensure_dataset", dataset))
         self.datasets.add(dataset)
 
-    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
+    async def put_item(
+        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
+    ) -> PutResult:
         self.calls.append(("put_item", dataset, item.key))
         self._maybe_fail()
         # References (transfer: register) carry no bytes: their manifest entry is all.
@@ -77,6 +79,21 @@ class MemorySink:
             "metadata": json.loads(json.dumps(item.metadata)),  # a copy, as a backend holds
         }
         return PutResult(backend_id=item.key, version=version, changed=True)
+
+    async def update_metadata(
+        self, dataset: str, item: ItemPayload, backend_id: str | None
+    ) -> PutResult:
+        """The optional in-place update (MetadataUpdater): only the metadata changes."""
+        self.calls.append(("update_metadata", dataset, item.key))
+        self._maybe_fail()
+        current = self.items.get((dataset, item.key))
+        if current is None:  # gone from the backend meanwhile: a put makes it again
+            return await self.put_item(dataset, item)
+        if _same(current["metadata"], item.metadata):
+            return PutResult(backend_id=item.key, version=current["version"], changed=False)
+        current["metadata"] = json.loads(json.dumps(item.metadata))
+        current["version"] += 1
+        return PutResult(backend_id=item.key, version=current["version"], changed=True)
 
     async def delete_item(self, dataset: str, path: str, name: str) -> None:
         key = item_key(path, name)

@@ -57,7 +57,7 @@ from PIL import Image, ImageFile
 from ingestd.config import NucleusBackend
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload, item_key
-from ingestd.sinks.base import Capabilities, PutResult, read_chunks, read_error
+from ingestd.sinks.base import Capabilities, Manifest, PutResult, SinkBase, read_chunks, read_error
 from ingestd.sinks.platform import Answer, PlatformClient
 
 log = structlog.get_logger("ingestd.sink.nucleus")
@@ -254,10 +254,8 @@ def _header_of(data: bytes) -> tuple[int, int, str | None] | None:
 
 
 # long: Nucleus's API mapping, batcher and job poller in one class; issue 13 puts it on the shared sink skeleton
-class NucleusSink:
-    capabilities = Capabilities(
-        remote_urls=True, metadata_update=True, delete=True, video_fps=False
-    )
+class NucleusSink(SinkBase):
+    capabilities = Capabilities(remote_urls=True, metadata_update=True, delete=True)
 
     # Tunables, as attributes so tests can tighten them.
     batch_window = 0.05  # seconds a part waits for others to share its request
@@ -299,7 +297,9 @@ class NucleusSink:
     async def ensure_dataset(self, dataset: str) -> None:
         await self._dataset_id(dataset, create=True)
 
-    async def put_item(self, dataset: str, item: ItemPayload) -> PutResult:
+    async def put_item(
+        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
+    ) -> PutResult:
         parts, multi = self._parts(item)
         self._check_metadata(dataset, item.key, [p.metadata for p in parts])
         await self._check_images(parts)
