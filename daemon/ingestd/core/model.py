@@ -161,6 +161,11 @@ class FilePayload:
     etag: str | None = None
     opener: Opener | None = field(default=None, compare=False, repr=False)
     content_type: str | None = None
+    # A remote reference's https form, for platforms that fetch only https (Labelbox,
+    # Nucleus): e.g. https://<account>.blob.core.windows.net/<container>/<key> for az://.
+    # None when the object has none a platform could fetch. Not part of the manifest:
+    # `url` is the object's identity.
+    https_url: str | None = field(default=None, compare=False)
 
     @property
     def is_remote(self) -> bool:

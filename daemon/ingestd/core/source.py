@@ -204,6 +204,11 @@ class Source(Protocol):
         """The URL a platform can register: s3://bucket/prefix/key, gs://…, az://…"""
         ...
 
+    def https_url_of(self, relpath: str) -> str | None:
+        """The object's https URL, for platforms that fetch only https (None when it
+        has none a platform could fetch)."""
+        ...
+
     # -- Features.events ------------------------------------------------------------------
 
     def start(self, deliver: EventSink, on_overflow: Callable[[], None]) -> None:

@@ -293,7 +293,8 @@ async def register_payload(side: WatchSide, plan: ItemPlan) -> ItemPayload:
                 raise SourceChangedError(f"{url} vanished since it was listed")
             if f.etag and info.etag != f.etag:
                 raise SourceChangedError(f"{url} changed since it was listed")
-            files.append(FilePayload(f.name, "", f.size, "", url=url, etag=f.etag))
+            https = source.https_url_of(f.relpath)
+            files.append(FilePayload(f.name, "", f.size, "", url=url, etag=f.etag, https_url=https))
         slots.append(SlotPayload(slot.name, slot.type, tuple(files), _plain_extra(slot, media)))
     return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
 

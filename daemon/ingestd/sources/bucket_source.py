@@ -26,6 +26,7 @@ from ingestd.core.source import NOT_A_FILE, Changes, Features, Known, PathTest, 
 from ingestd.media.detect import type_of_prefix
 from ingestd.plan.metadata import MAX_SIDECAR_BYTES, Sidecar, parse_sidecar
 from ingestd.sources.bucket_poll import ListingOutOfOrder, StoreHandle, diff_pages, usable_key
+from ingestd.sources.https_urls import https_object_url
 from ingestd.sources.objects import BucketError, ObjectChanged, ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
@@ -100,6 +101,9 @@ class BucketSource:
 
     def url_of(self, relpath: str) -> str:
         return self.handle.get().object_url(relpath)
+
+    def https_url_of(self, relpath: str) -> str | None:
+        return https_object_url(self.handle.url, self.handle.options, relpath)
 
     def path_of(self, relpath: str) -> str:
         raise NotImplementedError("a bucket has no local paths (Features.local_paths is False)")

@@ -150,6 +150,9 @@ class LocalFolderSource:
     def url_of(self, relpath: str) -> str:
         raise NotImplementedError("a local folder has no URLs (Features.urls is False)")
 
+    def https_url_of(self, relpath: str) -> str | None:
+        raise NotImplementedError("a local folder has no URLs (Features.urls is False)")
+
     # -- events ---------------------------------------------------------------------------
 
     def start(self, deliver: EventSink, on_overflow: Callable[[], None]) -> None:
