@@ -22,9 +22,9 @@ from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.runner import WatchRunner
 from ingestd.pipeline.side import WatchSide
 from ingestd.runtime.backend import side_for
-from ingestd.sinks.base import Capabilities, Sink
+from ingestd.sinks.base import BatchLimits, Capabilities, Sink
 from ingestd.sinks.local import LocalSink
-from ingestd.sinks.memory import MemorySink
+from ingestd.sinks.memory import BatchingMemorySink, MemorySink
 from ingestd.sources.bucket_poll import StoreHandle
 from ingestd.sources.bucket_source import BucketSource
 from ingestd.sources.objects import BucketError, MemoryObjectStore
@@ -298,3 +298,22 @@ async def test_the_local_sink_stores_streamed_bytes(rig: Any, tmp_path: Path) ->
         assert s.blobs.path(f["digest"]).read_bytes() == b"B" * 7000
         assert list(s.blobs.digests()) == [f["digest"]]
         assert s.catalog.get_item("ds", "/dir", "c.bin") is not None
+
+
+async def test_registered_objects_go_in_groups_from_the_backlog(rig: Any) -> None:
+    """Groups fill from the backlog (up to the sink's limit), not from the workers: two
+    workers, 230 objects, groups of up to 100, each object a reference with its https
+    form for the platforms that fetch only https."""
+    sink = BatchingMemorySink(BatchLimits(items=100, linger=0.0))
+    r = await rig(sink)
+    for i in range(230):
+        r.store.put(f"cam/{i:03d}.jpg", b"jpeg %d" % i, OLD)
+    await r.sync()
+    assert len(sink.items) == 230
+    assert sorted(sink.groups, reverse=True)[:2] == [100, 100] and sum(sink.groups) == 230
+    assert sink.most_at_once <= 2  # `workers` still bounds the calls at once
+    [ref] = sink.items[("ds", "/cam/007.jpg")]["slots"][0]["files"]
+    assert ref["url"] == "s3://bkt/pre/cam/007.jpg" and "digest" not in ref
+    [sent] = sink.sent["/cam/007.jpg"].slots[0].files
+    assert sent.https_url == "https://bkt.s3.amazonaws.com/pre/cam/007.jpg"
+    assert "get" not in r.store.calls  # a reference moves no bytes

@@ -22,8 +22,9 @@ from ingestd.ledger import AsyncLedger, Ledger
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
-from ingestd.sinks.base import BatchItem, BatchPutter, PutResult
+from ingestd.sinks.base import BatchItem, BatchLimits, BatchPutter, PutResult
 from ingestd.sinks.local import LocalSink
+from ingestd.sinks.memory import BatchingMemorySink
 from ingestd.sources.local import LocalFolderSource
 from ingestd.store import BlobStore, Catalog, Store
 from ingestd.store.blobs import StagedBlob
@@ -215,3 +216,38 @@ async def test_pool_syncs_a_group_and_requeues_a_file_changed_since_planning(
         assert store.blobs.verify_all() == []
     finally:
         store.close()
+
+
+async def test_groups_fill_from_the_backlog_not_from_the_workers(tmp_path: Path) -> None:
+    """One worker, 250 small files, a sink that takes 100 at a time: the groups are as
+    big as the sink allows, and one call runs at a time."""
+    root = tmp_path / "src"
+    root.mkdir()
+    ledger = AsyncLedger(tmp_path / "state")
+    await ledger.open()
+    ops = []
+    for i in range(250):
+        p = root / f"f{i:03d}.bin"
+        p.write_bytes(b"%d" % i)
+        plan = plan_for(p.name, os.stat(p))
+        ops.append(Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, 0.0))
+    await ledger.write_many(ops)
+    sink = BatchingMemorySink(BatchLimits(items=100, bytes=1 << 20, linger=0.0, small=1 << 10))
+    pool = SyncPool(ledger, sink, {"w": WatchSide(LocalFolderSource(root), 30.0, False)}, workers=1)
+    task = asyncio.create_task(pool.run(poll=0.05))
+
+    def done(led: Ledger) -> bool:
+        return led.counts()["w"].synced == 250 and not pool.inflight
+
+    try:
+        deadline = time.monotonic() + 30
+        while not await ledger.call(done, ledger.sync):
+            assert time.monotonic() < deadline, f"groups so far: {sink.groups}"
+            await asyncio.sleep(0.02)
+    finally:
+        await pool.stop(1)
+        task.cancel()
+        await ledger.close()
+    assert len(sink.items) == 250
+    assert sink.groups.count(100) == 2 and sum(sink.groups) == 250
+    assert sink.most_at_once == 1

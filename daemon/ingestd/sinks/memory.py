@@ -10,13 +10,25 @@ call order deterministic.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from ingestd.core.errors import PermanentError, SourceChangedError
 from ingestd.core.model import FilePayload, ItemPayload, item_key
-from ingestd.sinks.base import Capabilities, Manifest, PutResult, SinkBase, read_chunks, reading
+from ingestd.sinks.base import (
+    BatchItem,
+    BatchLimits,
+    Capabilities,
+    Manifest,
+    PutResult,
+    SinkBase,
+    read_chunks,
+    reading,
+)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -125,3 +137,34 @@ class MemorySink(SinkBase):
                 f"(expected {f.digest}, {f.size} bytes; got {digest}, {len(data)} bytes)"
             )
         return data
+
+
+class BatchingMemorySink(MemorySink):
+    """The in-memory double with the optional batch put (capabilities.batch), for the
+    tests of the sync step's groups: `groups` records each call's size, `most_at_once`
+    the most calls in progress together."""
+
+    def __init__(self, limits: BatchLimits, capabilities: Capabilities | None = None) -> None:
+        base = capabilities or Capabilities(remote_urls=True, metadata_update=True, delete=True)
+        super().__init__(replace(base, batch=limits))
+        self.groups: list[int] = []
+        self.sent: dict[str, ItemPayload] = {}  # item key -> the payload last put in a group
+        self.most_at_once = 0
+        self._at_once = 0
+
+    async def put_items(self, items: Sequence[BatchItem]) -> list[PutResult | Exception]:
+        self.groups.append(len(items))
+        self._at_once += 1
+        self.most_at_once = max(self.most_at_once, self._at_once)
+        try:
+            await asyncio.sleep(0)  # a real batch call yields; let overlapping calls show
+            out: list[PutResult | Exception] = []
+            for b in items:
+                self.sent[b.item.key] = b.item
+                try:
+                    out.append(await self.put_item(b.dataset, b.item, b.previous))
+                except Exception as e:
+                    out.append(e)
+            return out
+        finally:
+            self._at_once -= 1
