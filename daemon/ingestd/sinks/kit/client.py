@@ -7,6 +7,12 @@ re-sent), 429 and 5xx back off exponentially with full jitter honouring Retry-Af
 (which pauses every request of the key), and a wait longer than `backoff_cap` is handed
 to the ledger (RetriableError) so the worker is free meanwhile. The API key is sent in
 a header and never logged; a refused key names the setting that holds it.
+
+A body that fails its own check while it streams (a VerifiedFile whose file changed,
+or could not be read) ends the request with that error, not with the connection error
+aiohttp wraps it in: the network is not at fault, and another attempt would not help.
+An optional `gate` (see Gate) lets a sink share the news of an outage among all its
+requests, e.g. one probe at a time while its server cannot be reached.
 """
 
 from __future__ import annotations
@@ -15,18 +21,21 @@ import asyncio
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from ingestd.core.backoff import full_jitter
-from ingestd.core.errors import PermanentError, RetriableError
+from ingestd.core.errors import PermanentError, RetriableError, SyncError
 from ingestd.sinks.kit.pacer import Pacer, parse_retry_after
 
 log = structlog.get_logger("ingestd.sinks")
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 520, 522, 524})
+# Failures to reach the backend at all (as opposed to a connection lost mid-request).
+CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,32 @@ class Answer:
 Verdict = Literal["ok", "retry", "reject"]
 RetryRule = Callable[[Answer], Verdict]
 Body = Callable[[], Any]  # builds a fresh request body (bytes, FormData, async iterator)
+
+
+class Gate(Protocol):
+    """Optional, per client: what every request of a sink learns about reaching its
+    backend at all. `admit` runs before each attempt: None lets it be sent; a reason
+    makes it a failed attempt that sends nothing (the backend is known to be down and
+    another request is probing it). `after` runs once per admitted attempt: reached
+    True when the backend answered, False when it could not be connected to, None when
+    neither is known (the attempt ended otherwise)."""
+
+    async def admit(self) -> str | None: ...
+
+    def after(self, reached: bool | None, reason: str) -> None: ...
+
+
+def _local_failure(e: BaseException) -> SyncError | None:
+    """The SyncError a request body raised, which aiohttp reports as the cause of a
+    connection error."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, SyncError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def http_rule(answer: Answer) -> Verdict:
@@ -79,6 +114,7 @@ class ApiClient:
         backoff_cap: float = 60.0,
         timeout: float = 120.0,
         connections: int = 32,
+        gate: Gate | None = None,
     ) -> None:
         self.name = name
         self._auth = dict(auth_headers)
@@ -91,6 +127,7 @@ class ApiClient:
         self.backoff_cap = backoff_cap
         self.timeout = timeout
         self.connections = connections
+        self.gate = gate
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -116,7 +153,7 @@ class ApiClient:
     async def request(
         self,
         method: str,
-        url: str,
+        url: str | URL,
         *,
         what: str,
         json_body: Any = None,
@@ -132,17 +169,12 @@ class ApiClient:
         pre-signed URLs, which must not see the API key."""
         failures = 0
         while True:
-            await self.pacer.acquire()
-            hdrs = {**(self._auth if auth else {}), **(headers or {})}
-            data = body() if body is not None else None
             answer: Answer | None = None
-            try:
-                async with self.session().request(
-                    method, url, json=json_body, data=data, headers=hdrs, params=params
-                ) as resp:
-                    answer = Answer(resp.status, dict(resp.headers), await resp.read())
-            except (aiohttp.ClientError, TimeoutError) as e:
-                reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            reason = await self.gate.admit() if self.gate is not None else None
+            if reason is None:
+                answer, reason = await self._attempt(
+                    method, url, json_body, body, headers, params, auth
+                )
             retry_after: float | None = None
             if answer is not None:
                 if ok is not None and answer.status in ok:
@@ -167,6 +199,46 @@ class ApiClient:
             delay = full_jitter(failures - 1, self.backoff_base, self.backoff_cap, retry_after)
             log.debug("retrying", backend=self.name, what=what, reason=reason, wait=round(delay, 2))
             await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str | URL,
+        json_body: Any,
+        body: Body | None,
+        headers: Mapping[str, str] | None,
+        params: Any,
+        auth: bool,
+    ) -> tuple[Answer | None, str]:
+        """One attempt: the answer, or None and why there was none."""
+        reached: bool | None = None
+        reason = ""
+        try:
+            await self.pacer.acquire()
+            hdrs = {**(self._auth if auth else {}), **(headers or {})}
+            data = body() if body is not None else None
+            try:
+                async with self.session().request(
+                    method, url, json=json_body, data=data, headers=hdrs, params=params
+                ) as resp:
+                    answer = Answer(resp.status, dict(resp.headers), await resp.read())
+                reached = True
+                return answer, ""
+            except aiohttp.ClientConnectorCertificateError as e:
+                raise PermanentError(
+                    f"{self.name}: TLS certificate check failed ({e.certificate_error})"
+                ) from None
+            except (aiohttp.ClientError, TimeoutError) as e:
+                local = _local_failure(e)
+                if local is not None:
+                    raise local from None
+                reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if isinstance(e, CONNECT_ERRORS):
+                    reached = False
+                return None, reason
+        finally:
+            if self.gate is not None:
+                self.gate.after(reached, reason)
 
     def rejection(self, answer: Answer, what: str) -> Exception:
         """What a non-retriable answer means, in words a user can act on."""

@@ -73,3 +73,25 @@ class VerifiedFile:
     async def read_all(self) -> bytes:
         """The whole (small) file, checked: for multipart bodies built in memory."""
         return b"".join([b async for b in self.body()])
+
+
+def read_local(f: FilePayload) -> bytes:
+    """A small local file whole, checked as `VerifiedFile.body()` checks it, in one
+    blocking call: run on a thread, one trip can read a whole group of small files
+    (a trip per file, or four per file through aiofiles, is what small files cost)."""
+    where = f.local_path
+    try:
+        with open(where, "rb") as fh:
+            data = fh.read(f.size + 1)
+    except OSError as e:
+        raise read_error(where, e) from e
+    if len(data) > f.size:
+        raise SourceChangedError(f"{where} grew after it was hashed ({f.size} bytes)")
+    if len(data) < f.size:
+        raise SourceChangedError(
+            f"{where} shrank after it was hashed ({len(data)} of {f.size} bytes)"
+        )
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if f.digest and digest != f.digest:
+        raise SourceChangedError(f"{where} changed after it was hashed (now {digest})")
+    return data
