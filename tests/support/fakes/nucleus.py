@@ -1,54 +1,62 @@
 """A fake Scale Nucleus API: an aiohttp application on 127.0.0.1 that keeps remote state
-(datasets, items, metadata, the bytes' digests) for tests to assert on.
+(datasets, items, metadata, the bytes it received) for tests to assert on.
 
-It follows the documented requests and responses gathered in docs/platforms.md
-("Scale Nucleus") and the HTTP layer of nucleus-python-client (0.18):
+It answers what the current SDK (scale-nucleus 0.22.3) sends, proven by driving that
+SDK against it (tests/e2e/test_nucleus_sdk.py), and what docs/platforms.md ("Scale
+Nucleus") gathers from the API documentation:
 
 - Base path `/v1/nucleus`; HTTP Basic auth with the API key as user name and an empty
   password on every API route (401 otherwise). Unknown paths answer 404, wrong methods
   405, malformed bodies 400 with `{"error": ...}`.
 - `GET dataset/details` lists `[{"id", "name", "is_public"}]` (the SDK's
-  DatasetDetails); `POST dataset/create {"name", "is_scene"}` answers
-  `{"dataset_id"}`; `DELETE dataset/{id}` answers `{"message": "Beginning dataset
-  deletion..."}`. Names need not be unique (Nucleus allows that).
-- `POST dataset/{id}/append` as multipart/form-data: a part `items` holding a JSON
-  array of `{reference_id, metadata, update, image_url?, upload_to_scale?}`, then one
-  `image` file part per item (an item's `image_url` names its file part, as the SDK
-  sends it), at most 10 files a request (400 beyond). The answer counts `new_items`,
-  `updated_items`, `ignored_items` and `upload_errors`, and lists the failed items under
-  `error_payload` (each item's JSON with an `error` message). As JSON
-  (`{"items": [{reference_id, image_url, metadata}], "update"}`) it registers remote
-  URLs the same way.
+  DatasetDetails); `POST dataset/create {"name", "is_scene", ...}` answers
+  `{"dataset_id"}`; `DELETE dataset/{id}` answers `{"message": ...}`. Names need not be
+  unique (Nucleus allows that).
+- Every append is processed by the asynchronous pipeline (scale-nucleus 0.19 removed
+  the synchronous upload; 0.22's `append` says "All uploads are processed
+  asynchronously") and answers a job `{"job_id", "job_last_known_status", "job_type",
+  "job_creation_time"}`:
+  - local bytes: `POST dataset/{id}/append?async=1` as multipart/form-data, as
+    nucleus/dataset_item_uploader.py builds it: a part `items` holding a JSON array of
+    `{metadata, reference_id, image_url, update}`, then one `image` file part per item
+    whose filename is the item's `image_url` (the SDK sends the local path as both), at
+    most 10 files a request (400 beyond);
+  - remote URLs: `GET dataset/{id}/signedUrl/{uuid}` answers `{"signed_url"}`; a PUT of
+    NDJSON items there (without the API key: a pre-signed URL refuses a second auth
+    mechanism with 400); `POST dataset/{id}/append?async=1 {"requestId", "update"}`.
+  Items are stored when the job is made; each item's failure (an image that does not
+  decode or is over 5000 x 5000 px, a URL that is not s3://, gs:// or http(s):// or is in
+  `bad_urls`, a metadata key whose type conflicts with the dataset's) becomes a job
+  error instead of failing the request.
+- `GET job/{id}` answers `{"job_id", "status", "message", "job_progress",
+  "completed_steps", "total_steps"}`: `Running` for `job_polls` polls and at least
+  `job_seconds` seconds, then `Completed`, `Errored_Partial` (some items failed) or
+  `Errored_User` (all failed); `GET job/{id}/errors` lists strings, each the JSON of
+  `{"item": {...}, "error": "..."}` (the shape the SDK's docstring shows).
+- `POST jobs/ {"dataset_id", "job_types", "from_date", "to_date", "limit",
+  "show_completed"}` (the SDK's `list_jobs`) lists jobs as `{"job_id",
+  "job_last_known_status", "job_type", "job_creation_time"}`, newest first; a listing
+  counts as a poll of each job it shows.
 - `update: true` replaces an existing item and its metadata entirely; `update: false`
-  leaves it alone and counts it as ignored. Items are keyed by `reference_id`, so the
-  dataset can never hold two items with the same one.
-- Images must decode and be at most 5000 x 5000 px (else an upload error for that item);
-  a metadata key must be a string everywhere or a number everywhere in a dataset: a
-  conflict fails the whole upload (400), as the platform documents.
-- Large imports: `GET dataset/{id}/signedUrl/{uuid}` answers `{"signed_url"}`; a PUT of
-  NDJSON items there (without the API key: a pre-signed URL refuses a second auth
-  mechanism with 400); `POST dataset/{id}/append?async=1 {"requestId", "update"}`
-  answers a job `{"job_id", "job_last_known_status", "job_type",
-  "job_creation_time"}`. `GET job/{id}` answers `{"job_id", "status", "message",
-  "job_progress", "completed_steps", "total_steps"}`, `Running` for `job_polls` polls,
-  then `Completed`, `Errored_Partial` (some items failed) or `Errored_User` (all
-  failed); `GET job/{id}/errors` lists strings, each the JSON of
-  `{"item": {...}, "error": "..."}` (the shape the SDK's docstring shows). Remote URLs
-  must be s3://, gs:// or http(s)://; URLs in `bad_urls` fail to fetch.
-- `POST dataset/{id}/metadata {"metadata": [{"reference_id", "metadata"}], "level":
-  "item"}` MERGES the given keys into each item's metadata (keys cannot be removed).
+  leaves it alone. Items are keyed by `reference_id`, so the dataset can never hold two
+  items with the same one.
+- `POST dataset/{id}/metadata?async=0 {"metadata": [{"reference_id", "metadata"}],
+  "level": "item"}` MERGES the given keys into each item's metadata (keys cannot be
+  removed); `?async=1` answers a job instead.
 - `GET dataset/{id}/refloc/{reference_id}` answers `{"item": {...}, "annotations":
   {}}`, `DELETE` of the same path removes the item; both 404 for an unknown one. The
   reference_id is one path segment, percent-encoded (`/` as %2F), as the SDK sends it.
 
 Faults for tests: `storm(n, retry_after)` answers the next n API requests 429 with
 Retry-After; `fail_next(n, status)` answers 5xx; `drop_appends(n)` closes the
-connection in the middle of the next n multipart uploads; `hold()` makes uploads wait
+connection in the middle of the next n multipart uploads; `hold()` makes appends wait
 after storing their items until `release()` (a client that dies meanwhile never hears
-the answer); `reject_refs` fails named items; `job_final` forces a job's final status.
+the answer); `reject_refs` fails named items in their job; `refuse_refs` fails a whole
+request that carries one of them with a 400 naming no item; `job_final` forces a job's
+final status.
 
 Run it in-process with `serve(fake)` (an async context manager) or in a thread with
-`FakeNucleusThread(fake)` (for the daemon as a subprocess).
+`FakeNucleusThread(fake)` (for the daemon or an SDK as a subprocess).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import io
 import json
@@ -73,7 +82,9 @@ from PIL import Image
 PREFIX = "/v1/nucleus"
 MAX_FILES = 10
 MAX_SIDE = 5000
+MAX_JOB_ITEMS = 1000
 REMOTE_SCHEMES = ("s3://", "gs://", "http://", "https://")
+RUNNING = "Running"
 
 
 @dataclass
@@ -92,6 +103,7 @@ class FakeDataset:
     name: str
     is_scene: bool = False
     items: dict[str, dict[str, Any]] = field(default_factory=dict)  # reference_id -> item
+    blobs: dict[str, bytes] = field(default_factory=dict)  # reference_id -> uploaded bytes
 
 
 @dataclass
@@ -102,7 +114,19 @@ class FakeJob:
     total: int
     polls_left: int
     final: str
+    ready_at: float  # time.monotonic() from which the job may end
+    kind: str = "uploadDatasetItems"
     created: float = field(default_factory=time.time)
+
+    def observe(self) -> str:
+        """The status a poll sees now (a poll counts towards the job's end)."""
+        running = self.polls_left > 0 or time.monotonic() < self.ready_at
+        self.polls_left = max(0, self.polls_left - 1)
+        return RUNNING if running else self.final
+
+    @property
+    def creation_time(self) -> str:
+        return dt.datetime.fromtimestamp(self.created, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Rejected(Exception):
@@ -124,10 +148,28 @@ def _type_of(v: Any) -> str | None:
     return None
 
 
+def _date(value: Any) -> float | None:
+    """A listing's from_date/to_date: ISO 8601 or `str(datetime)`, UTC when naive."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise Rejected(400, f"Date {value} not a valid date") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
 class FakeNucleus:
-    def __init__(self, api_key: str = "nucleus-test-key-5d1c", *, job_polls: int = 1) -> None:
+    def __init__(
+        self,
+        api_key: str = "nucleus-test-key-5d1c",
+        *,
+        job_polls: int = 1,
+        job_seconds: float = 0.0,
+    ) -> None:
         self.api_key = api_key
         self.job_polls = job_polls
+        self.job_seconds = job_seconds
         self.lock = threading.RLock()
         self.datasets: dict[str, FakeDataset] = {}
         self.jobs: dict[str, FakeJob] = {}
@@ -138,7 +180,8 @@ class FakeNucleus:
         # faults
         self._faults: list[tuple[int, str | None]] = []  # (status, Retry-After) per request
         self._drops = 0
-        self.reject_refs: dict[str, str] = {}  # reference_id -> upload error message
+        self.reject_refs: dict[str, str] = {}  # reference_id -> the item's job error
+        self.refuse_refs: set[str] = set()  # a request carrying one of these fails whole
         self.bad_urls: set[str] = set()
         self.job_final: str | None = None
         self._hold = False
@@ -187,14 +230,22 @@ class FakeNucleus:
         with self.lock:
             return [d.id for d in self.datasets.values() if d.name == name]
 
+    def _one(self, name: str) -> FakeDataset | None:
+        ids = self.dataset_ids(name)
+        assert len(ids) <= 1, f"{len(ids)} datasets named {name!r}"
+        return self.datasets[ids[0]] if ids else None
+
     def items(self, name: str) -> dict[str, dict[str, Any]]:
         """reference_id -> item (a deep copy) of the one dataset with this name ({} if none)."""
         with self.lock:
-            ids = self.dataset_ids(name)
-            assert len(ids) <= 1, f"{len(ids)} datasets named {name!r}"
-            if not ids:
-                return {}
-            return json.loads(json.dumps(self.datasets[ids[0]].items))
+            ds = self._one(name)
+            return json.loads(json.dumps(ds.items)) if ds is not None else {}
+
+    def blobs(self, name: str) -> dict[str, bytes]:
+        """reference_id -> the bytes uploaded for it, in the one dataset with this name."""
+        with self.lock:
+            ds = self._one(name)
+            return dict(ds.blobs) if ds is not None else {}
 
     def requests(self, method: str | None = None, contains: str = "") -> list[Logged]:
         with self.lock:
@@ -203,11 +254,19 @@ class FakeNucleus:
             ]
 
     def appends(self) -> list[Logged]:
-        """Successful multipart/JSON append calls (not async imports)."""
+        """Successful multipart appends (local bytes)."""
         return [
             r
             for r in self.requests("POST", "/append")
-            if r.status == 200 and "async" not in r.query
+            if r.status == 200 and r.headers.get("Content-Type", "").startswith("multipart/")
+        ]
+
+    def job_answers(self) -> list[Logged]:
+        """Successful job status polls and listings."""
+        return [
+            r
+            for r in self.log
+            if r.status == 200 and (r.path.startswith("/job/") or r.path.startswith("/jobs"))
         ]
 
     # --- the application ---------------------------------------------------------------
@@ -280,6 +339,8 @@ class FakeNucleus:
             route = ("dataset", "*", *seg[2:3])
         elif seg[:1] == ["job"] and len(seg) in (2, 3):
             route = ("job", "*", *seg[2:3])
+        elif seg in (["jobs"], ["jobs", ""]):
+            route = ("jobs",)
         else:
             raise web.HTTPNotFound(text=json.dumps({"error": "Not found"}))
         table: dict[tuple[tuple[str, ...], str], Any] = {
@@ -293,6 +354,7 @@ class FakeNucleus:
             (("dataset", "*", "metadata"), "POST"): lambda: self._metadata(request, seg[1]),
             (("job", "*"), "GET"): lambda: self._job(seg[1]),
             (("job", "*", "errors"), "GET"): lambda: self._job_errors(seg[1]),
+            (("jobs",), "POST"): lambda: self._list_jobs(request),
         }
         action = table.get((route, m))
         if action is None:
@@ -328,17 +390,15 @@ class FakeNucleus:
             raise Rejected(404, f"Dataset {ds_id} not found")
         return ds
 
-    # --- appends -----------------------------------------------------------------------
+    # --- appends: every one becomes a job ----------------------------------------------
 
     async def _append(self, request: web.Request, ds_id: str) -> web.StreamResponse:
         with self.lock:
             ds = self._dataset(ds_id)
             if ds.is_scene:
                 raise Rejected(400, "This dataset only accepts scenes")
-        if request.query.get("async") in ("1", "true", "True"):
-            return await self._append_async(request, ds)
-        ctype = request.headers.get("Content-Type", "")
-        if ctype.startswith("multipart/form-data"):
+        files: dict[str, tuple[bytes, str]] = {}
+        if request.headers.get("Content-Type", "").startswith("multipart/form-data"):
             with self.lock:
                 drop = self._drops > 0
                 self._drops -= int(drop)
@@ -350,16 +410,22 @@ class FakeNucleus:
             items, files = await self._read_multipart(request)
         else:
             body = await self._json(request)
-            items = body.get("items")
-            if not isinstance(items, list):
-                raise Rejected(400, "items must be a list")
+            rid = body.get("requestId")
+            if request.query.get("async") not in ("1", "true", "True") or not isinstance(rid, str):
+                raise Rejected(400, "remote items go through a signed URL: requestId, ?async=1")
+            items = self._uploaded_items(ds, rid)
             for it in items:
-                if isinstance(it, dict):
-                    it.setdefault("update", bool(body.get("update")))
-            files = {}
-        answer = self._store(ds, items, files)
+                it["update"] = bool(body.get("update"))
+        job = self._run_job(ds, self._valid(items), files)
         await self._maybe_hold()
-        return web.json_response(answer)
+        return web.json_response(
+            {
+                "job_id": job.id,
+                "job_last_known_status": RUNNING,
+                "job_type": job.kind,
+                "job_creation_time": job.creation_time,
+            }
+        )
 
     async def _read_multipart(
         self, request: web.Request
@@ -371,12 +437,13 @@ class FakeNucleus:
         async for part in reader:
             if part.name == "items":
                 try:
-                    items = json.loads(await part.read())
+                    items = json.loads(await part.read())  # type: ignore[union-attr]
                 except ValueError as e:
                     raise Rejected(400, f"items is not JSON: {e}") from None
             elif part.name == "image":
-                data = await part.read()
-                name = part.filename or f"#{len(order)}"
+                data = await part.read()  # type: ignore[union-attr]
+                # aiohttp's FormData (the SDK's) percent-encodes the file name, "/" too
+                name = unquote(part.filename or "") or f"#{len(order)}"  # type: ignore[union-attr]
                 if name in files:
                     raise Rejected(400, f"duplicate file name {name}")
                 files[name] = (bytes(data), part.headers.get("Content-Type", ""))
@@ -389,74 +456,116 @@ class FakeNucleus:
             raise Rejected(400, f"at most {MAX_FILES} files per request, got {len(files)}")
         if len(files) != len(items):
             raise Rejected(400, f"{len(items)} items but {len(files)} image files")
-        by_item: dict[str, tuple[bytes, str]] = {}
         for i, it in enumerate(items):
             if not isinstance(it, dict):
                 raise Rejected(400, "each item must be an object")
             url = it.get("image_url")
-            key = url if isinstance(url, str) and url in files else order[i]
             if isinstance(url, str) and url not in files:
                 raise Rejected(400, f"no file part named {url!r}")
-            it["_file"] = key
-            by_item[key] = files[key]
-        return items, by_item
+            it["_file"] = url if isinstance(url, str) else order[i]
+        return items, files
 
-    def _store(
-        self, ds: FakeDataset, items: list[Any], files: dict[str, tuple[bytes, str]]
-    ) -> dict[str, Any]:
-        """Validate, then apply; a metadata type conflict fails the whole request."""
+    def _uploaded_items(self, ds: FakeDataset, rid: str) -> list[dict[str, Any]]:
+        with self.lock:
+            data = self.uploads.pop((ds.id, rid), None)
+        if data is None:
+            raise Rejected(400, f"No upload found for requestId {rid!r}")
+        items: list[dict[str, Any]] = []
+        for line in data.decode().splitlines():
+            if line.strip():
+                try:
+                    it = json.loads(line)
+                except ValueError as e:
+                    raise Rejected(400, f"payload is not NDJSON: {e}") from None
+                if not isinstance(it, dict):
+                    raise Rejected(400, "each NDJSON line must be an object")
+                items.append(it)
+        if len(items) > MAX_JOB_ITEMS:
+            raise Rejected(400, f"at most {MAX_JOB_ITEMS} items per job")
+        return items
+
+    def _valid(self, items: list[Any]) -> list[dict[str, Any]]:
+        """What fails a request as a whole: its shape, not one item's content."""
         refs = []
         for it in items:
             if not isinstance(it, dict) or not isinstance(it.get("reference_id"), str):
                 raise Rejected(400, "each item needs a reference_id string")
-            md = it.get("metadata", {})
-            if not isinstance(md, dict):
+            if not isinstance(it.setdefault("metadata", {}), dict):
                 raise Rejected(400, f"metadata of {it['reference_id']} must be an object")
+            if it["reference_id"] in self.refuse_refs:
+                raise Rejected(400, "Invalid request")
             refs.append(it["reference_id"])
         if len(set(refs)) != len(refs):
             raise Rejected(400, "Duplicate reference IDs in the request")
+        return items
+
+    def _run_job(
+        self, ds: FakeDataset, items: list[dict[str, Any]], files: dict[str, tuple[bytes, str]]
+    ) -> FakeJob:
+        """Store what can be stored now; each item's failure is a job error."""
+        errors: list[str] = []
         with self.lock:
-            conflict = self._type_conflict(
-                ds, [(it["reference_id"], it["metadata"]) for it in items]
-            )
-            if conflict:
-                raise Rejected(400, conflict)
-            counts = {"new_items": 0, "updated_items": 0, "ignored_items": 0}
-            errors: list[dict[str, Any]] = []
             for it in items:
-                ref = it["reference_id"]
-                record: dict[str, Any] = {"reference_id": ref, "metadata": it.get("metadata", {})}
-                problem = self.reject_refs.get(ref)
-                if "_file" in it:
-                    data, ctype = files[it.pop("_file")]
-                    problem = problem or self._image_problem(data)
-                    record["image"] = {
-                        "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
-                        "size": len(data),
-                        "content_type": ctype,
-                    }
-                else:
-                    url = it.get("image_url")
-                    if not isinstance(url, str) or not url.startswith(REMOTE_SCHEMES):
-                        problem = problem or f"image_url {url!r} is not a remote URL"
-                    elif url in self.bad_urls:
-                        problem = problem or f"Failed to fetch image from {url}"
-                    record["image_url"] = url
+                file = files.get(it.pop("_file")) if "_file" in it else None
+                problem = self._store(ds, it, file)
                 if problem:
-                    errors.append({**record, "error": problem})
-                    continue
-                old = ds.items.get(ref)
-                if old is not None and not it.get("update"):
-                    counts["ignored_items"] += 1
-                    continue
-                record["version"] = 1 if old is None else old["version"] + 1
-                counts["new_items" if old is None else "updated_items"] += 1
-                ds.items[ref] = record
-            self.stored_while_held += int(self._hold)
-        answer: dict[str, Any] = {"dataset_id": ds.id, **counts, "upload_errors": len(errors)}
-        if errors:
-            answer["error_payload"] = errors
-        return answer
+                    errors.append(json.dumps({"item": it, "error": problem}))
+            self.stored_while_held += int(self._hold and len(errors) < len(items))
+            final = self.job_final or (
+                "Completed"
+                if not errors
+                else "Errored_User"
+                if len(errors) == len(items)
+                else "Errored_Partial"
+            )
+            job = FakeJob(
+                f"job_{uuid.uuid4().hex[:20]}",
+                ds.id,
+                errors,
+                len(items),
+                self.job_polls,
+                final,
+                time.monotonic() + self.job_seconds,
+            )
+            self.jobs[job.id] = job
+        return job
+
+    def _store(
+        self, ds: FakeDataset, it: dict[str, Any], file: tuple[bytes, str] | None
+    ) -> str | None:
+        """One item into the dataset (the lock is held); the reason it failed, if it did."""
+        ref = it["reference_id"]
+        record: dict[str, Any] = {"reference_id": ref, "metadata": it["metadata"]}
+        problem = self.reject_refs.get(ref)
+        if file is not None:
+            data, ctype = file
+            problem = problem or self._image_problem(data)
+            name = str(it.get("image_url") or "").replace("\\", "/").rsplit("/", 1)[-1]
+            record["image"] = {
+                "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "content_type": ctype,
+                "name": name,
+            }
+        else:
+            url = it.get("image_url")
+            if not isinstance(url, str) or not url.startswith(REMOTE_SCHEMES):
+                problem = problem or f"image_url {url!r} is not a remote URL"
+            elif url in self.bad_urls:
+                problem = problem or f"Failed to fetch image from {url}"
+            record["image_url"] = url
+        problem = problem or self._type_conflict(ds, [(ref, it["metadata"])])
+        if problem:
+            return problem
+        old = ds.items.get(ref)
+        if old is not None and not it.get("update"):
+            return None  # ignored: the dataset keeps what it has
+        record["version"] = 1 if old is None else old["version"] + 1
+        ds.items[ref] = record
+        ds.blobs.pop(ref, None)
+        if file is not None:
+            ds.blobs[ref] = file[0]
+        return None
 
     @staticmethod
     def _image_problem(data: bytes) -> str | None:
@@ -470,11 +579,13 @@ class FakeNucleus:
             return f"Image is {w}x{h}; the maximum is {MAX_SIDE}x{MAX_SIDE}"
         return None
 
-    def _type_conflict(
-        self, ds: FakeDataset, entries: list[tuple[str, dict[str, Any]]], merge: bool = False
-    ) -> str | None:
-        """The dataset-wide rule: a key is a string everywhere or a number everywhere."""
-        replaced = {ref for ref, _ in entries} if not merge else set()
+    @staticmethod
+    def _type_conflict(ds: FakeDataset, entries: list[tuple[str, dict[str, Any]]]) -> str | None:
+        """The dataset-wide rule: a key is a string everywhere or a number everywhere
+        (`entries` replace the metadata of their items)."""
+        if not any(md for _, md in entries):
+            return None
+        replaced = {ref for ref, _ in entries}
         known: dict[str, tuple[str, str]] = {}
         for ref, item in ds.items.items():
             if ref in replaced:
@@ -510,7 +621,7 @@ class FakeNucleus:
             with self.lock:
                 self.held -= 1
 
-    # --- the asynchronous import -------------------------------------------------------
+    # --- remote items: the signed URL --------------------------------------------------
 
     async def _signed_url(self, request: web.Request, seg: list[str]) -> web.Response:
         if len(seg) != 4 or not seg[3]:
@@ -536,69 +647,20 @@ class FakeNucleus:
             self.uploads[target] = data
         return web.Response(status=200)
 
-    async def _append_async(self, request: web.Request, ds: FakeDataset) -> web.Response:
-        body = await self._json(request)
-        rid = body.get("requestId")
-        with self.lock:
-            data = self.uploads.pop((ds.id, rid), None) if isinstance(rid, str) else None
-        if data is None:
-            raise Rejected(400, f"No upload found for requestId {rid!r}")
-        items: list[dict[str, Any]] = []
-        for line in data.decode().splitlines():
-            if line.strip():
-                try:
-                    it = json.loads(line)
-                except ValueError as e:
-                    raise Rejected(400, f"payload is not NDJSON: {e}") from None
-                if not isinstance(it, dict):
-                    raise Rejected(400, "each NDJSON line must be an object")
-                it["update"] = bool(body.get("update"))
-                items.append(it)
-        if len(items) > 1000:
-            raise Rejected(400, "at most 1000 items per job")
-        errors: list[str] = []
-        with self.lock:
-            for it in items:  # a job reports each item's failure instead of failing whole
-                try:
-                    answer = self._store(ds, [it], {})
-                except Rejected as e:
-                    errors.append(json.dumps({"item": it, "error": e.message}))
-                    continue
-                for e in answer.get("error_payload", []):
-                    item = {k: v for k, v in e.items() if k != "error"}
-                    errors.append(json.dumps({"item": item, "error": e["error"]}))
-            failed = len(errors)
-            final = self.job_final or (
-                "Completed"
-                if not failed
-                else "Errored_User"
-                if failed == len(items)
-                else "Errored_Partial"
-            )
-            job = FakeJob(
-                f"job_{uuid.uuid4().hex[:20]}", ds.id, errors, len(items), self.job_polls, final
-            )
-            self.jobs[job.id] = job
-        await self._maybe_hold()
-        return web.json_response(
-            {
-                "job_id": job.id,
-                "job_last_known_status": "Running",
-                "job_type": "uploadDatasetItems",
-                "job_creation_time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-            }
-        )
+    # --- jobs --------------------------------------------------------------------------
+
+    def _find_job(self, job_id: str) -> FakeJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise Rejected(404, f"Job {job_id} not found")
+        return job
 
     async def _job(self, job_id: str) -> web.Response:
         with self.lock:
-            job = self.jobs.get(job_id)
-            if job is None:
-                raise Rejected(404, f"Job {job_id} not found")
-            running = job.polls_left > 0
-            job.polls_left -= int(running)
-            status = "Running" if running else job.final
+            job = self._find_job(job_id)
+            status = job.observe()
         steps = job.total or 1
-        done = 0 if running else steps
+        done = 0 if status == RUNNING else steps
         return web.json_response(
             {
                 "job_id": job.id,
@@ -612,10 +674,39 @@ class FakeNucleus:
 
     async def _job_errors(self, job_id: str) -> web.Response:
         with self.lock:
-            job = self.jobs.get(job_id)
-            if job is None:
-                raise Rejected(404, f"Job {job_id} not found")
-            return web.json_response(list(job.errors))
+            return web.json_response(list(self._find_job(job_id).errors))
+
+    async def _list_jobs(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        ds_id, kinds = body.get("dataset_id"), body.get("job_types") or []
+        since, until = _date(body.get("from_date")), _date(body.get("to_date"))
+        limit = body.get("limit") or 50_000
+        if not isinstance(kinds, list) or not isinstance(limit, int) or limit > 50_000:
+            raise Rejected(400, "job_types must be a list and limit at most 50,000")
+        out: list[dict[str, Any]] = []
+        with self.lock:
+            for job in sorted(self.jobs.values(), key=lambda j: j.created, reverse=True):
+                if (
+                    (ds_id and job.dataset != ds_id)
+                    or (kinds and job.kind not in kinds)
+                    or (since is not None and job.created < since)
+                    or (until is not None and job.created > until)
+                ):
+                    continue
+                status = job.observe()
+                if status == "Completed" and not body.get("show_completed"):
+                    continue
+                out.append(
+                    {
+                        "job_id": job.id,
+                        "job_last_known_status": status,
+                        "job_type": job.kind,
+                        "job_creation_time": job.creation_time,
+                    }
+                )
+                if len(out) >= limit:
+                    break
+        return web.json_response(out)
 
     # --- items by reference_id, metadata -----------------------------------------------
 
@@ -630,6 +721,7 @@ class FakeNucleus:
                 raise Rejected(404, f"No item with reference_id {ref}")
             if delete:
                 del ds.items[ref]
+                ds.blobs.pop(ref, None)
                 return web.json_response({})
             out = {
                 "reference_id": ref,
@@ -663,6 +755,26 @@ class FakeNucleus:
                 raise Rejected(400, conflict)
             for ref, md in merged:
                 ds.items[ref]["metadata"] = md
+            if request.query.get("async") == "1":
+                job = FakeJob(
+                    f"job_{uuid.uuid4().hex[:20]}",
+                    ds.id,
+                    [],
+                    len(pairs),
+                    self.job_polls,
+                    "Completed",
+                    time.monotonic() + self.job_seconds,
+                    kind="metadataUpdate",
+                )
+                self.jobs[job.id] = job
+                return web.json_response(
+                    {
+                        "job_id": job.id,
+                        "job_last_known_status": RUNNING,
+                        "job_type": job.kind,
+                        "job_creation_time": job.creation_time,
+                    }
+                )
         return web.json_response({"dataset_id": ds_id, "message": f"Updated {len(merged)} items"})
 
     @staticmethod
@@ -695,7 +807,8 @@ async def serve(fake: FakeNucleus) -> AsyncIterator[str]:
 
 class FakeNucleusThread:
     """`fake` served from a background thread with its own event loop, for tests that
-    run the daemon as a subprocess. Use as a context manager; `.url` is the base URL."""
+    run the daemon or an SDK as a subprocess. Use as a context manager; `.url` is the
+    base URL."""
 
     def __init__(self, fake: FakeNucleus) -> None:
         self.fake = fake
