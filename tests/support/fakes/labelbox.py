@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import itertools
 import json
@@ -63,8 +64,10 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 from graphql import (
+    DocumentNode,
     FieldNode,
     GraphQLError,
+    InlineFragmentNode,
     OperationDefinitionNode,
     SelectionSetNode,
     parse,
@@ -73,7 +76,20 @@ from graphql import (
 
 CHUNK_MAX = 10_000_000
 GLOBAL_KEY_MAX = 200
-MEDIA_TYPES = {"IMAGE", "VIDEO", "DICOM", "PDF", "TEXT", "AUDIO", "HTML", "TMS_GEO"}
+# labelbox-python 7.x's MediaType (labelbox/schema/media_type.py): no DICOM.
+MEDIA_TYPES = {
+    "AUDIO",
+    "CONVERSATIONAL",
+    "HTML",
+    "IMAGE",
+    "LLM",
+    "PDF",
+    "POINT_CLOUD",
+    "TEXT",
+    "TMS_GEO",
+    "TMS_SIMPLE",
+    "VIDEO",
+}
 ATTACHMENT_TYPES = {"IMAGE", "VIDEO", "IMAGE_OVERLAY", "HTML", "RAW_TEXT", "TEXT_URL", "PDF_URL"}
 PAYLOAD_KEYS = {
     "row_data",
@@ -86,6 +102,8 @@ PAYLOAD_KEYS = {
 }
 QUERY_FIELDS = {
     "datasets",
+    "organization",
+    "iamIntegrations",
     "user",
     "failedDataRowImports",
     "successesfulDataRowImports",
@@ -96,6 +114,9 @@ QUERY_FIELDS = {
 }
 MUTATION_FIELDS = {
     "createDataset",
+    "updateDataset",
+    "setSignerForDataset",
+    "validateDataset",
     "upsertDataRows",
     "upsertCustomMetadataSchema",
     "upsertDataRowCustomMetadata",
@@ -150,6 +171,12 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@functools.lru_cache(maxsize=256)
+def _parse(query: str) -> DocumentNode:
+    """Clients send the same few documents over and over: parse each once."""
+    return parse(query)
+
+
 class LabelboxFake:
     def __init__(self, api_key: str = "lb-test-key-7d1e0c") -> None:
         self.api_key = api_key
@@ -162,6 +189,7 @@ class LabelboxFake:
         self.tasks: dict[str, Task] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.schemas: dict[str, dict[str, Any]] = {}
+        self.integrations: dict[str, dict[str, Any]] = {}
         self._reserved()
         # knobs
         self.task_polls = 1
@@ -362,7 +390,7 @@ class LabelboxFake:
         query = body.get("query") if isinstance(body, dict) else None
         variables = (body.get("variables") if isinstance(body, dict) else None) or {}
         try:
-            doc = parse(query or "")
+            doc = _parse(query or "")
         except GraphQLError as e:
             err = GqlError(f"Syntax Error: {e.message}", "GRAPHQL_PARSE_FAILED", 400)
             return self._log("?", web.json_response(err.body(), status=400))
@@ -416,9 +444,17 @@ class LabelboxFake:
             return [self._project(v, sel, on, variables) for v in value]
         out: dict[str, Any] = {}
         for s in sel.selections:
+            if isinstance(s, InlineFragmentNode):  # `... on Type { fields }`
+                kind = s.type_condition.name.value if s.type_condition else None
+                if kind is None or value.get("__typename") == kind:
+                    out.update(self._project(value, s.selection_set, on, variables))
+                continue
             if not isinstance(s, FieldNode):
                 raise GqlError("fragments are not supported here", "GRAPHQL_VALIDATION_FAILED", 400)
             name = s.name.value
+            if name == "__typename":
+                out[s.alias.value if s.alias else name] = value.get("__typename", on)
+                continue
             if name not in value:
                 raise bad_field(name, on)
             v = value[name]
@@ -499,7 +535,7 @@ class LabelboxFake:
         if mapping != {"1": ["variables.file"]}:
             raise GqlError(f"unexpected map {mapping}", inner=400)
         query = ops.get("query") or ""
-        doc = parse(query)
+        doc = _parse(query)
         fields = [
             s.name.value
             for d in doc.definitions
@@ -564,12 +600,84 @@ class LabelboxFake:
         return found[skip : skip + first]
 
     def r_createDataset(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = (args.get("data") or {}).get("name")
+        data = args.get("data") or {}
+        name = data.get("name")
         if not isinstance(name, str) or not name:
             raise GqlError("a dataset needs a name", inner=400)
         did = self.new_id("ds")
-        self.datasets[did] = {"id": did, "name": name, "createdAt": _now(), "deleted": False}
+        self.datasets[did] = {
+            "id": did,
+            "name": name,
+            "description": data.get("description") or "",
+            "createdAt": _now(),
+            "updatedAt": _now(),
+            "rowCount": lambda _args, did=did: self._row_count(did),
+            "deleted": False,
+            "signer": None,  # the delegated-access integration attached to it
+        }
         return self.datasets[did]
+
+    def _row_count(self, did: str) -> int:
+        return sum(1 for r in self.rows.values() if r["dataset_id"] == did and not r["deleted"])
+
+    def _dataset(self, args: dict[str, Any]) -> dict[str, Any]:
+        d = self.datasets.get(str((args.get("where") or {}).get("id")))
+        if d is None or d["deleted"]:
+            raise GqlError("Dataset not found", "RESOURCE_NOT_FOUND")
+        return d
+
+    def r_updateDataset(self, args: dict[str, Any]) -> dict[str, Any]:
+        d = self._dataset(args)
+        for k, v in (args.get("data") or {}).items():
+            if k not in ("name", "description", "deleted"):
+                raise GqlError(f"cannot update {k}", inner=400)
+            d[k] = v
+        return d
+
+    # --- delegated access (IAM integrations) ---------------------------------------------
+
+    def add_integration(
+        self, name: str = "s3-read", *, default: bool = True, valid: bool = True, validates: bool = True
+    ) -> str:
+        """An integration of the organisation; `validates`: a dataset it is attached to
+        passes validateDataset."""
+        iid = self.new_id("iam")
+        self.integrations[iid] = {
+            "id": iid,
+            "name": name,
+            "createdAt": _now(),
+            "updatedAt": _now(),
+            "provider": "AWS",
+            "valid": valid,
+            "lastValidAt": _now(),
+            "isOrgDefault": default,
+            "settings": {
+                "__typename": "AwsIamIntegrationSettings",
+                "roleArn": f"arn:aws:iam::000000000000:role/{name}",
+                "readBucket": None,
+            },
+            "validates": validates,
+        }
+        return iid
+
+    def r_organization(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"id": "org-1", "name": "ingestd tests", "createdAt": _now(), "updatedAt": _now()}
+
+    def r_iamIntegrations(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(self.integrations.values())
+
+    def r_setSignerForDataset(self, args: dict[str, Any]) -> dict[str, Any]:
+        d = self._dataset(args)
+        iid = (args.get("data") or {}).get("signerId")
+        if iid not in self.integrations:
+            raise GqlError(f"Integration {iid} not found", "RESOURCE_NOT_FOUND")
+        d["signer"] = self.integrations[iid]
+        return d
+
+    def r_validateDataset(self, args: dict[str, Any]) -> dict[str, Any]:
+        d = self._dataset(args)
+        ok = d["signer"] is not None and bool(d["signer"]["validates"])
+        return {"valid": ok, "checks": [{"name": "signer can read the bucket", "success": ok}]}
 
     # --- rows ----------------------------------------------------------------------------
 
@@ -733,7 +841,19 @@ class LabelboxFake:
                     self._finish(task)
             return [self._task_view(task)]
 
-        return {"id": "user-1", "email": "tester@example.org", "createdTasks": created_tasks}
+        return {
+            "id": "user-1",
+            "email": "tester@example.org",
+            "name": "Tester",
+            "nickname": "tester",
+            "picture": "",
+            "isViewer": False,
+            "isExternalUser": False,
+            "createdAt": _now(),
+            "updatedAt": _now(),
+            "lastLoginAt": _now(),
+            "createdTasks": created_tasks,
+        }
 
     def _page(self, items: list[Any], args: dict[str, Any]) -> tuple[list[Any], str | None]:
         data = args.get("data") or {}
