@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,27 @@ def slots_for(*files: tuple[str, bytes]) -> list[dict[str, Any]]:
             "files": [{"name": n, "digest": sha(d), "size": len(d)} for n, d in files],
         }
     ]
+
+
+def batch_body(items: list[dict[str, Any]], blobs: list[bytes], *, magic: bytes = b"IDB1") -> bytes:
+    """A POST /v1/batch body (API.md, "Batches"), built by hand from its description:
+    `items` as sent, `blobs` listed by their digest and size, in this order."""
+    header = json.dumps(
+        {"items": items, "blobs": [{"digest": sha(b), "size": len(b)} for b in blobs]}
+    ).encode()
+    return magic + struct.pack(">I", len(header)) + header + b"".join(blobs)
+
+
+def batch_item(
+    dataset: str, path: str, name: str, *files: tuple[str, bytes], **meta: Any
+) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "path": path,
+        "name": name,
+        "slots": slots_for(*files),
+        "metadata": meta,
+    }
 
 
 @dataclass

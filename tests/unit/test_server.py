@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,8 @@ from tests.support.server_app import (
     AUTH,
     TOKEN,
     Running,
+    batch_body,
+    batch_item,
     item_url,
     running,
     sha,
@@ -743,6 +746,198 @@ async def test_catalog_work_stays_off_the_event_loop(store: Path) -> None:
         await srv.call("GET", "/v1/datasets/ds/items")
         await srv.call("DELETE", item_url("ds", "x"))
     assert len(threads) >= 5 and not any(threads)
+
+
+# --- batches --------------------------------------------------------------------------
+
+BATCH = {**AUTH, "Content-Type": "application/x-ingestd-batch"}
+
+
+async def post_batch(srv: Running, body: bytes, **kw: Any) -> tuple[int, Any]:
+    kw.setdefault("headers", BATCH)
+    status, answer, _ = await srv.call("POST", "/v1/batch", data=body, **kw)
+    return status, answer
+
+
+def held(srv: Running, dataset: str) -> dict[str, dict[str, Any]]:
+    state = srv.app[STATE]
+    assert state.store is not None
+    return {i["key"]: i for i in state.store.catalog.list_items(dataset)}
+
+
+async def test_batch_stores_a_group_in_one_request(store: Path) -> None:
+    a, b, shared = os.urandom(10_000), os.urandom(5_000), b"the same bytes twice"
+    items = [
+        batch_item("ds", "/", "a.png", ("a.png", a), camera="north"),
+        batch_item("ds", "/scans/x", "b.png", ("b.png", b)),
+        batch_item("ds", "/", "c.png", ("c.png", shared)),
+        batch_item("other", "/", "d.png", ("d.png", shared)),  # one blob, two items
+        {
+            "dataset": "ds",
+            "path": "/refs",
+            "name": "e.jpg",
+            "slots": [
+                {"name": "0", "type": "image", "files": [{"name": "e.jpg", "url": "s3://b/e.jpg"}]}
+            ],
+        },
+    ]
+    async with running(store) as srv:
+        status, body = await post_batch(srv, batch_body(items, [a, b, shared]))
+        assert status == 200, body
+        assert body["results"] == [
+            {"status": 201, "key": key, "version": 1, "changed": True}
+            for key in ("/a.png", "/scans/x/b.png", "/c.png", "/d.png", "/refs/e.jpg")
+        ]
+        stored = held(srv, "ds")
+        assert set(stored) == {"/a.png", "/scans/x/b.png", "/c.png", "/refs/e.jpg"}
+        assert stored["/a.png"]["metadata"] == {"camera": "north"}
+        assert set(held(srv, "other")) == {"/d.png"}
+        for data in (a, b, shared):
+            status, _, headers = await srv.call("HEAD", f"/v1/blobs/{sha(data)}")
+            assert (status, headers["Content-Length"]) == (200, str(len(data)))
+        assert temps(store) == []
+        # The same batch again (an answer lost on the way): nothing changes.
+        status, body = await post_batch(srv, batch_body(items, [a, b, shared]))
+        assert [(r["status"], r["version"], r["changed"]) for r in body["results"]] == [
+            (200, 1, False)
+        ] * 5
+        # Blobs the server holds need not be sent again; a changed item is a new version.
+        items[0]["metadata"] = {"camera": "south"}
+        status, body = await post_batch(srv, batch_body(items[:1], []))
+        assert body["results"] == [{"status": 200, "key": "/a.png", "version": 2, "changed": True}]
+        _, metrics, _ = await srv.call("GET", "/metrics", headers={})
+        assert metric(metrics, 'ingestd_serve_items_total{result="created"}') == 5
+        assert metric(metrics, 'ingestd_serve_items_total{result="unchanged"}') == 5
+        assert metric(metrics, 'ingestd_serve_items_total{result="changed"}') == 1
+
+
+async def test_batch_fails_a_bad_item_alone(store: Path) -> None:
+    good, changed, absent = os.urandom(3000), os.urandom(3000), os.urandom(100)
+    items = [
+        batch_item("ds", "/", "good.png", ("good.png", good)),
+        batch_item("ds", "/", "changed.png", ("changed.png", changed)),
+        batch_item("ds", "/", "absent.png", ("absent.png", absent)),  # its bytes never sent
+        batch_item("ds", "/a", "..", ("x", good)),
+        batch_item("bad/name", "/", "y.png", ("y.png", good)),
+        {**batch_item("ds", "/", "z.png", ("z.png", good)), "metadata": []},
+        {**batch_item("ds", "/", "size.png", ("size.png", good))},
+    ]
+    items[-1]["slots"][0]["files"][0]["size"] = len(good) + 1
+    body = bytearray(batch_body(items, [good, changed]))
+    body[-1] ^= 0xFF  # the last blob's bytes are not those its digest names
+    async with running(store) as srv:
+        status, answer = await post_batch(srv, bytes(body))
+        assert status == 200, answer
+        results = answer["results"]
+        assert results[0] == {"status": 201, "key": "/good.png", "version": 1, "changed": True}
+        bad = results[1]
+        assert (bad["status"], bad["code"], bad["key"]) == (400, "digest_mismatch", "/changed.png")
+        assert bad["expected"] == sha(changed) and bad["actual"] != sha(changed)
+        assert (results[2]["status"], results[2]["code"]) == (409, "missing_blobs")
+        assert results[2]["missing"] == [sha(absent)]
+        assert [(r["status"], r["code"]) for r in results[3:]] == [
+            (400, "bad_path"),
+            (400, "bad_name"),
+            (400, "bad_manifest"),
+            (400, "size_mismatch"),
+        ]
+        assert set(held(srv, "ds")) == {"/good.png"}
+        assert (await srv.call("HEAD", f"/v1/blobs/{sha(changed)}"))[0] == 404
+        assert temps(store) == []
+
+
+@pytest.mark.parametrize(
+    ("mangle", "code"),
+    [
+        (lambda b: b"IDB9" + b[4:], "bad_batch"),  # not the format
+        (lambda b: b[:4] + (10).to_bytes(4, "big") + b"not json!!" + b[8:], "bad_batch"),
+        (lambda b: b + b"trailing", "bad_batch"),  # more bytes than the header lists
+        (lambda b: b[:-10], "bad_batch"),  # fewer (Content-Length says so up front)
+        (lambda b: b[:4] + (1 << 30).to_bytes(4, "big") + b[8:], "too_large"),
+    ],
+    ids=["magic", "header-not-json", "longer", "shorter", "huge-header"],
+)
+async def test_batch_with_broken_framing_stores_nothing(
+    store: Path, mangle: Any, code: str
+) -> None:
+    a = os.urandom(5000)
+    body = mangle(batch_body([batch_item("ds", "/", "a.png", ("a.png", a))], [a]))
+    async with running(store) as srv:
+        status, answer = await post_batch(srv, body)
+        assert (status // 100, answer["code"]) == (4, code), answer
+        assert (await srv.call("GET", "/v1/datasets/ds/items"))[0] == 404
+        assert (await srv.call("HEAD", f"/v1/blobs/{sha(a)}"))[0] == 404
+        assert temps(store) == []
+
+
+async def test_batch_header_errors(store: Path) -> None:
+    a = os.urandom(100)
+    item = batch_item("ds", "/", "a", ("a", a))
+    async with running(store) as srv:
+        for header, code in (
+            ([1, 2], "bad_batch"),
+            ({"items": "x", "blobs": []}, "bad_batch"),
+            ({"items": [item], "blobs": [{"digest": "md5:x", "size": 1}]}, "bad_digest"),
+            ({"items": [item], "blobs": [{"digest": sha(a), "size": -1}]}, "bad_batch"),
+            ({"items": [item], "blobs": [{"digest": sha(a), "size": 100}] * 2}, "bad_batch"),
+            ({"items": [item] * 1001, "blobs": []}, "too_large"),
+        ):
+            raw = json.dumps(header).encode()
+            body = b"IDB1" + len(raw).to_bytes(4, "big") + raw
+            status, answer = await post_batch(srv, body)
+            assert (status // 100, answer["code"]) == (4, code), (header, answer)
+        assert (await srv.call("GET", "/v1/datasets/ds/items"))[0] == 404
+
+
+async def test_batch_over_the_limits_gets_413(store: Path) -> None:
+    a, big = os.urandom(800), os.urandom(5 << 20)
+    async with running(store, max_body=2000) as srv:
+        items = [batch_item("ds", "/", f"{i}", (f"{i}", a)) for i in range(3)]
+        body = batch_body(items, [a, os.urandom(1500)])
+        status, answer = await post_batch(srv, body)
+        assert (status, answer["code"]) == (413, "too_large")
+    async with running(store) as srv:  # a blob over the batch's per-blob limit
+        body = batch_body([batch_item("ds", "/", "big", ("big", big))], [big])
+        status, answer = await post_batch(srv, body)
+        assert (status, answer["code"]) == (413, "too_large")
+        assert "PUT /v1/blobs" in answer["error"]
+        assert temps(store) == []
+
+
+async def test_batch_needs_the_token(store: Path) -> None:
+    a = os.urandom(100)
+    body = batch_body([batch_item("ds", "/", "a", ("a", a))], [a])
+    async with running(store) as srv:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            status, answer = await post_batch(srv, body, headers=headers)
+            assert (status, answer["code"]) == (401, "unauthorized")
+        assert (await srv.call("HEAD", f"/v1/blobs/{sha(a)}"))[0] == 404
+        assert (await srv.call("GET", "/v1/datasets/ds/items"))[0] == 404
+
+
+@pytest.mark.parametrize("cancel_on_disconnect", [False, True])
+async def test_batch_cut_mid_body_commits_nothing(store: Path, cancel_on_disconnect: bool) -> None:
+    blobs = [os.urandom(400_000) for _ in range(6)]
+    items = [batch_item("ds", "/", f"{i}", (f"{i}", b)) for i, b in enumerate(blobs)]
+    body = batch_body(items, blobs)
+    async with running(store, cancel_on_disconnect=cancel_on_disconnect) as srv:
+        head = (
+            f"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        # Four of six blobs arrive (two trips to the writer thread), then the client is gone.
+        await raw_request(srv.port, head, body[: len(body) - 900_000], close_early=True)
+
+        async def answered() -> bool:
+            # 400 interrupted, or 499 when the server cancels the handler itself.
+            _, text, _ = await srv.call("GET", "/metrics", headers={})
+            return b'ingestd_serve_requests_total{method="POST",route="/v1/batch"' in text
+
+        await wait_until(answered, what="the server to see the body end early")
+        assert (await srv.call("GET", "/v1/datasets/ds/items"))[0] == 404
+        for b in blobs:
+            assert (await srv.call("HEAD", f"/v1/blobs/{sha(b)}"))[0] == 404
+        await wait_until(lambda: temps(store) == [], what="temp files removed")
 
 
 # --- the store additions the server streams through ------------------------------------

@@ -56,6 +56,7 @@ V1_REQUESTS = [
     ("GET", "/v1/datasets/ds/items"),
     ("PUT", "/v1/datasets/ds/items/a"),
     ("DELETE", "/v1/datasets/ds/items/a"),
+    ("POST", "/v1/batch"),
     ("GET", "/v1/not-a-route"),
 ]
 

@@ -18,24 +18,35 @@ import asyncio
 import base64
 import binascii
 import errno
-import json
 import signal
 import sqlite3
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import structlog
 from aiohttp import hdrs, web
 
 from ingestd.dashboard import add_dashboard_routes
 from ingestd.server.auth import ServeError, TokenAuth, check_bind, load_tokens
-from ingestd.server.metrics import ServerMetrics
+from ingestd.server.batch import BATCH_MAX, post_batch
+from ingestd.server.common import BYTES_IN as _BYTES_IN
+from ingestd.server.common import ERROR_CODE as _ERROR_CODE
+from ingestd.server.common import STATE, ApiError, Manifest, ServerState, error
+from ingestd.server.common import blob_size as _blob_size
+from ingestd.server.common import body_length as _body_length
+from ingestd.server.common import check_blobs as _check_blobs
+from ingestd.server.common import check_manifest as _check_manifest
+from ingestd.server.common import count_bytes as _count_bytes
+from ingestd.server.common import dataset_of as _dataset
+from ingestd.server.common import digest as _digest
+from ingestd.server.common import item_location as _item_location
+from ingestd.server.common import read_json as _read_json
+from ingestd.server.common import route as _route
+from ingestd.server.common import state as _state
 from ingestd.server.uploads import (
     CHUNK,
     PumpResult,
@@ -46,8 +57,7 @@ from ingestd.server.uploads import (
     pump,
 )
 from ingestd.store import DigestMismatch, Store, StoreIOError
-from ingestd.store.blobs import BlobWrite, BlobWriter, check_digest
-from ingestd.store.catalog import check_item_path
+from ingestd.store.blobs import BlobWrite, BlobWriter
 
 # The CLI imports these from here: the server's whole public face in one module.
 __all__ = ["STATE", "ServeError", "load_tokens", "make_app", "serve"]
@@ -61,10 +71,6 @@ MANIFEST_MAX = 16 << 20
 SMALL_JSON_MAX = 64 << 10  # POST /v1/uploads
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
-MAX_KEY_BYTES = 1024
-MAX_SEGMENT_BYTES = 255
-MAX_DATASET_CHARS = 128
-SLOT_TYPES = frozenset({"image", "video", "frames", "dicom", "file"})
 BODY_IDLE_TIMEOUT_S = 60.0  # a body that sends nothing for this long counts as interrupted
 EXPIRY_INTERVAL_S = 3600.0
 IO_THREADS = 16
@@ -72,162 +78,7 @@ IO_THREADS = 16
 log = structlog.get_logger("ingestd.serve")
 
 
-class ApiError(Exception):
-    """A failure to answer with API.md's error shape: {"error", "code", ...extra}."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
-        self.extra = extra
-
-
-_ERROR_CODE = web.ResponseKey("error_code", str)
-_BYTES_IN = web.RequestKey("bytes_in", int)
-
-
-def error(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> web.Response:
-    resp = web.json_response(
-        {"error": message, "code": code, **extra}, status=status, headers=headers
-    )
-    resp[_ERROR_CODE] = code
-    return resp
-
-
-@dataclass
-class ServerState:
-    store_root: Path
-    auth: TokenAuth
-    max_body: int
-    body_timeout: float
-    metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    # Set while the app runs (see _lifecycle).
-    executor: ThreadPoolExecutor | None = None
-    store: Store | None = None
-    uploads: Uploads | None = None
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self.executor is not None, "the app is not running"
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    @property
-    def opened(self) -> tuple[Store, Uploads]:
-        assert self.store is not None and self.uploads is not None, "the app is not running"
-        return self.store, self.uploads
-
-
-STATE = web.AppKey("ingestd_serve_state", ServerState)
-
-
-def _state(request: web.Request) -> ServerState:
-    return request.app[STATE]
-
-
-def _route(request: web.Request) -> str:
-    """The route template, so metrics and logs have a bounded set of routes."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-def _count_bytes(request: web.Request) -> Callable[[int], None]:
-    st, route = _state(request), _route(request)
-
-    def on_bytes(n: int) -> None:
-        request[_BYTES_IN] = request.get(_BYTES_IN, 0) + n
-        st.metrics.received(route, n)
-
-    return on_bytes
-
-
 # --- validation --------------------------------------------------------------------
-
-
-def _digest(value: str | None) -> str:
-    try:
-        return check_digest(value or "")
-    except ValueError:
-        raise ApiError(
-            400, "bad_digest", f"not a digest (want sha256:<64 lowercase hex>): {value!r}"
-        ) from None
-
-
-def _raw_segments(request: web.Request) -> list[str]:
-    # From the raw path: aiohttp's decoded match_info turns %2F into '/', which would
-    # let one segment pose as two.
-    return request.rel_url.raw_path.split("/")
-
-
-def _decode(segment: str, code: str) -> str:
-    try:
-        return unquote(segment, errors="strict")
-    except UnicodeDecodeError:
-        raise ApiError(400, code, "path segment is not valid UTF-8") from None
-
-
-def _dataset(request: web.Request) -> str:
-    # /v1/datasets/{dataset}[/...]: the fourth raw segment.
-    name = _decode(_raw_segments(request)[3], "bad_name")
-    if (
-        not name
-        or len(name) > MAX_DATASET_CHARS
-        or "/" in name
-        or "\0" in name
-        or name in (".", "..")
-    ):
-        raise ApiError(
-            400,
-            "bad_name",
-            f"bad dataset name {name!r}: 1-{MAX_DATASET_CHARS} characters, "
-            "no '/', no NUL, not '.' or '..'",
-        )
-    return name
-
-
-def _item_location(request: web.Request) -> tuple[str, str, str]:
-    """(dataset, folder path, name) from /v1/datasets/{dataset}/items/{path...}/{name}."""
-    dataset = _dataset(request)
-    segments = [_decode(s, "bad_path") for s in _raw_segments(request)[5:]]
-    for s in segments:
-        if not s or s in (".", "..") or "/" in s or "\0" in s:
-            raise ApiError(
-                400, "bad_path", f"bad item path segment {s!r}: empty, '.', '..', '/' or NUL"
-            )
-        if len(s.encode()) > MAX_SEGMENT_BYTES:
-            raise ApiError(400, "bad_path", f"item path segment over {MAX_SEGMENT_BYTES} bytes")
-    # The key as it appears in the URL (path/name, no leading '/'), as API.md counts it.
-    key = "/".join(segments)
-    if not segments or len(key.encode()) > MAX_KEY_BYTES:
-        raise ApiError(400, "bad_path", f"item key must be 1-{MAX_KEY_BYTES} bytes")
-    path, name = "/" + "/".join(segments[:-1]), segments[-1]
-    try:
-        check_item_path(path, name)  # the catalog's own rule, as a last line
-    except ValueError as e:
-        raise ApiError(400, "bad_path", str(e)) from None
-    return dataset, path, name
-
-
-def _body_length(request: web.Request, limit: int) -> int | None:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ApiError(413, "too_large", f"body of {length} bytes is over the {limit}-byte limit")
-    return length
 
 
 def _content_range(request: web.Request) -> tuple[int, int]:
@@ -265,80 +116,7 @@ async def _pump(
     )
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-async def _read_json(request: web.Request, limit: int) -> Any:
-    """A JSON body, read in pieces and refused (413) once over `limit`."""
-    _body_length(request, limit)
-    data = bytearray()
-    on_bytes = _count_bytes(request)
-    async for chunk in request.content.iter_chunked(CHUNK):
-        on_bytes(len(chunk))
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, "too_large", f"JSON body over the {limit}-byte limit")
-    try:
-        return json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, "bad_json", f"body is not JSON: {e}") from None
-
-
-def _bad_manifest(message: str) -> ApiError:
-    return ApiError(400, "bad_manifest", message)
-
-
-def _check_manifest(body: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, int]]:
-    """(slots, metadata, {digest: size}) of a manifest, slots as sent (extra keys kept)."""
-    if not isinstance(body, dict):
-        raise _bad_manifest("manifest must be a JSON object")
-    slots, metadata = body.get("slots"), body.get("metadata", {})
-    if not isinstance(slots, list):
-        raise _bad_manifest("'slots' must be a list")
-    if not isinstance(metadata, dict):
-        raise _bad_manifest("'metadata' must be an object")
-    sizes: dict[str, int] = {}
-    for i, slot in enumerate(slots):
-        if not isinstance(slot, dict) or not isinstance(slot.get("name"), str) or not slot["name"]:
-            raise _bad_manifest(f"slots[{i}] needs a non-empty 'name'")
-        if slot.get("type") not in SLOT_TYPES:
-            raise _bad_manifest(f"slots[{i}].type must be one of {sorted(SLOT_TYPES)}")
-        files = slot.get("files")
-        if not isinstance(files, list):
-            raise _bad_manifest(f"slots[{i}].files must be a list")
-        for j, f in enumerate(files):
-            where = f"slots[{i}].files[{j}]"
-            if not isinstance(f, dict) or not isinstance(f.get("name"), str):
-                raise _bad_manifest(f"{where} needs a 'name'")
-            if "digest" in f:
-                size = f.get("size")
-                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                    raise _bad_manifest(f"{where}.size must be a non-negative integer")
-                digest = _digest(f["digest"])
-                if sizes.setdefault(digest, size) != size:
-                    raise _bad_manifest(f"{where}: {digest} listed with two sizes")
-            elif not isinstance(f.get("url"), str) or not f["url"]:
-                raise _bad_manifest(f"{where} needs a 'digest' and 'size', or a 'url'")
-            else:  # a registered remote object: kept as sent, no bytes stored
-                size = f.get("size")
-                if size is not None and (
-                    not isinstance(size, int) or isinstance(size, bool) or size < 0
-                ):
-                    raise _bad_manifest(f"{where}.size must be a non-negative integer")
-                if not isinstance(f.get("etag", ""), str):
-                    raise _bad_manifest(f"{where}.etag must be a string")
-    return slots, metadata, sizes
-
-
 # --- blocking steps (run on the thread pool) ----------------------------------------
-
-
-def _blob_size(store: Store, digest: str) -> int | None:
-    try:
-        return store.blobs.path(digest).stat().st_size
-    except FileNotFoundError:
-        return None
 
 
 def _finish_blob(writer: BlobWriter, tail: list[bytes], digest: str) -> BlobWrite:
@@ -348,35 +126,14 @@ def _finish_blob(writer: BlobWriter, tail: list[bytes], digest: str) -> BlobWrit
 
 
 def _upsert(
-    store: Store,
-    dataset: str,
-    path: str,
-    name: str,
-    manifest: tuple[list[dict[str, Any]], dict[str, Any], dict[str, int]],
+    store: Store, dataset: str, path: str, name: str, manifest: Manifest
 ) -> tuple[int, bool]:
     slots, metadata, sizes = manifest
-    missing, wrong = [], []
-    for digest, size in sizes.items():
-        held = _blob_size(store, digest)
-        if held is None:
-            missing.append(digest)
-        elif held != size:
-            wrong.append({"digest": digest, "size": size, "stored_size": held})
-    if missing:
-        raise ApiError(
-            409,
-            "missing_blobs",
-            f"{len(missing)} referenced blob(s) not stored; upload them first",
-            missing=sorted(missing),
-        )
-    if wrong:
-        raise ApiError(
-            400, "size_mismatch", "manifest sizes differ from the stored blobs", mismatched=wrong
-        )
+    _check_blobs(sizes, lambda d: _blob_size(store, d))
     try:
         return store.catalog.upsert_item(dataset, path, name, slots, metadata)
     except (ValueError, TypeError) as e:
-        raise _bad_manifest(str(e)) from None
+        raise ApiError(400, "bad_manifest", str(e)) from None
 
 
 def _list_page(
@@ -614,6 +371,7 @@ async def put_item(request: web.Request) -> web.Response:
     manifest = _check_manifest(await _read_json(request, MANIFEST_MAX))
     version, changed = await st.run(_upsert, store, dataset, path, name, manifest)
     created = changed and version == 1
+    st.metrics.item(201 if created else 200, changed)
     return web.json_response(
         {
             "key": f"{path.rstrip('/')}/{name}",
@@ -845,6 +603,7 @@ def make_app(
 
     big = _expect_handler(lambda st: st.max_body)
     manifest = _expect_handler(lambda st: MANIFEST_MAX)
+    batch = _expect_handler(lambda st: min(BATCH_MAX, st.max_body))
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
@@ -857,6 +616,7 @@ def make_app(
     r.add_route("PATCH", "/v1/uploads/{upload_id}", patch_upload, expect_handler=big)
     r.add_route("PUT", "/v1/uploads/{upload_id}", put_upload, expect_handler=big)
     r.add_route("DELETE", "/v1/uploads/{upload_id}", delete_upload)
+    r.add_route("POST", "/v1/batch", post_batch, expect_handler=batch)
     r.add_get("/v1/datasets/{dataset}/items", list_items, allow_head=False)
     # [\s\S], not '.': item names may contain newlines (sent as %0A).
     items = r"/v1/datasets/{dataset}/items/{key:[\s\S]+}"

@@ -41,6 +41,12 @@ class ServerMetrics:
             ["route"],
             registry=self.registry,
         )
+        self.items = Counter(
+            "ingestd_serve_items",
+            "Items upserted (PUT of an item or one item of a batch), by result",
+            ["result"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "ingestd_serve_errors",
             "Error responses by error code",
@@ -54,6 +60,17 @@ class ServerMetrics:
 
     def received(self, route: str, n: int) -> None:
         self.bytes_received.labels(route).inc(n)
+
+    def item(self, status: int, changed: bool | None) -> None:
+        """One item's upsert: created, changed, unchanged, or failed (its error code is
+        counted in `errors` only when the whole request failed with it)."""
+        if status == 201:
+            result = "created"
+        elif status == 200:
+            result = "changed" if changed else "unchanged"
+        else:
+            result = "failed"
+        self.items.labels(result).inc()
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
