@@ -1,7 +1,8 @@
 """The V7 Darwin sink against the fake V7 API (tests/support/fakes/darwin.py) on loopback.
 
 Each test ends by reading the fake's remote state: which items exist (archived ones
-too), their slots, layouts and the bytes each upload stored."""
+too), their slots, layouts and the bytes each upload stored; the request-floor tests
+count the API requests the fake answered."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from ingestd.config import DarwinBackend
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.plan.groups import LAYOUT_KEY
-from ingestd.sinks.base import Sink
+from ingestd.sinks.base import BatchItem, BatchPutter, Sink
 from ingestd.sinks.darwin import DarwinSink, slots_layout, slugify, storage_key
+from ingestd.sinks.darwin.calls import v7_rule
+from ingestd.sinks.kit.client import Answer
 from PIL import Image
 
 from tests.support.fakes.darwin import API_KEY, STORAGE, TEAM, FakeDarwin
@@ -53,6 +56,11 @@ def single(path: Path, *, folder: str = "/", **metadata: Any) -> ItemPayload:
     return ItemPayload(folder, path.name, (SlotPayload("0", "image", (file_of(path),)),), metadata)
 
 
+def lookups(fake: FakeDarwin) -> list[Any]:
+    """The item listings (`GET .../items`) the fake answered."""
+    return [c for c in fake.api_calls("GET") if c.path.endswith("/items")]
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeDarwin]:
     f = FakeDarwin()
@@ -77,7 +85,7 @@ def backend(fake: FakeDarwin, **kw: Any) -> DarwinBackend:
 def make_sink(fake: FakeDarwin, **kw: Any) -> DarwinSink:
     sink = DarwinSink(backend(fake, **kw), workers=4)
     # Fast backoff so failure paths take milliseconds; the shape is what is tested.
-    for client in (sink.api, sink.storage):
+    for client in (sink.v7.api, sink.v7.storage):
         client.backoff_base = 0.01
         client.backoff_cap = 2.0
     return sink
@@ -100,10 +108,11 @@ async def sink(fake: FakeDarwin) -> AsyncIterator[DarwinSink]:
 
 
 async def test_implements_the_sink_interface(sink: DarwinSink) -> None:
-    assert isinstance(sink, Sink)
+    assert isinstance(sink, Sink) and isinstance(sink, BatchPutter)
     caps = sink.capabilities
     assert (caps.remote_urls, caps.delete) == (True, True)
     assert caps.metadata_update is False
+    assert caps.batch is not None and caps.batch.items == 500  # one register_upload
 
 
 async def test_dataset_is_created_once_and_found_by_slug(
@@ -165,9 +174,9 @@ async def test_single_image(sink: DarwinSink, fake: FakeDarwin, tmp_path: Path) 
     assert "Authorization" not in put.headers
     assert put.headers["Content-Length"] == str(p.stat().st_size)
     assert "Transfer-Encoding" not in put.headers
-    # register, sign, confirm (+ one lookup): no more
+    # register, sign, confirm: no lookup before registering a never-synced item
     routes = [c.path.rsplit("/", 1)[-1] for c in fake.calls if "/v2/" in c.path]
-    assert routes == ["items", "register_upload", "sign", "confirm"]
+    assert routes == ["register_upload", "sign", "confirm"]
 
 
 # --- layouts and multi-file items ----------------------------------------------------------
@@ -371,7 +380,9 @@ async def test_bucket_item_is_registered_from_external_storage(
     [slot] = live["/raw/s1"]["slots"]
     assert (slot["slot_name"], slot["type"]) == ("s1", "dicom")
     assert [f["storage_key"] for f in slot["source_files"]] == [f"raw/s1/{i}.dcm" for i in range(3)]
-    assert len(fake.api_calls("POST", "register_existing")) == 2
+    # The restart's put was refused as ALREADY_EXISTS, looked up once and kept.
+    assert len(fake.api_calls("POST", "register_existing")) == 3
+    assert len(lookups(fake)) == 1
     assert not fake.api_calls("POST", "register_upload") and not fake.puts
 
 
@@ -393,12 +404,28 @@ async def test_metadata_change_is_a_no_op_on_v7(
     sink: DarwinSink, fake: FakeDarwin, tmp_path: Path
 ) -> None:
     p = image(tmp_path / "cat.png")
-    first = await sink.put_item(DS, single(p, camera="a"))
-    again = await sink.put_item(DS, single(p, camera="b"))
+    old = single(p, camera="a")
+    first = await sink.put_item(DS, old)
+    before = len(fake.calls)
+    again = await sink.put_item(DS, single(p, camera="b"), previous=old.manifest())
     assert (again.backend_id, again.version, again.changed) == (first.backend_id, 1, False)
+    # One lookup (is it still there, under which id), nothing registered or sent.
+    assert [c.path.rsplit("/", 1)[-1] for c in fake.calls[before:]] == ["items"]
     assert len(fake.api_calls("POST", "register_upload")) == 1
     assert len(fake.puts) == 1
     assert list(fake.live(DS)) == ["/cat.png"] and fake.archived(DS) == []
+
+
+async def test_a_synced_item_deleted_on_v7_is_made_again(
+    sink: DarwinSink, fake: FakeDarwin, tmp_path: Path
+) -> None:
+    p = image(tmp_path / "cat.png")
+    item = single(p)
+    first = await sink.put_item(DS, item)
+    fake._remove({"filters": {"item_ids": [first.backend_id]}}, archive=False)  # by hand
+    again = await sink.put_item(DS, item, previous=item.manifest())
+    assert again.changed and again.backend_id != first.backend_id
+    assert fake.content(again.backend_id, "0") == [("cat.png", p.read_bytes())]
 
 
 @pytest.mark.parametrize("replace", ["archive", "delete"])
@@ -408,9 +435,10 @@ async def test_content_change_replaces_the_item(
     sink = make_sink(fake, replace=replace)
     try:
         p = image(tmp_path / "cat.png", (255, 0, 0), size=24)
-        first = await sink.put_item(DS, single(p))
+        old = single(p)
+        first = await sink.put_item(DS, old)
         image(p, (0, 0, 255), size=48)  # new content (and size)
-        second = await sink.put_item(DS, single(p))
+        second = await sink.put_item(DS, single(p), previous=old.manifest())
     finally:
         await sink.close()
     live = fake.live(DS)
@@ -475,34 +503,136 @@ async def test_an_item_already_on_v7_is_adopted(fake: FakeDarwin, tmp_path: Path
     finally:
         await sink.close()
     assert (result.backend_id, result.changed) == (made.backend_id, False)
-    assert len(fake.api_calls("POST", "register_upload")) == 1
+    # The crash case: registered as new, refused as ALREADY_EXISTS, looked up, kept.
+    assert len(fake.api_calls("POST", "register_upload")) == 2
+    assert len(lookups(fake)) == 1
+    assert len(fake.puts) == 1
     assert len(fake.all_items(DS)) == 1
 
 
-async def test_already_exists_from_a_race_is_adopted(
+async def test_new_slot_names_merged_by_v7_are_not_left_behind(
+    sink: DarwinSink, fake: FakeDarwin, tmp_path: Path
+) -> None:
+    """V7 merges slot names that are new into an item it holds and refuses the others
+    (darwin-py #937). A never-synced item registered over an older one with fewer
+    slots is therefore looked up after the refusal and replaced as a whole."""
+    views = [image(tmp_path / f"v{i}.png", (60 * i, 0, 0)) for i in range(2)]
+    older = ItemPayload("/", "scan", (SlotPayload("0", "image", (file_of(views[0]),)),), {})
+    other = make_sink(fake)
+    try:
+        first = await other.put_item(DS, older)
+    finally:
+        await other.close()
+    slots = tuple(SlotPayload(str(i), "image", (file_of(p),)) for i, p in enumerate(views))
+    result = await sink.put_item(DS, ItemPayload("/", "scan", slots, {}))
+    assert result.changed and result.backend_id != first.backend_id
+    live = fake.live(DS)["/scan"]
+    assert [s["slot_name"] for s in live["slots"]] == ["0", "1"] and live["status"] == "new"
+    for i, p in enumerate(views):
+        assert fake.content(live["id"], str(i)) == [(p.name, p.read_bytes())]
+    [old] = fake.archived(DS)
+    assert old["id"] == first.backend_id
+
+
+# --- the request floor -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fast(fake: FakeDarwin) -> AsyncIterator[DarwinSink]:
+    """A sink with the client-side budget lifted (V7's 1,000 a minute would make these
+    tests take a minute): what is counted here is requests, not time."""
+    s = make_sink(fake, requests_per_minute=1_000_000)
+    yield s
+    await s.close()
+
+
+def pngs(folder: Path, n: int) -> list[ItemPayload]:
+    return [
+        single(image(folder / f"{i}.png", (i % 256, i // 256, 9)), folder="/g") for i in range(n)
+    ]
+
+
+async def test_a_group_costs_one_registration_and_two_requests_a_file(
+    fast: DarwinSink, fake: FakeDarwin, tmp_path: Path
+) -> None:
+    await fast.ensure_dataset(DS)
+    items = pngs(tmp_path, 120)
+    before = len(fake.calls)
+    results = await fast.put_items([BatchItem(DS, it) for it in items])
+    assert all(not isinstance(r, Exception) and r.changed for r in results), results
+    assert len(fake.api_calls("POST", "register_upload")) == 1
+    assert len(lookups(fake)) == 0  # no lookups
+    assert (len(fake.calls) - before) / len(items) <= 2 + 1 / len(items)
+    live = fake.live(DS)
+    assert len(live) == 120
+    for it in items[:5]:
+        path = it.slots[0].files[0].local_path
+        assert fake.content(live[it.key]["id"], "0") == [(it.name, Path(path).read_bytes())]
+
+
+async def test_a_group_is_registered_in_chunks_of_what_v7_takes(
     sink: DarwinSink, fake: FakeDarwin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    p = image(tmp_path / "cat.png")
-    made = await make_sink(fake).put_item(DS, single(p))
-    # The first lookup misses the item (made meanwhile by someone else): V7 answers the
-    # registration with ALREADY_EXISTS in blocked_items, and the sink looks again.
-    real_find = sink._find
-    misses = 1
+    monkeypatch.setattr("ingestd.sinks.darwin.sink.UPLOAD_CHUNK", 4)
+    results = await sink.put_items([BatchItem(DS, it) for it in pngs(tmp_path, 10)])
+    assert all(not isinstance(r, Exception) for r in results)
+    assert [len(json.loads(b)["items"]) for b in fake.bodies("register_upload")] == [4, 4, 2]
+    assert len(fake.live(DS)) == 10
 
-    async def flaky_find(*a: Any) -> Any:
-        nonlocal misses
-        found = await real_find(*a)
-        if misses:
-            misses -= 1
-            found.live.clear()
-        return found
 
-    monkeypatch.setattr(sink, "_find", flaky_find)
-    result = await sink.put_item(DS, single(p))
-    assert (result.backend_id, result.changed) == (made.backend_id, False)
-    assert len(fake.api_calls("POST", "register_upload")) == 2
-    assert len(fake.all_items(DS)) == 1
-    assert fake.live(DS)["/cat.png"]["status"] == "new"
+async def test_bucket_objects_are_registered_a_hundred_a_request(fake: FakeDarwin) -> None:
+    sink = make_sink(fake, storage_slug=STORAGE)
+    try:
+        await sink.ensure_dataset(DS)
+        items = [
+            ItemPayload(
+                "/raw",
+                f"{i}.jpg",
+                (SlotPayload("0", "image", (remote_file(f"s3://bkt/raw/{i}.jpg"),)),),
+                {},
+            )
+            for i in range(250)
+        ]
+        before = len(fake.calls)
+        results = await sink.put_items([BatchItem(DS, it) for it in items])
+    finally:
+        await sink.close()
+    assert all(not isinstance(r, Exception) and r.changed for r in results), results[:3]
+    assert len(fake.calls) - before == 3  # 100 + 100 + 50
+    assert (len(fake.calls) - before) / len(items) <= 0.05
+    assert len(fake.live(DS)) == 250
+
+
+async def test_a_synced_group_is_looked_up_a_hundred_items_a_request(
+    fast: DarwinSink, fake: FakeDarwin, tmp_path: Path
+) -> None:
+    items = pngs(tmp_path, 150)
+    await fast.put_items([BatchItem(DS, it) for it in items])
+    before = len(fake.calls)
+    again = await fast.put_items([BatchItem(DS, it, it.manifest()) for it in items])
+    assert all(not isinstance(r, Exception) and not r.changed for r in again)
+    assert [c.path.rsplit("/", 1)[-1] for c in fake.calls[before:]] == ["items", "items"]
+
+
+def test_v7_rule_out_of_storage_is_not_retried() -> None:
+    full = Answer(
+        429, {}, json.dumps({"errors": {"code": "INSUFFICIENT_REMAINING_STORAGE"}}).encode()
+    )
+    busy = Answer(429, {"Retry-After": "1"}, b'{"errors": {"message": "Too Many Requests"}}')
+    assert (v7_rule(full), v7_rule(busy), v7_rule(Answer(502, {}, b""))) == (
+        "reject",
+        "retry",
+        "retry",
+    )
+    assert v7_rule(Answer(200, {}, b"{}")) == "ok"
+
+
+async def test_out_of_storage_names_the_fix(sink: DarwinSink) -> None:
+    full = Answer(
+        429, {}, json.dumps({"errors": {"code": "INSUFFICIENT_REMAINING_STORAGE"}}).encode()
+    )
+    error = sink.v7.api.rejection(full, "registering item /a.png")
+    assert isinstance(error, PermanentError) and "out of storage" in str(error)
 
 
 async def test_blocked_reasons(sink: DarwinSink, fake: FakeDarwin, tmp_path: Path) -> None:
@@ -549,8 +679,8 @@ async def test_requests_per_minute_is_a_client_side_budget(
     finally:
         await sink.close()
     calls = fake.api_calls()
-    assert len(calls) == 6  # datasets GET + POST, lookup, register, sign, confirm
-    assert calls[-1].at - calls[0].at >= 2.5
+    assert len(calls) == 5  # datasets GET + POST, register, sign, confirm
+    assert calls[-1].at - calls[0].at >= 1.8
     assert all(c.status < 300 for c in calls)
     assert len(fake.puts) == 1  # storage PUTs are not V7 API calls and not budgeted
 
@@ -618,7 +748,8 @@ async def test_bytes_changed_after_hashing_are_never_confirmed(
     p.write_bytes(b"B" * 10_000)
     with pytest.raises(SourceChangedError, match="changed after it was hashed"):
         await sink.put_item(DS, item)
-    assert fake.live(DS)["/scan.dcm"]["status"] == "uploading"
+    # The half-made item is deleted again: V7 shows nothing stuck in `uploading`.
+    assert fake.live(DS) == {}
     assert not fake.api_calls("POST", "confirm")
     p.write_bytes(b"A" * 5_000)  # and now it shrank
     with pytest.raises(SourceChangedError, match="shrank"):

@@ -7,8 +7,11 @@ and as darwin-py 3.6 (`darwin/backend_v2.py`, `darwin/dataset/upload_manager.py`
 are collected in docs/platforms.md. What it follows:
 
 - Auth: every API route needs `Authorization: ApiKey <key>` (401 otherwise); the team
-  in `/v2/teams/{team}/...` must be the key's team (403).
-- `GET /datasets` lists `{id, name, slug, num_items}`; `POST /datasets {"name"}` creates
+  in `/v2/teams/{team}/...` must be the key's team (403). `GET /users/token_info`
+  names the key's team (darwin-py's `Client.from_api_key` asks it first).
+- Routes answer with or without the `/api` prefix and a trailing slash: darwin-py
+  joins `"/datasets/"` onto its API URL, which drops `/api`.
+- `GET /datasets` lists `{id, name, slug, num_items, progress}`; `POST /datasets {"name"}` creates
   one, slugged as V7 documents (lower-case, spaces to hyphens), and answers 422
   `{"errors": {"name": ["has already been taken"]}}` for a slug that exists.
 - `POST /v2/teams/{team}/items/register_upload {"dataset_slug", "items", "options"?}`
@@ -17,14 +20,16 @@ are collected in docs/platforms.md. What it follows:
   A slot name that the same path + name already holds is blocked `ALREADY_EXISTS`; a
   *new* slot name is merged into the existing item (the behaviour darwin-py #937
   guards against). Several entries with one slot name make one slot with several
-  files. Unknown keys, bad layouts and more than 500 items are 422.
+  files. Unknown keys, bad layouts and more than 500 items are 422. A relative `path`
+  (darwin-py sends `d0000` with `preserve_folders`) is taken from the dataset root.
 - `GET .../items/uploads/{id}/sign` -> `{"upload_url"}` (a pre-signed URL on this
   server); `PUT` there takes the raw bytes like S3: no Authorization header (400),
   Content-Length required (411), no chunked transfer encoding (501).
   `POST .../items/uploads/{id}/confirm {}`; once every upload of an item is confirmed
   the item leaves status `uploading` for `new`.
 - `POST .../items/register_existing {"dataset_slug", "storage_slug", "items"}`: at
-  most 10 items (422 beyond), a known storage slug (422), each item either the
+  most 100 items (422 beyond; V7's API reference: "up to 100 items per request";
+  darwin-py sends 10), a known storage slug (422), each item either the
   single-slot form `{name, path, type, storage_key, fps?}` or `{name, path, slots:
   [{slot_name, file_name, type, storage_key, fps?}], layout?}`; `type` is required.
 - `GET .../items?dataset_ids[]=&item_names[]=&item_paths[]=&statuses[]=&page[size]=&
@@ -38,6 +43,8 @@ are collected in docs/platforms.md. What it follows:
   "dataset_ids"}}`; filters selecting no item explicitly (dataset_ids alone) are 422.
 - A per-key limit (`rate_limit` requests a minute, V7's is 1,000) answered with 429 and
   Retry-After; `storm(n, retry_after)` and `fail_next(n, status)` inject 429s and 5xx.
+  Only API requests count (what V7 limits per key); PUTs to storage are not API
+  requests.
 
 Run it in-process (`await fake.start()` on the test's loop) or in a thread for the
 daemon's subprocess (`with FakeDarwinThread(...) as fake:`). All state lives behind one
@@ -87,10 +94,11 @@ _ITEM_KEYS = {"name", "path", "slots", "layout", "tags", "description"}
 
 
 class Reject(Exception):
-    def __init__(self, status: int, message: Any) -> None:
+    def __init__(self, status: int, message: Any, retry_after: float | None = None) -> None:
         super().__init__(str(message))
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 def slug_of(name: str) -> str:
@@ -131,6 +139,7 @@ class Call:
     path: str
     status: int
     headers: dict[str, str]
+    body: bytes = b""  # API requests' bodies (storage PUTs: not kept)
 
 
 class FakeDarwin:
@@ -149,13 +158,14 @@ class FakeDarwin:
         self.lock = threading.RLock()
         self.datasets: dict[int, dict[str, Any]] = {}
         self.items: dict[str, dict[str, Any]] = {}
+        self._live: dict[tuple[int, str, str], str] = {}  # (dataset, path, name) -> item id
         self.uploads: dict[str, Upload] = {}
         self.signed: dict[str, str] = {}  # storage token -> upload id
         self.calls: list[Call] = []  # API calls (not storage PUTs)
         self.puts: list[Call] = []  # storage PUTs
         self.holds: dict[str, Hold] = {}
         self._storm: list[float] = []  # Retry-After of each scripted 429
-        self._failures: list[int] = []
+        self._failures: list[tuple[int, float | None]] = []
         self._drop_puts = 0
         self._blocks: list[str] = []  # reasons for the next registered items' slots
         self._seq = 0
@@ -195,9 +205,10 @@ class FakeDarwin:
         with self.lock:
             self._storm.extend([retry_after] * n)
 
-    def fail_next(self, n: int, status: int = 503) -> None:
+    def fail_next(self, n: int, status: int = 503, retry_after: float | None = None) -> None:
+        """The next `n` API requests are answered `status` (with Retry-After if given)."""
         with self.lock:
-            self._failures.extend([status] * n)
+            self._failures.extend([(status, retry_after)] * n)
 
     def block_next(self, reason: str, n: int = 1) -> None:
         """The next `n` items registered are blocked with `reason` (e.g.
@@ -263,6 +274,10 @@ class FakeDarwin:
                 out.append((f["file_name"], up.data if up is not None else None))
             return out
 
+    def bodies(self, route: str) -> list[bytes]:
+        """The bodies of the API requests to `route` that were answered 2xx."""
+        return [c.body for c in self.api_calls(route=route) if 200 <= c.status < 300]
+
     def api_calls(self, method: str | None = None, route: str | None = None) -> list[Call]:
         with self.lock:
             return [
@@ -278,6 +293,7 @@ class FakeDarwin:
         if path.startswith("/_storage/"):
             return await self._storage_put(request)
         status = 500
+        body = await request.read() if request.can_read_body else b""
         try:
             resp = await self._api(request)
             status = resp.status
@@ -291,11 +307,15 @@ class FakeDarwin:
                     {"errors": {"message": "Too Many Requests"}}, status=429, headers=headers
                 )
             body = e.message if isinstance(e.message, dict) else {"errors": {"message": e.message}}
-            return web.json_response(body, status=e.status)
+            if e.retry_after is not None:
+                headers["Retry-After"] = _fmt(e.retry_after)
+            return web.json_response(body, status=e.status, headers=headers)
         finally:
             with self.lock:
                 self.calls.append(
-                    Call(time.monotonic(), request.method, path, status, dict(request.headers))
+                    Call(
+                        time.monotonic(), request.method, path, status, dict(request.headers), body
+                    )
                 )
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
@@ -305,7 +325,10 @@ class FakeDarwin:
             if self._storm:
                 raise Reject(429, _fmt(self._storm.pop(0)))
             if self._failures:
-                raise Reject(self._failures.pop(0), "Internal Server Error")
+                status, after = self._failures.pop(0)
+                if status == 429:
+                    raise Reject(429, _fmt(after if after is not None else 1))
+                raise Reject(status, "Internal Server Error", after)
             if self.rate_limit is not None:
                 now = time.monotonic()
                 self._recent = [t for t in self._recent if t > now - 60.0]
@@ -313,10 +336,11 @@ class FakeDarwin:
                     raise Reject(429, _fmt(math.ceil(self._recent[0] + 60.0 - now)))
                 self._recent.append(now)
         parts = [p for p in request.path.split("/") if p]
-        if parts[:1] != ["api"]:
-            raise Reject(404, "Not found")
-        parts = parts[1:]
+        if parts[:1] == ["api"]:
+            parts = parts[1:]
         m = request.method
+        if parts == ["users", "token_info"] and m == "GET":
+            return web.json_response({"selected_team": {"slug": self.team}})
         if parts == ["datasets"]:
             if m == "GET":
                 return self._list_datasets()
@@ -354,19 +378,23 @@ class FakeDarwin:
         if any(d["slug"] == slug for d in self.datasets.values()):
             raise Reject(422, {"errors": {"name": ["has already been taken"]}})
         self._seq += 1
-        d = {"id": 1000 + self._seq, "name": name, "slug": slug, "num_items": 0}
+        d = {"id": 1000 + self._seq, "name": name, "slug": slug, "num_items": 0, "progress": 0}
         self.datasets[d["id"]] = d
         return d
 
+    def _dataset_json(self, d: dict[str, Any]) -> dict[str, Any]:
+        live = sum(1 for k in self._live if k[0] == d["id"])
+        return {**d, "num_items": live}
+
     def _list_datasets(self) -> web.Response:
         with self.lock:
-            return web.json_response([dict(d) for d in self.datasets.values()])
+            return web.json_response([self._dataset_json(d) for d in self.datasets.values()])
 
     def _post_dataset(self, body: Any) -> web.Response:
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
             raise Reject(422, {"errors": {"name": ["can't be blank"]}})
         with self.lock:
-            return web.json_response(dict(self._create_dataset(body["name"])))
+            return web.json_response(self._dataset_json(self._create_dataset(body["name"])))
 
     def _archive_dataset(self, dataset_id: str) -> web.Response:
         """`PUT /datasets/{id}/archive` (darwin-py's remove_remote): the dataset is gone
@@ -376,7 +404,7 @@ class FakeDarwin:
             if d is None:
                 raise Reject(404, "dataset not found")
             for item_id in [i for i, it in self.items.items() if it["dataset_id"] == d["id"]]:
-                del self.items[item_id]
+                self._drop(self.items[item_id])
         return web.json_response({})
 
     def _dataset_by_slug(self, slug: Any) -> dict[str, Any]:
@@ -403,7 +431,7 @@ class FakeDarwin:
         if unknown:
             raise Reject(422, f"unknown keys {sorted(unknown)}")
         items = body.get("items")
-        limit = 10 if existing else 500
+        limit = 100 if existing else 500
         if not isinstance(items, list) or not items:
             raise Reject(422, "items must be a non-empty list")
         if len(items) > limit:
@@ -423,17 +451,7 @@ class FakeDarwin:
             out_items: list[dict[str, Any]] = []
             blocked: list[dict[str, Any]] = []
             for name, path, slots, layout in specs:
-                current = next(
-                    (
-                        i
-                        for i in self.items.values()
-                        if i["dataset_id"] == ds["id"]
-                        and i["name"] == name
-                        and i["path"] == path
-                        and not i["archived"]
-                    ),
-                    None,
-                )
+                current = self.items.get(self._live.get((ds["id"], path, name), ""))
                 if self._blocks:
                     reason = self._blocks.pop(0)
                     blocked.append(
@@ -489,6 +507,7 @@ class FakeDarwin:
                         "slots": [],
                     }
                     self.items[current["id"]] = current
+                    self._live[(ds["id"], path, name)] = current["id"]
                 answer_slots = []
                 for s in new_slots:
                     current["slots"].append(s)
@@ -526,7 +545,7 @@ class FakeDarwin:
         if not isinstance(name, str) or not name or "/" in name:
             raise Reject(422, f"bad item name {name!r}")
         path = item.get("path", "/")
-        if not isinstance(path, str) or not path.startswith("/"):
+        if not isinstance(path, str):
             raise Reject(422, f"bad path {path!r}")
         path = "/" + path.strip("/") if path.strip("/") else "/"
         if flat:
@@ -758,12 +777,20 @@ class FakeDarwin:
                     continue
                 if archive:
                     item["archived"] = True
+                    self._live.pop((item["dataset_id"], item["path"], item["name"]), None)
                 else:
-                    del self.items[item["id"]]
-                    for s in item["slots"]:
-                        for f in s["files"]:
-                            self.uploads.pop(f.get("upload_id") or "", None)
+                    self._drop(item)
         return web.Response(status=204)
+
+    def _drop(self, item: dict[str, Any]) -> None:
+        """Delete an item and its uploads (the caller holds the lock)."""
+        del self.items[item["id"]]
+        key = (item["dataset_id"], item["path"], item["name"])
+        if self._live.get(key) == item["id"]:
+            del self._live[key]
+        for s in item["slots"]:
+            for f in s["files"]:
+                self.uploads.pop(f.get("upload_id") or "", None)
 
 
 def _check_layout(layout: Any, slot_names: set[str]) -> None:
