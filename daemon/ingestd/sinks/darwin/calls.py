@@ -233,31 +233,20 @@ class V7:
         )
 
     async def _put(self, url: str, src: Source, key: str) -> Answer:
-        try:
-            ans = await self.storage.request(
-                "PUT",
-                url,
-                what=f"uploading {src.file_name} of item {key}",
-                body=src.body,
-                headers={
-                    "Content-Length": str(src.size),
-                    "Content-Type": "application/octet-stream",
-                },
-                auth=False,
-                ok=_STORAGE_REFUSALS,
-            )
-        except Exception:
-            # aiohttp reports a failure inside a body as a connection error: the
-            # verified stream kept the real cause.
-            failed = src.failed()
-            if failed is not None:
-                raise failed from None
-            raise
-        failed = src.failed()
-        if failed is not None:
-            raise failed
-        return ans
-
+        # A body whose verified stream fails ends the request with that error (the
+        # kit's client), and `src.body` raises it again rather than resend the bytes.
+        return await self.storage.request(
+            "PUT",
+            url,
+            what=f"uploading {src.file_name} of item {key}",
+            body=src.body,
+            headers={
+                "Content-Length": str(src.size),
+                "Content-Type": "application/octet-stream",
+            },
+            auth=False,
+            ok=_STORAGE_REFUSALS,
+        )
 
 def _key_length(k: Key) -> int:
     return len(k[0]) + len(k[1])
