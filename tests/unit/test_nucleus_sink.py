@@ -19,8 +19,8 @@ import structlog
 from ingestd.config import NucleusBackend
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
-from ingestd.sinks.base import MetadataUpdater, Sink
-from ingestd.sinks.nucleus import NucleusSink
+from ingestd.sinks.base import BatchItem, BatchPutter, MetadataUpdater, PutResult, Sink
+from ingestd.sinks.nucleus import NucleusSink, api
 from PIL import Image
 
 from tests.support.fakes.nucleus import FakeNucleus, serve
@@ -72,8 +72,20 @@ def group_item(
     return ItemPayload(folder, name, tuple(slots), md)
 
 
-def remote(url: str, name: str) -> FilePayload:
-    return FilePayload(name, "", 1234, "", url=url, etag="e1")
+def remote(url: str, name: str, https_url: str | None = None) -> FilePayload:
+    return FilePayload(name, "", 1234, "", url=url, etag="e1", https_url=https_url)
+
+
+def remote_item(url: str, name: str, https_url: str | None = None, **md: Any) -> ItemPayload:
+    return ItemPayload("/", name, (SlotPayload("0", "image", (remote(url, name, https_url),)),), md)
+
+
+def batch(items: list[ItemPayload], dataset: str = DS) -> list[BatchItem]:
+    return [BatchItem(dataset, it) for it in items]
+
+
+def failures(results: list[PutResult | Exception]) -> dict[int, Exception]:
+    return {i: r for i, r in enumerate(results) if isinstance(r, Exception)}
 
 
 @pytest.fixture
@@ -101,10 +113,10 @@ async def make_sink(fake: FakeNucleus, monkeypatch: pytest.MonkeyPatch) -> Async
         # Fast backoff and polling: the shape of the behaviour is what is tested.
         sink.client.backoff_base = 0.01
         sink.client.backoff_cap = 2.0
-        sink.poll_first = 0.01
-        sink.poll_max = 0.05
+        sink.appender.poll_first = 0.01
+        sink.appender.poll_most = 0.05
         for k, v in tunables.items():
-            setattr(sink, k, v)
+            setattr(sink.appender, k, v)
         sinks.append(sink)
         return sink
 
@@ -124,24 +136,24 @@ def sink(make_sink: Any) -> NucleusSink:
 async def test_implements_the_interfaces(sink: NucleusSink) -> None:
     assert isinstance(sink, Sink)
     assert isinstance(sink, MetadataUpdater)
+    assert isinstance(sink, BatchPutter)
     caps = sink.capabilities
     assert (caps.remote_urls, caps.metadata_update, caps.delete) == (True, True, True)
+    assert caps.batch is not None and caps.batch.items >= 10 * api.FILES_PER_APPEND
 
 
 async def test_dataset_is_created_once_and_found_by_name_later(
     fake: FakeNucleus, make_sink: Any
 ) -> None:
     a = make_sink()
-    await a.ensure_dataset(DS)
-    await a.ensure_dataset(DS)
+    await asyncio.gather(a.ensure_dataset(DS), a.ensure_dataset(DS))
     await a.close()
     b = make_sink()  # a fresh process: finds the dataset by name instead of making another
     await b.ensure_dataset(DS)
     await b.close()
     assert len(fake.dataset_ids(DS)) == 1
     assert len(fake.requests("POST", "/dataset/create")) == 1
-    creates = fake.requests("POST", "/dataset/create")
-    assert creates[0].status == 200
+    assert len(fake.requests("GET", "/dataset/details")) == 2
 
 
 async def test_two_datasets_with_the_name_are_refused_clearly(
@@ -153,7 +165,9 @@ async def test_two_datasets_with_the_name_are_refused_clearly(
         await sink.ensure_dataset(DS)
 
 
-async def test_single_image(fake: FakeNucleus, sink: NucleusSink, tmp_path: Path) -> None:
+async def test_single_image_as_the_current_sdk_sends_it(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
     img = png(tmp_path / "a.png")
     item = image_item(img, "/cams/north", camera="north", exposure=12.5)
     await sink.ensure_dataset(DS)
@@ -165,12 +179,20 @@ async def test_single_image(fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
     assert stored["metadata"] == {"camera": "north", "exposure": 12.5}
     assert stored["image"]["digest"] == digest(img)
     assert stored["image"]["content_type"] == "image/png"
+    assert fake.blobs(DS)["/cams/north/a.png"] == img.read_bytes()
     # Basic auth with the key as user name was required by the fake for every call
     assert all(r.status != 401 for r in fake.requests())
-    # multipart sent with a length, not chunked
+    # multipart to the async append (the SDK's path since 0.19), sent with a length
     (append,) = fake.appends()
+    assert append.query == "async=1"
     assert "Content-Length" in append.headers
     assert append.headers.get("Transfer-Encoding") is None
+    # the item JSON as the SDK builds it: no upload_to_scale (dropped in 0.16.8)
+    (sent,) = fake.received
+    assert set(sent) == {"metadata", "reference_id", "image_url", "update"}
+    assert sent["update"] is True
+    # the job was polled to its end (the fake answers Running twice first)
+    assert len(fake.requests("GET", "/job/")) == 3
 
 
 async def test_put_without_ensure_dataset_still_works(
@@ -178,46 +200,90 @@ async def test_put_without_ensure_dataset_still_works(
 ) -> None:
     await sink.put_item(DS, image_item(jpeg(tmp_path / "b.jpg")))
     assert list(fake.items(DS)) == ["/b.jpg"]
+    assert fake.items(DS)["/b.jpg"]["image"]["content_type"] == "image/jpeg"
 
 
-async def test_concurrent_puts_share_requests_of_at_most_ten_files(
-    fake: FakeNucleus, make_sink: Any, tmp_path: Path
+# --- groups from the backlog -------------------------------------------------------------
+
+
+async def test_a_group_goes_in_appends_of_ten_and_one_jobs_listing_per_poll(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
 ) -> None:
-    sink = make_sink(batch_window=0.2)
+    items = [image_item(png(tmp_path / f"{i:03d}.png", color=(i, 0, 0)), n=i) for i in range(95)]
     await sink.ensure_dataset(DS)
-    items = [image_item(png(tmp_path / f"{i:02d}.png", color=(i, 0, 0)), n=i) for i in range(23)]
-    results = await asyncio.gather(*(sink.put_item(DS, it) for it in items))
-    await sink.close()
-    assert [r.backend_id for r in results] == [it.key for it in items]
+    before = len(fake.requests())
+    results = await sink.put_items(batch(items))
+    assert [r.backend_id for r in results if isinstance(r, PutResult)] == [i.key for i in items]
     stored = fake.items(DS)
     assert sorted(stored) == sorted(it.key for it in items)
     assert all(stored[it.key]["metadata"] == it.metadata for it in items)
-    appends = fake.appends()
-    assert len(appends) == 3  # 10 + 10 + 3, not 23 requests
+    assert len(fake.appends()) == 10  # 9 x 10 + 5, not 95 requests
+    polls = fake.job_answers()
+    assert polls and all(r.path == "/jobs/" for r in polls)  # one listing answers for all
+    assert len(polls) <= 4
+    assert len(fake.requests()) - before == 10 + len(polls)
 
 
-async def test_each_caller_hears_its_own_result_from_a_shared_request(
-    fake: FakeNucleus, make_sink: Any, tmp_path: Path
+async def test_groups_of_several_datasets_and_split_items(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
 ) -> None:
-    sink = make_sink(batch_window=0.2)
+    views = [png(tmp_path / "g" / f"{i}.png", color=(0, i * 40, 0)) for i in range(3)]
+    group = [
+        BatchItem("a", image_item(png(tmp_path / "a1.png"))),
+        BatchItem("b", image_item(png(tmp_path / "b1.png"))),
+        BatchItem("a", group_item(views, "g")),
+        BatchItem("a", image_item(png(tmp_path / "a2.png"))),
+    ]
+    results = await sink.put_items(group)
+    assert failures(results) == {}
+    assert sorted(fake.items("a")) == ["/a1.png", "/a2.png", "/g", "/g#1", "/g#2"]
+    assert list(fake.items("b")) == ["/b1.png"]
+
+
+async def test_each_item_of_a_group_hears_its_own_result(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
     items = [image_item(png(tmp_path / f"{i}.png")) for i in range(5)]
     fake.reject_refs["/2.png"] = "Image processing failed"
-    results = await asyncio.gather(*(sink.put_item(DS, it) for it in items), return_exceptions=True)
-    await sink.close()
-    failed = {items[i].key: r for i, r in enumerate(results) if isinstance(r, BaseException)}
-    assert list(failed) == ["/2.png"]
-    assert isinstance(failed["/2.png"], PermanentError)
-    assert "2.png" in failed["/2.png"].reason
-    assert "Image processing failed" in failed["/2.png"].reason
+    results = await sink.put_items(batch(items))
+    failed = failures(results)
+    assert list(failed) == [2]
+    err = failed[2]
+    assert isinstance(err, PermanentError)
+    assert "2.png" in err.reason and "Image processing failed" in err.reason
     assert sorted(fake.items(DS)) == ["/0.png", "/1.png", "/3.png", "/4.png"]
-    assert len(fake.appends()) == 1  # the answer named the failed item: no re-sends
+    assert len(fake.appends()) == 1  # the job's errors named the item: no re-sends
 
 
-async def test_a_rejected_shared_request_is_split_to_find_the_culprit(
-    fake: FakeNucleus, make_sink: Any, tmp_path: Path
+async def test_a_request_refused_whole_is_sent_again_one_by_one(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
 ) -> None:
-    """A metadata type conflict with an item already in Nucleus (unknown to this
-    process) fails the whole request; each item is then tried alone."""
+    items = [image_item(png(tmp_path / f"{i}.png")) for i in range(4)]
+    fake.refuse_refs.add("/1.png")
+    results = await sink.put_items(batch(items))
+    failed = failures(results)
+    assert list(failed) == [1]
+    assert isinstance(failed[1], PermanentError) and "1.png" in failed[1].reason
+    assert sorted(fake.items(DS)) == ["/0.png", "/2.png", "/3.png"]
+    assert len(fake.appends()) == 3  # the three others alone; the refused one never stored
+
+
+async def test_job_errors_that_name_no_item_send_each_again_alone(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
+    items = [image_item(png(tmp_path / f"{i}.png")) for i in range(3)]
+    fake.job_final = "Errored_User"  # a job that failed but says nothing of its items
+    results = await sink.put_items(batch(items))
+    assert all(isinstance(r, PermanentError) for r in results)
+    assert all(f"{i}.png" in r.reason for i, r in enumerate(results))  # type: ignore[union-attr]
+    assert len(fake.appends()) == 1 + 3
+
+
+async def test_a_metadata_type_conflict_with_an_unknown_item_fails_that_item(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
+    """A conflict with an item already in Nucleus (unknown to this process) fails only
+    the item in its job."""
     ds_id = fake.add_dataset(DS)
     with fake.lock:
         fake.datasets[ds_id].items["/old.png"] = {
@@ -225,17 +291,44 @@ async def test_a_rejected_shared_request_is_split_to_find_the_culprit(
             "metadata": {"site": 7},
             "version": 1,
         }
-    sink = make_sink(batch_window=0.2)
     good = [image_item(png(tmp_path / f"g{i}.png"), site=i) for i in range(3)]
     bad = image_item(png(tmp_path / "bad.png"), site="seven")
-    results = await asyncio.gather(
-        *(sink.put_item(DS, it) for it in [*good, bad]), return_exceptions=True
-    )
-    await sink.close()
-    assert all(not isinstance(r, BaseException) for r in results[:3]), results
+    results = await sink.put_items(batch([*good, bad]))
+    assert list(failures(results)) == [3]
     assert isinstance(results[3], PermanentError)
     assert "site" in results[3].reason and "bad.png" in results[3].reason
     assert sorted(fake.items(DS)) == ["/g0.png", "/g1.png", "/g2.png", "/old.png"]
+
+
+async def test_jobs_are_polled_one_by_one_where_the_listing_is_unknown(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
+    fake.jobs_listing = False
+    items = [image_item(png(tmp_path / f"{i}.png")) for i in range(25)]
+    assert failures(await sink.put_items(batch(items))) == {}
+    assert len(fake.items(DS)) == 25
+    assert len(fake.requests("POST", "/jobs")) == 1  # asked once, then never again
+    assert len(fake.requests("GET", "/job/")) == 3 * 3  # three jobs, Running twice each
+
+
+async def test_a_job_that_never_ends_is_handed_to_the_ledger(
+    fake: FakeNucleus, make_sink: Any, tmp_path: Path
+) -> None:
+    fake.job_polls = 10**6
+    sink = make_sink(job_timeout=0.3)
+    with pytest.raises(RetriableError, match="still running"):
+        await sink.put_item(DS, image_item(png(tmp_path / "a.png")))
+
+
+@pytest.mark.parametrize("final", ["Errored_Server", "Cancelled", "Retried", "Something_New"])
+async def test_every_terminal_job_state_ends_the_wait(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path, final: str
+) -> None:
+    fake.job_final = final
+    with pytest.raises(RetriableError, match=final) as e:
+        await sink.put_item(DS, image_item(png(tmp_path / "a.png")))
+    assert "a.png" in e.value.reason
+    assert len(fake.requests("GET", "/job/")) == 3  # no waiting on after it ended
 
 
 # --- mapping our item model --------------------------------------------------------------
@@ -287,6 +380,8 @@ async def test_changed_group_drops_parts_it_no_longer_has(
     assert sorted(items) == ["/g", "/g#1"]
     assert items["/g"]["metadata"]["ingestd_parts"] == ["/g#1"]
     assert items["/g#1"]["metadata"]["rev"] == 2
+    merge = fake.requests("POST", "/metadata")
+    assert [m.query for m in merge] == ["async=0"]
 
 
 async def test_frame_sampled_video_becomes_one_image_per_frame(
@@ -315,6 +410,23 @@ async def test_frame_sampled_video_becomes_one_image_per_frame(
     assert third["image"]["digest"] == digest(frames[2])
     assert third["metadata"]["ingestd_time"] == 2.0
     assert third["image"]["content_type"] == "image/jpeg"
+
+
+async def test_long_frame_sequence_goes_anchor_first_then_in_requests_of_ten(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
+    frames = [jpeg(tmp_path / "f" / f"frame_{i:06d}.jpg", color=(i, i, 0)) for i in range(25)]
+    slot = SlotPayload(
+        "0", "frames", tuple(fp(f) for f in frames), {"timestamps": [float(i) for i in range(25)]}
+    )
+    await sink.put_item(DS, ItemPayload("/", "long.mp4", (slot,), {}))
+    items = fake.items(DS)
+    assert len(items) == 25
+    assert len(items["/long.mp4"]["metadata"]["ingestd_parts"]) == 24
+    appends = fake.appends()
+    assert len(appends) == 4  # the anchor alone, then 10 + 10 + 4
+    first_poll = fake.requests("GET", "/job/")[0]
+    assert appends[0].at < first_poll.at < appends[1].at  # the anchor's job ended first
 
 
 async def test_dicom_series_is_refused_with_the_fix(
@@ -359,14 +471,15 @@ async def test_oversize_image_is_refused_naming_the_setting(
     assert list(fake.items(DS)) == ["/edge.png"]
 
 
-async def test_a_file_that_is_not_an_image_is_refused(
+async def test_a_file_that_is_not_an_image_is_refused_and_spares_its_group(
     fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
 ) -> None:
     junk = tmp_path / "notes.png"
     junk.write_bytes(b"this is text, not a PNG")
-    with pytest.raises(PermanentError, match=r"notes\.png"):
-        await sink.put_item(DS, image_item(junk))
-    assert fake.appends() == []
+    results = await sink.put_items(batch([image_item(junk), image_item(png(tmp_path / "ok.png"))]))
+    assert list(failures(results)) == [0]
+    assert isinstance(results[0], PermanentError) and "notes.png" in results[0].reason
+    assert list(fake.items(DS)) == ["/ok.png"]
 
 
 async def test_metadata_type_conflict_is_refused_before_sending(
@@ -390,7 +503,7 @@ async def test_nan_metadata_is_refused(
         await sink.put_item(DS, image_item(png(tmp_path / "a.png"), score=float("nan")))
 
 
-# --- bucket-registered items (remote URLs, the asynchronous import) ----------------------
+# --- bucket-registered items (remote URLs) -----------------------------------------------
 
 
 async def test_bucket_registered_item_goes_through_an_import_job(
@@ -410,22 +523,19 @@ async def test_bucket_registered_item_goes_through_an_import_job(
     assert len(fake.requests("GET", "/signedUrl/")) == 1
     put = fake.requests("PUT", "/_signed/")
     assert len(put) == 1 and "Authorization" not in put[0].headers  # never the key there
-    assert len(fake.requests("GET", "/job/")) >= 2  # polled while Running
+    (sent,) = fake.received
+    assert set(sent) == {"metadata", "reference_id", "image_url", "update"}  # no upload_to_scale
+    assert len(fake.requests("GET", "/job/")) == 3  # polled while Running
 
 
 async def test_import_job_errors_are_mapped_to_their_items(
-    fake: FakeNucleus, make_sink: Any
+    fake: FakeNucleus, sink: NucleusSink
 ) -> None:
-    sink = make_sink(batch_window=0.2)
     urls = [f"gs://bkt/p/{i}.jpg" for i in range(4)]
     fake.bad_urls.add(urls[1])
-    items = [
-        ItemPayload("/", f"{i}.jpg", (SlotPayload("0", "image", (remote(u, f"{i}.jpg"),)),), {})
-        for i, u in enumerate(urls)
-    ]
-    results = await asyncio.gather(*(sink.put_item(DS, it) for it in items), return_exceptions=True)
-    await sink.close()
-    assert [isinstance(r, BaseException) for r in results] == [False, True, False, False]
+    items = [remote_item(u, f"{i}.jpg") for i, u in enumerate(urls)]
+    results = await sink.put_items(batch(items))
+    assert list(failures(results)) == [1]
     err = results[1]
     assert isinstance(err, PermanentError)
     assert urls[1] in err.reason and "Failed to fetch" in err.reason
@@ -433,24 +543,22 @@ async def test_import_job_errors_are_mapped_to_their_items(
     assert len(fake.requests("POST", "/append")) == 1  # one job for the four
 
 
-async def test_import_job_server_trouble_is_retriable(fake: FakeNucleus, sink: NucleusSink) -> None:
-    fake.job_final = "Errored_Server"
-    item = ItemPayload(
-        "/",
-        "r.jpg",
-        (SlotPayload("0", "image", (remote("https://h.example/r.jpg", "r.jpg"),)),),
-        {},
-    )
-    with pytest.raises(RetriableError, match="Errored_Server"):
-        await sink.put_item(DS, item)
+async def test_azure_objects_are_registered_by_their_https_url(
+    fake: FakeNucleus, sink: NucleusSink
+) -> None:
+    https = "https://acct.blob.core.windows.net/cont/z.jpg"
+    await sink.put_item(DS, remote_item("az://cont/z.jpg", "z.jpg", https))
+    assert fake.items(DS)["/z.jpg"]["image_url"] == https
 
 
-async def test_azure_urls_are_refused_with_the_fix(sink: NucleusSink) -> None:
-    item = ItemPayload(
-        "/", "z.jpg", (SlotPayload("0", "image", (remote("az://cont/z.jpg", "z.jpg"),)),), {}
-    )
-    with pytest.raises(PermanentError, match="transfer: copy"):
-        await sink.put_item(DS, item)
+async def test_azure_objects_without_an_https_url_are_refused_with_the_fix(
+    fake: FakeNucleus, sink: NucleusSink
+) -> None:
+    with pytest.raises(PermanentError) as e:
+        await sink.put_item(DS, remote_item("az://cont/z.jpg", "z.jpg"))
+    assert "az://cont/z.jpg" in e.value.reason
+    assert "account" in e.value.reason and "transfer: copy" in e.value.reason
+    assert fake.requests("POST", "/append") == []
 
 
 # --- changes and deletes -----------------------------------------------------------------
@@ -466,11 +574,12 @@ async def test_content_change_replaces_the_item_and_its_metadata(
     items = fake.items(DS)
     assert list(items) == ["/a.png"]
     assert items["/a.png"]["image"]["digest"] == digest(img)
+    assert fake.blobs(DS)["/a.png"] == img.read_bytes()
     assert items["/a.png"]["metadata"] == {"a": 2}  # b is gone: replaced, not merged
     assert items["/a.png"]["version"] == 2
 
 
-async def test_metadata_change_uses_the_metadata_endpoint(
+async def test_metadata_change_uses_the_metadata_endpoint_as_the_sdk_does(
     fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
 ) -> None:
     img = png(tmp_path / "a.png")
@@ -479,7 +588,8 @@ async def test_metadata_change_uses_the_metadata_endpoint(
     assert result.backend_id == "/a.png"
     assert fake.items(DS)["/a.png"]["metadata"] == {"a": 5, "b": "y", "c": True}
     assert len(fake.appends()) == 1  # no bytes re-sent
-    assert len(fake.requests("POST", "/metadata")) == 1
+    (merge,) = fake.requests("POST", "/metadata")
+    assert merge.query == "async=0"
 
 
 async def test_metadata_change_that_removes_keys_replaces_the_metadata(
@@ -511,6 +621,27 @@ async def test_metadata_update_of_an_item_nucleus_lacks_puts_it(
     assert fake.items(DS)["/n.png"]["metadata"] == {"z": 1}
 
 
+async def test_metadata_update_needs_no_prepared_files(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
+    """A sidecar edit of a frame-sampled video: the new metadata reaches every frame
+    image Nucleus holds, whatever the payload's slots say (no frames are re-sampled)."""
+    frames = [jpeg(tmp_path / "s" / f"frame_{i:06d}.jpg") for i in range(3)]
+    slot = SlotPayload("0", "frames", tuple(fp(f) for f in frames), {"timestamps": [0.0, 1.0, 2.0]})
+    await sink.put_item(DS, ItemPayload("/", "v.mp4", (slot,), {"site": "a"}))
+    source = tmp_path / "v.mp4"
+    source.write_bytes(b"not decoded here")
+    unprepared = ItemPayload(
+        "/", "v.mp4", (SlotPayload("0", "video", (fp(source),)),), {"site": "b"}
+    )
+    await sink.update_metadata(DS, unprepared, "/v.mp4")
+    items = fake.items(DS)
+    assert len(items) == 3
+    assert {m["metadata"]["site"] for m in items.values()} == {"b"}
+    assert all("ingestd_time" in m["metadata"] for m in items.values())
+    assert len(fake.appends()) == 2  # the first put only (anchor, then the other frames)
+
+
 async def test_delete_single_and_split_items(
     fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
 ) -> None:
@@ -533,6 +664,7 @@ async def test_reference_ids_with_slashes_and_hashes_round_trip(
     item = image_item(png(tmp_path / "a#b c.png"), "/x y/z")
     await sink.put_item(DS, item)
     assert list(fake.items(DS)) == ["/x y/z/a#b c.png"]
+    assert fake.items(DS)["/x y/z/a#b c.png"]["image"]["name"] == "a#b c.png"
     await sink.delete_item(DS, "/x y/z", "a#b c.png")
     assert fake.items(DS) == {}
 
@@ -573,15 +705,16 @@ async def test_5xx_then_success(fake: FakeNucleus, sink: NucleusSink, tmp_path: 
 
 
 async def test_connection_dropped_mid_upload_is_retried_with_fresh_bytes(
-    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+    fake: FakeNucleus, make_sink: Any, tmp_path: Path
 ) -> None:
+    sink = make_sink(small=0)  # streamed from disk, re-opened for the retry
     img = png(tmp_path / "big.png", size=(1200, 900))
     await sink.ensure_dataset(DS)
     fake.drop_appends(1)
     await sink.put_item(DS, image_item(img))
     items = fake.items(DS)
     assert list(items) == ["/big.png"]
-    assert items["/big.png"]["image"]["digest"] == digest(img)
+    assert fake.blobs(DS)["/big.png"] == img.read_bytes()
     assert items["/big.png"]["version"] == 1
 
 
@@ -589,7 +722,8 @@ async def test_cancelled_upload_then_a_fresh_sink_leaves_no_duplicate(
     fake: FakeNucleus, make_sink: Any, tmp_path: Path
 ) -> None:
     """A worker cancelled while Nucleus already stored the item (the daemon stopped
-    before hearing the answer): the ledger re-sends it from a new process."""
+    before hearing the answer): the ledger re-sends it from a new process, which has
+    never seen it (previous=None)."""
     img = png(tmp_path / "h.png")
     first = make_sink()
     await first.ensure_dataset(DS)
@@ -603,7 +737,7 @@ async def test_cancelled_upload_then_a_fresh_sink_leaves_no_duplicate(
     await first.close()
     fake.release()
     second = make_sink()
-    await second.put_item(DS, image_item(img, v=1))
+    await second.put_item(DS, image_item(img, v=1), previous=None)
     await second.close()
     items = fake.items(DS)
     assert list(items) == ["/h.png"]
@@ -612,20 +746,29 @@ async def test_cancelled_upload_then_a_fresh_sink_leaves_no_duplicate(
 
 
 async def test_file_changed_after_hashing_is_source_changed_and_spares_the_others(
-    fake: FakeNucleus, make_sink: Any, tmp_path: Path
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
 ) -> None:
-    sink = make_sink(batch_window=0.2)
     a = png(tmp_path / "a.png")
     b = png(tmp_path / "b.png")
     item_b = image_item(b)
     png(b, color=(1, 1, 1))  # rewritten after it was "hashed" (size or digest now differ)
-    results = await asyncio.gather(
-        sink.put_item(DS, image_item(a)), sink.put_item(DS, item_b), return_exceptions=True
-    )
-    await sink.close()
-    assert results[0].backend_id == "/a.png"  # type: ignore[union-attr]
+    results = await sink.put_items(batch([image_item(a), item_b]))
+    assert isinstance(results[0], PutResult)
     assert isinstance(results[1], SourceChangedError)
     assert list(fake.items(DS)) == ["/a.png"]
+
+
+async def test_a_streamed_file_that_changes_is_not_stored(
+    fake: FakeNucleus, make_sink: Any, tmp_path: Path
+) -> None:
+    sink = make_sink(small=0)  # streamed: the mismatch shows at the end of the bytes
+    b = png(tmp_path / "b.png", size=(300, 200))
+    item = image_item(b)
+    b.write_bytes(b.read_bytes()[:-1] + b"\0")  # same size, other digest
+    with pytest.raises(SourceChangedError, match=r"b\.png"):
+        await sink.put_item(DS, item)
+    assert fake.items(DS) == {}
+    assert fake.blobs(DS) == {}
 
 
 async def test_vanished_file_is_source_changed(sink: NucleusSink, tmp_path: Path) -> None:
@@ -636,9 +779,11 @@ async def test_vanished_file_is_source_changed(sink: NucleusSink, tmp_path: Path
         await sink.put_item(DS, item)
 
 
-async def test_streamed_files_are_sent_and_checked(
-    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+@pytest.mark.parametrize("small", [1 << 20, 0], ids=["read-whole", "streamed"])
+async def test_streamed_source_files_are_sent_and_checked(
+    fake: FakeNucleus, make_sink: Any, small: int
 ) -> None:
+    sink = make_sink(small=small)
     data = io.BytesIO()
     Image.new("RGB", (40, 30), (5, 6, 7)).save(data, format="PNG")
     blob = data.getvalue()
@@ -651,7 +796,17 @@ async def test_streamed_files_are_sent_and_checked(
         "s.png", "", len(blob), "sha256:" + hashlib.sha256(blob).hexdigest(), opener=opener
     )
     await sink.put_item(DS, ItemPayload("/b", "s.png", (SlotPayload("0", "image", (f,)),), {}))
-    assert fake.items(DS)["/b/s.png"]["image"]["digest"] == f.digest
+    assert fake.blobs(DS)["/b/s.png"] == blob
+
+
+async def test_requests_stay_under_the_byte_budget(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [png(tmp_path / f"{i}.png", size=(300, 300)) for i in range(4)]
+    monkeypatch.setattr(api, "APPEND_BYTES", files[0].stat().st_size * 2 + 10)
+    assert failures(await sink.put_items(batch([image_item(f) for f in files]))) == {}
+    assert len(fake.items(DS)) == 4
+    assert len(fake.appends()) == 2
 
 
 # --- the key -----------------------------------------------------------------------------
@@ -664,14 +819,25 @@ async def test_bad_key_is_refused_naming_the_setting_not_the_key(
     sink = make_sink(key=secret)
     with pytest.raises(PermanentError) as e:
         await sink.put_item(DS, image_item(png(tmp_path / "a.png")))
-    await sink.close()
     assert "401" in e.value.reason and KEY_ENV in e.value.reason
     assert secret not in e.value.reason
     assert secret not in repr(sink)
 
 
+async def test_a_key_refused_mid_group_fails_the_group_without_one_by_one_retries(
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
+) -> None:
+    await sink.ensure_dataset(DS)
+    fake.api_key = "rotated"
+    results = await sink.put_items(
+        batch([image_item(png(tmp_path / f"{i}.png")) for i in range(3)])
+    )
+    assert all(isinstance(r, PermanentError) and KEY_ENV in r.reason for r in results)
+    assert len(fake.requests("POST", "/append")) == 1
+
+
 async def test_api_key_never_in_logs(
-    fake: FakeNucleus, make_sink: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     captured: list[dict[str, Any]] = []
 
@@ -687,16 +853,12 @@ async def test_api_key_never_in_logs(
     )
     try:
         with caplog.at_level(logging.DEBUG):
-            sink = make_sink(batch_window=0.05)
             fake.storm(2, retry_after="0.05")
             fake.reject_refs["/bad.png"] = "nope"
-            await asyncio.gather(
-                sink.put_item(DS, image_item(png(tmp_path / "ok.png"))),
-                sink.put_item(DS, image_item(png(tmp_path / "bad.png"))),
-                return_exceptions=True,
-            )
+            fake.refuse_refs.add("/refused.png")
+            names = ("ok.png", "bad.png", "refused.png")
+            await sink.put_items(batch([image_item(png(tmp_path / n)) for n in names]))
             await sink.delete_item(DS, "/", "ok.png")
-            await sink.close()
     finally:
         structlog.configure(**old)
     text = json.dumps(captured, default=str) + caplog.text
@@ -719,54 +881,6 @@ async def test_dataset_deleted_in_nucleus_is_found_again(
     assert fake.dataset_ids(DS) != [ds_id]
 
 
-async def test_long_frame_sequence_is_split_into_requests_anchor_first(
-    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
-) -> None:
-    frames = [jpeg(tmp_path / "f" / f"frame_{i:06d}.jpg", color=(i, i, 0)) for i in range(25)]
-    slot = SlotPayload(
-        "0", "frames", tuple(fp(f) for f in frames), {"timestamps": [float(i) for i in range(25)]}
-    )
-    await sink.put_item(DS, ItemPayload("/", "long.mp4", (slot,), {}))
-    items = fake.items(DS)
-    assert len(items) == 25
-    assert len(items["/long.mp4"]["metadata"]["ingestd_parts"]) == 24
-    appends = fake.appends()
-    assert len(appends) == 4  # the anchor alone, then 10 + 10 + 4
-    assert appends[0].at < appends[1].at
-
-
-async def test_requests_stay_under_the_byte_budget(
-    fake: FakeNucleus, make_sink: Any, tmp_path: Path
-) -> None:
-    sink = make_sink(batch_window=0.2)
-    files = [png(tmp_path / f"{i}.png", size=(300, 300)) for i in range(4)]
-    sink.max_batch_bytes = files[0].stat().st_size * 2 + 10
-    await asyncio.gather(*(sink.put_item(DS, image_item(f)) for f in files))
-    assert len(fake.items(DS)) == 4
-    assert len(fake.appends()) == 2
-
-
-async def test_metadata_update_needs_no_prepared_files(
-    fake: FakeNucleus, sink: NucleusSink, tmp_path: Path
-) -> None:
-    """A sidecar edit of a frame-sampled video: the new metadata reaches every frame
-    image Nucleus holds, whatever the payload's slots say (no frames are re-sampled)."""
-    frames = [jpeg(tmp_path / "s" / f"frame_{i:06d}.jpg") for i in range(3)]
-    slot = SlotPayload("0", "frames", tuple(fp(f) for f in frames), {"timestamps": [0.0, 1.0, 2.0]})
-    await sink.put_item(DS, ItemPayload("/", "v.mp4", (slot,), {"site": "a"}))
-    source = tmp_path / "v.mp4"
-    source.write_bytes(b"not decoded here")
-    unprepared = ItemPayload(
-        "/", "v.mp4", (SlotPayload("0", "video", (fp(source),)),), {"site": "b"}
-    )
-    await sink.update_metadata(DS, unprepared, "/v.mp4")
-    items = fake.items(DS)
-    assert len(items) == 3
-    assert {m["metadata"]["site"] for m in items.values()} == {"b"}
-    assert all("ingestd_time" in m["metadata"] for m in items.values())
-    assert len(fake.appends()) == 2  # the first put only (anchor, then the other frames)
-
-
 # --- the fake itself refuses what Nucleus would ------------------------------------------
 
 
@@ -786,12 +900,16 @@ async def test_the_fake_refuses_what_nucleus_would(fake: FakeNucleus, tmp_path: 
             assert r.status == 400
         ds = fake.add_dataset("x")
         form = aiohttp.FormData()
-        items = [{"reference_id": f"r{i}", "metadata": {}, "update": True} for i in range(11)]
+        items = [
+            {"reference_id": f"r{i}", "metadata": {}, "image_url": f"{i}.png", "update": True}
+            for i in range(11)
+        ]
         form.add_field("items", json.dumps(items), content_type="application/json")
         img = png(tmp_path / "i.png").read_bytes()
         for i in range(11):
             form.add_field("image", img, filename=f"{i}.png", content_type="image/png")
-        async with s.post(f"{fake.base_url}/dataset/{ds}/append", data=form, headers=auth) as r:
+        url = f"{fake.base_url}/dataset/{ds}/append?async=1"
+        async with s.post(url, data=form, headers=auth) as r:
             assert r.status == 400
             assert "at most 10" in (await r.json())["error"]
         async with s.get(f"{fake.base_url}/dataset/{ds}/signedUrl/abc", headers=auth) as r:

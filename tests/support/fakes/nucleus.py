@@ -53,7 +53,8 @@ connection in the middle of the next n multipart uploads; `hold()` makes appends
 after storing their items until `release()` (a client that dies meanwhile never hears
 the answer); `reject_refs` fails named items in their job; `refuse_refs` fails a whole
 request that carries one of them with a 400 naming no item; `job_final` forces a job's
-final status.
+final status; `jobs_listing = False` makes `POST jobs/` unknown (404). `received` keeps
+every item JSON an append carried, as sent.
 
 Run it in-process with `serve(fake)` (an async context manager) or in a thread with
 `FakeNucleusThread(fake)` (for the daemon or an SDK as a subprocess).
@@ -116,7 +117,7 @@ class FakeJob:
     final: str
     ready_at: float  # time.monotonic() from which the job may end
     kind: str = "uploadDatasetItems"
-    created: float = field(default_factory=time.time)
+    created: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     def observe(self) -> str:
         """The status a poll sees now (a poll counts towards the job's end)."""
@@ -126,7 +127,7 @@ class FakeJob:
 
     @property
     def creation_time(self) -> str:
-        return dt.datetime.fromtimestamp(self.created, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return self.created.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Rejected(Exception):
@@ -148,7 +149,7 @@ def _type_of(v: Any) -> str | None:
     return None
 
 
-def _date(value: Any) -> float | None:
+def _date(value: Any) -> dt.datetime | None:
     """A listing's from_date/to_date: ISO 8601 or `str(datetime)`, UTC when naive."""
     if not isinstance(value, str) or not value:
         return None
@@ -156,7 +157,7 @@ def _date(value: Any) -> float | None:
         when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise Rejected(400, f"Date {value} not a valid date") from None
-    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 class FakeNucleus:
@@ -176,6 +177,8 @@ class FakeNucleus:
         self.uploads: dict[tuple[str, str], bytes] = {}  # (dataset, requestId) -> NDJSON
         self.signed: dict[str, tuple[str, str]] = {}  # token -> (dataset, requestId)
         self.log: list[Logged] = []
+        self.received: list[dict[str, Any]] = []  # every item JSON appended, as sent
+        self.jobs_listing = True  # False: `POST jobs/` is unknown here (404)
         self.base_url = ""  # http://127.0.0.1:PORT/v1/nucleus once serving
         # faults
         self._faults: list[tuple[int, str | None]] = []  # (status, Retry-After) per request
@@ -354,8 +357,9 @@ class FakeNucleus:
             (("dataset", "*", "metadata"), "POST"): lambda: self._metadata(request, seg[1]),
             (("job", "*"), "GET"): lambda: self._job(seg[1]),
             (("job", "*", "errors"), "GET"): lambda: self._job_errors(seg[1]),
-            (("jobs",), "POST"): lambda: self._list_jobs(request),
         }
+        if self.jobs_listing:
+            table[(("jobs",), "POST")] = lambda: self._list_jobs(request)
         action = table.get((route, m))
         if action is None:
             if any(r == route for r, _ in table):
@@ -505,6 +509,10 @@ class FakeNucleus:
         """Store what can be stored now; each item's failure is a job error."""
         errors: list[str] = []
         with self.lock:
+            self.received.extend(
+                json.loads(json.dumps({k: v for k, v in it.items() if k != "_file"}))
+                for it in items
+            )
             for it in items:
                 file = files.get(it.pop("_file")) if "_file" in it else None
                 problem = self._store(ds, it, file)
