@@ -214,6 +214,7 @@ class LabelboxFake:
         self.app.router.add_get("/_fake/state", self._ctl_state)
         self.app.router.add_post("/_fake/fault", self._ctl_fault)
         self.app.router.add_post("/_fake/hold", self._ctl_hold)
+        self.app.router.add_post("/_fake/iam", self._ctl_iam)
 
     # --- running -----------------------------------------------------------------------
 
@@ -250,7 +251,8 @@ class LabelboxFake:
         self._released.set()
 
     def new_id(self, prefix: str) -> str:
-        return f"{prefix}{next(self._ids):06d}"
+        # Labelbox ids are 25-character cuids; the SDK's models insist on the length.
+        return f"{prefix}{next(self._ids):0{25 - len(prefix)}d}"
 
     def _reserved(self) -> None:
         for name, kind in (
@@ -289,12 +291,13 @@ class LabelboxFake:
         return None
 
     def rows_of(self, dataset: str) -> dict[str, dict[str, Any]]:
-        """global key -> the row as a test wants to see it (metadata by name)."""
+        """global key (the row id for a row without one) -> the row as a test wants
+        to see it (metadata by name)."""
         ds = self.dataset_id(dataset)
         out = {}
         for row in self.rows.values():
             if row["dataset_id"] == ds and not row["deleted"]:
-                out[row["global_key"]] = self.view(row)
+                out[row["global_key"] or row["id"]] = self.view(row)
         return out
 
     def view(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -337,6 +340,12 @@ class LabelboxFake:
             "dataset_count": {
                 d["name"]: sum(1 for x in self.datasets.values() if x["name"] == d["name"])
                 for d in self.datasets.values()
+            },
+            # the delegated-access integration (its name) attached to each live dataset
+            "signers": {
+                d["name"]: d["signer"]["name"] if d["signer"] else None
+                for d in self.datasets.values()
+                if not d["deleted"]
             },
             "files": {
                 fid: {
@@ -637,7 +646,12 @@ class LabelboxFake:
     # --- delegated access (IAM integrations) ---------------------------------------------
 
     def add_integration(
-        self, name: str = "s3-read", *, default: bool = True, valid: bool = True, validates: bool = True
+        self,
+        name: str = "s3-read",
+        *,
+        default: bool = True,
+        valid: bool = True,
+        validates: bool = True,
     ) -> str:
         """An integration of the organisation; `validates`: a dataset it is attached to
         passes validateDataset."""
@@ -1087,6 +1101,16 @@ class LabelboxFake:
         )
         return web.json_response({"faults": len(self.faults)})
 
+    async def _ctl_iam(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        iid = self.add_integration(
+            str(body.get("name") or "s3-read"),
+            default=bool(body.get("default", True)),
+            valid=bool(body.get("valid", True)),
+            validates=bool(body.get("validates", True)),
+        )
+        return web.json_response({"id": iid})
+
     async def _ctl_hold(self, request: web.Request) -> web.Response:
         body = await request.json()
         if body.get("hold"):
@@ -1165,6 +1189,10 @@ class FakeProcess:
             "/_fake/fault",
             {"count": count, "status": status, "retry_after": retry_after, "match": match},
         )
+
+    def add_integration(self, name: str = "s3-read", **flags: bool) -> str:
+        """An IAM integration of the organisation (LabelboxFake.add_integration)."""
+        return str(self._call("POST", "/_fake/iam", {"name": name, **flags})["id"])
 
     def hold(self, on: bool) -> int:
         return int(self._call("POST", "/_fake/hold", {"hold": on})["held"])

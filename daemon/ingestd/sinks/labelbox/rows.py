@@ -19,9 +19,8 @@ import json
 import mimetypes
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from ingestd.core.errors import PermanentError, RetriableError
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
@@ -62,27 +61,17 @@ def global_key(dataset: str, key: str) -> str:
 
 # --- URLs of registered objects ----------------------------------------------------------
 
-# FilePayload.https_url (the bucket source's https form of an object) is being added;
-# until it is there, the s3:// and gs:// forms are derived here as before.
-_HAS_HTTPS_URL = "https_url" in {f.name for f in fields(FilePayload)}
-
-
-def object_https_url(f: FilePayload) -> str | None:
-    """The https URL the bucket source gave the object (None when it has none)."""
-    value = getattr(f, "https_url", None)
-    return value if isinstance(value, str) and value else None
-
 
 def fetchable_url(f: FilePayload) -> str:
-    """The https URL Labelbox reads a registered object from (`row_data` and
-    attachments must be https; Azure objects are read as
-    https://<account>.blob.core.windows.net/<container>/<key> by Labelbox's Azure
-    integration)."""
+    """The https URL Labelbox reads a registered object from: `row_data` and
+    attachments must be https, and Labelbox's integrations read S3, GCS and Azure
+    objects by their https form (for Azure
+    https://<account>.blob.core.windows.net/<container>/<key>), which the bucket source
+    gives each object it can name one for (FilePayload.https_url)."""
     url = f.url or ""
-    https = object_https_url(f)
-    if https is not None:
-        return https
-    scheme, sep, rest = url.partition("://")
+    if f.https_url:
+        return f.https_url
+    scheme = url.partition("://")[0]
     if scheme == "https":
         return url
     if scheme == "az":
@@ -91,19 +80,11 @@ def fetchable_url(f: FilePayload) -> str:
             "storage account: set the watch's source_options.account (or "
             "AZURE_STORAGE_ACCOUNT_NAME), or use transfer: copy"
         )
-    if scheme in ("s3", "gs") and sep:
-        if _HAS_HTTPS_URL:  # the source said the object has no https form
-            raise PermanentError(
-                f"{url}: the bucket's endpoint is not an https URL Labelbox could fetch "
-                "from (e.g. an S3-compatible store on the LAN); use transfer: copy"
-            )
-        bucket, _, key = rest.partition("/")
-        path = quote(key, safe="/")  # '#', '?', '%' and spaces must not end or bend the URL
-        if scheme == "gs":
-            return f"https://storage.googleapis.com/{bucket}/{path}"
-        if "." in bucket:  # virtual-hosted TLS fails for dotted names; path style works
-            return f"https://s3.amazonaws.com/{bucket}/{path}"
-        return f"https://{bucket}.s3.amazonaws.com/{path}"
+    if scheme in ("s3", "gs"):
+        raise PermanentError(
+            f"{url}: the bucket's endpoint is not an https URL Labelbox could fetch from "
+            "(e.g. an S3-compatible store on the LAN); use transfer: copy"
+        )
     raise PermanentError(
         f"{url}: Labelbox only takes https URLs (or s3://, gs://, az:// objects it reads "
         "through a delegated-access integration)"

@@ -33,10 +33,11 @@ from ingestd.sinks.base import (
     PutResult,
     SinkBase,
 )
+from ingestd.sinks.kit.batches import chunked
 from ingestd.sinks.kit.client import ApiClient
 from ingestd.sinks.kit.datasets import DatasetCache
 from ingestd.sinks.kit.jobs import JobState, poll_job
-from ingestd.sinks.kit.verified import VerifiedFile
+from ingestd.sinks.kit.verified import VerifiedFile, read_local
 from ingestd.sinks.labelbox import graphql as gq
 from ingestd.sinks.labelbox import rows as rw
 from ingestd.sinks.labelbox import tasks
@@ -49,6 +50,8 @@ T = TypeVar("T")
 DEFAULT_ENDPOINT = "https://api.labelbox.com/graphql"
 UPLOADS = 20  # files uploaded at once per sink (labelbox-python FILE_UPLOAD_THREAD_COUNT)
 READ_WHOLE = 1 << 20  # files up to this size are read (and checked) before they are sent
+READ_FILES, READ_BYTES = 64, 8 << 20  # small local files read in one thread trip
+READ_AHEAD = 3  # such batches in memory at once, waiting for their uploads
 # A group is one import task. A task takes up to 150,000 rows (rows.ROWS_PER_TASK), but
 # the sync step claims two groups ahead and redoes a whole group that fails or is cut
 # off by a stop; at 5,000 rows the task's own requests (a chunk, a manifest, the upsert,
@@ -85,6 +88,20 @@ async def _attempt(call: Awaitable[T]) -> T | SyncError:
         return await call
     except SyncError as e:
         return e
+
+
+def _small_local(f: FilePayload) -> bool:
+    return bool(f.local_path) and f.opener is None and f.size <= READ_WHOLE
+
+
+def _read_many(files: list[FilePayload]) -> list[bytes | SyncError]:
+    out: list[bytes | SyncError] = []
+    for f in files:
+        try:
+            out.append(read_local(f))
+        except SyncError as e:
+            out.append(e)
+    return out
 
 
 def _hint(backend: LabelboxBackend) -> str:
@@ -265,22 +282,56 @@ class LabelboxSink(SinkBase):
 
     async def _upload_all(self, prepared: Sequence[_Prepared]) -> None:
         """Every local or streamed file of the group, `UPLOADS` at a time across the
-        sink; the remaining files of an item that already failed are skipped."""
+        sink; the remaining files of an item that already failed are skipped. Small
+        local files are read (and checked) a batch per thread trip, at most
+        `READ_AHEAD` batches ahead of their uploads."""
+        jobs = [(p, i) for p in prepared for i, u in enumerate(p.urls) if u is None]
+        small = [(p, i) for p, i in jobs if _small_local(p.parts[i].file)]
+        ahead = asyncio.Semaphore(READ_AHEAD)
+        async with asyncio.TaskGroup() as group:
+            for p, i in jobs:
+                if not _small_local(p.parts[i].file):
+                    group.create_task(self._send(p, i, None))
+            for batch in chunked(
+                small, READ_FILES, READ_BYTES, lambda j: j[0].parts[j[1]].file.size
+            ):
+                await ahead.acquire()
+                files = [p.parts[i].file for p, i in batch]
+                datas = await asyncio.to_thread(_read_many, files)
+                group.create_task(self._send_batch(batch, datas, ahead))
 
-        async def one(p: _Prepared, i: int) -> None:
-            async with self._uploads:
-                if p.error is not None:
-                    return
-                try:
-                    p.urls[i] = await self._upload(p.parts[i].file, p.item.key)
-                except SyncError as e:
-                    p.fail(e)
+    async def _send_batch(
+        self,
+        batch: list[tuple[_Prepared, int]],
+        datas: list[bytes | SyncError],
+        ahead: asyncio.Semaphore,
+    ) -> None:
+        try:
+            for (p, _), d in zip(batch, datas, strict=True):
+                if isinstance(d, SyncError):
+                    p.fail(d)
+            await asyncio.gather(
+                *(
+                    self._send(p, i, d)
+                    for (p, i), d in zip(batch, datas, strict=True)
+                    if isinstance(d, bytes)
+                )
+            )
+        finally:
+            ahead.release()
 
-        await asyncio.gather(
-            *(one(p, i) for p in prepared for i, u in enumerate(p.urls) if u is None)
-        )
+    async def _send(self, p: _Prepared, i: int, data: bytes | None) -> None:
+        async with self._uploads:
+            if p.error is not None:
+                return
+            try:
+                p.urls[i] = await self._upload(p.parts[i].file, p.item.key, data)
+            except SyncError as e:
+                p.fail(e)
 
-    async def _upload(self, f: FilePayload, key: str) -> str:
+    async def _upload(self, f: FilePayload, key: str, data: bytes | None = None) -> str:
+        """One file through uploadFile: `data` (already read and checked), a small file
+        read whole, or a bigger one streamed and checked on the way."""
         if f.size > rw.DIRECT_UPLOAD_MAX:
             raise PermanentError(
                 f"{f.local_path or f.name} is {f.size / 1e6:.0f} MB, over Labelbox's "
@@ -290,8 +341,9 @@ class LabelboxSink(SinkBase):
         verified = VerifiedFile(f)
         form = gq.Multipart(rw.upload_name(f.name), rw.content_type(f), f.size)
         body: Callable[[], Any]
-        if f.size <= READ_WHOLE:
-            whole = form.head + await verified.read_all() + form.tail
+        if data is not None or f.size <= READ_WHOLE:
+            whole = form.head + (data if data is not None else await verified.read_all())
+            whole += form.tail
             body = lambda: whole  # noqa: E731 - the same checked bytes on every attempt
         else:
 
