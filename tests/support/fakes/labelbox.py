@@ -155,6 +155,7 @@ class Fault:
     status: int
     retry_after: str | None = None
     match: str | None = None  # a root field name, "uploadFile", or None for any request
+    body: dict[str, Any] | None = None  # the answer's JSON (default: a rate-limit message)
 
 
 @dataclass
@@ -194,6 +195,7 @@ class LabelboxFake:
         # knobs
         self.task_polls = 1
         self.fail_tasks = False
+        self.end_status: str | None = None  # a task's last status, e.g. CANCELED (default COMPLETE)
         self.max_custom_fields = 100
         self.refuse: Callable[[dict[str, Any]], str | None] = lambda payload: None
         # faults and observations
@@ -206,6 +208,8 @@ class LabelboxFake:
         self.auth_headers: set[str] = set()
         self.chunked_uploads = 0
         self.uploads_started = 0
+        self.uploading = 0  # upload requests being answered now
+        self.most_uploading = 0  # the most at once
         self.upsert_tasks: list[int] = []  # rows per upsertDataRows task
         self._runner: web.AppRunner | None = None
         self.app = web.Application(client_max_size=64 << 20)
@@ -240,6 +244,22 @@ class LabelboxFake:
         self, n: int, status: int = 429, retry_after: str | None = "1", match: str | None = None
     ) -> None:
         self.faults.extend(Fault(status, retry_after, match) for _ in range(n))
+
+    def error_next(
+        self, n: int, code: str, inner: int | None = None, message: str = "", match: str | None = None
+    ) -> None:
+        """The next `n` requests answer HTTP 200 with a GraphQL error `code` (an
+        INTERNAL_SERVER_ERROR's `exception.status` is `inner`), as Labelbox does."""
+        ext: dict[str, Any] = {"code": code}
+        if inner is not None:
+            ext["exception"] = {"status": inner}
+        body = {"data": None, "errors": [{"message": message or code, "extensions": ext}]}
+        self.faults.extend(Fault(200, None, match, body) for _ in range(n))
+
+    def limit_next(self, n: int, match: str | None = None) -> None:
+        """The next `n` requests answer as an exceeded API limit does (HTTP 200)."""
+        body = {"message": "You have exceeded the API limit; try again later"}
+        self.faults.extend(Fault(200, None, match, body) for _ in range(n))
 
     def drop_next_upload(self, after_bytes: int) -> None:
         self._drop_after = after_bytes
@@ -377,9 +397,8 @@ class LabelboxFake:
             if f.match is None or f.match == operation:
                 del self.faults[i]
                 headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
-                return web.json_response(
-                    {"message": "Too many requests"}, status=f.status, headers=headers
-                )
+                body = f.body if f.body is not None else {"message": "Too many requests"}
+                return web.json_response(body, status=f.status, headers=headers)
         return None
 
     def _log(self, operation: str, resp: web.StreamResponse) -> web.StreamResponse:
@@ -483,6 +502,14 @@ class LabelboxFake:
 
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         self.uploads_started += 1
+        self.uploading += 1
+        self.most_uploading = max(self.most_uploading, self.uploading)
+        try:
+            return await self._upload_one(request)
+        finally:
+            self.uploading -= 1
+
+    async def _upload_one(self, request: web.Request) -> web.StreamResponse:
         fault = self._fault("uploadFile")
         if fault is not None:
             await request.read()
@@ -827,7 +854,7 @@ class LabelboxFake:
         return row
 
     def _finish(self, task: Task) -> None:
-        task.status = "FAILED" if self.fail_tasks else "COMPLETE"
+        task.status = "FAILED" if self.fail_tasks else self.end_status or "COMPLETE"
 
     def _task_view(self, task: Task) -> dict[str, Any]:
         return {
