@@ -739,19 +739,42 @@ async def test_put_after_an_interrupted_upload_leaves_no_duplicate(
     assert fake.content(result.backend_id, "0") == [("cat.png", p.read_bytes())]
 
 
-async def test_bytes_changed_after_hashing_are_never_confirmed(
+async def test_a_small_file_changed_after_hashing_never_reaches_v7(
     sink: DarwinSink, fake: FakeDarwin, tmp_path: Path
 ) -> None:
+    """Small files are read ahead whole and checked before their items are
+    registered: a changed one fails its item and V7 never hears of it."""
     p = tmp_path / "scan.dcm"
     p.write_bytes(b"A" * 10_000)
     item = ItemPayload("/", "scan.dcm", (SlotPayload("0", "dicom", (file_of(p),)),), {})
     p.write_bytes(b"B" * 10_000)
+    await sink.ensure_dataset(DS)
+    before = len(fake.calls)
+    with pytest.raises(SourceChangedError, match="changed after it was hashed"):
+        await sink.put_item(DS, item)
+    assert len(fake.calls) == before and fake.all_items(DS) == []
+    p.write_bytes(b"A" * 5_000)  # and now it shrank
+    with pytest.raises(SourceChangedError, match="shrank"):
+        await sink.put_item(DS, item)
+    assert len(fake.calls) == before
+    fixed = ItemPayload("/", "scan.dcm", (SlotPayload("0", "dicom", (file_of(p),)),), {})
+    await sink.put_item(DS, fixed)
+    assert fake.live(DS)["/scan.dcm"]["status"] == "new"
+
+
+async def test_a_big_file_changed_while_it_streams_is_never_confirmed(
+    sink: DarwinSink, fake: FakeDarwin, tmp_path: Path
+) -> None:
+    p = tmp_path / "scan.dcm"
+    size = 3 << 20  # streamed in blocks, not read ahead
+    p.write_bytes(b"A" * size)
+    item = ItemPayload("/", "scan.dcm", (SlotPayload("0", "dicom", (file_of(p),)),), {})
+    p.write_bytes(b"A" * (size - 1) + b"B")  # only the last byte differs
     with pytest.raises(SourceChangedError, match="changed after it was hashed"):
         await sink.put_item(DS, item)
     # The half-made item is deleted again: V7 shows nothing stuck in `uploading`.
     assert fake.live(DS) == {}
-    assert not fake.api_calls("POST", "confirm")
-    p.write_bytes(b"A" * 5_000)  # and now it shrank
+    p.write_bytes(b"A" * (size // 2))  # and now it shrank
     with pytest.raises(SourceChangedError, match="shrank"):
         await sink.put_item(DS, item)
     # The last bytes are held back until they are verified: storage never stored a

@@ -248,5 +248,6 @@ class V7:
             ok=_STORAGE_REFUSALS,
         )
 
+
 def _key_length(k: Key) -> int:
     return len(k[0]) + len(k[1])

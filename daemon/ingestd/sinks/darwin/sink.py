@@ -53,13 +53,16 @@ from ingestd.sinks.darwin.api import (
     key_of,
 )
 from ingestd.sinks.darwin.calls import V7, DatasetGone
-from ingestd.sinks.darwin.shapes import Shape, shape_of
+from ingestd.sinks.darwin.shapes import Shape, preload, shape_of
 from ingestd.sinks.kit.batches import chunked
 from ingestd.sinks.kit.datasets import DatasetCache
 
 log = structlog.get_logger("ingestd.sink.darwin")
 
 ROUNDS = 3  # register, and after an ALREADY_EXISTS look up and register again, at most
+# Small files are read ahead whole, a group's in one thread trip, and sent from memory.
+PRELOAD_FILE = 256 << 10
+PRELOAD_GROUP = 32 << 20
 
 
 @dataclass
@@ -172,6 +175,23 @@ class DarwinSink(SinkBase):
             for t in uploads:
                 t.cancel()
 
+    async def _read_ahead(self, works: list[_Work], out: list[Any]) -> list[_Work]:
+        """Read the small files of items about to be registered: a file that changed
+        or went away fails its item here, and V7 never hears of it."""
+        sources = [src for w in works for _, src in w.shape.uploads()]
+        if not sources:
+            return works
+        errors = await asyncio.to_thread(preload, sources, PRELOAD_FILE, PRELOAD_GROUP)
+        failed = {id(src): e for src, e in zip(sources, errors, strict=True) if e is not None}
+        kept = []
+        for w in works:
+            error = next((failed[id(s)] for _, s in w.shape.uploads() if id(s) in failed), None)
+            if error is None:
+                kept.append(w)
+            else:
+                out[w.index] = error
+        return kept
+
     async def _reconcile(
         self, ds: Dataset, works: list[_Work], out: list[Any], *, conflict: bool
     ) -> list[_Work]:
@@ -246,6 +266,10 @@ class DarwinSink(SinkBase):
             (remote, EXISTING_CHUNK, self.storage_slug),
         ):
             for chunk in chunked(group, size):
+                if slug is None:
+                    chunk = await self._read_ahead(chunk, out)
+                    if not chunk:
+                        continue
                 what = (
                     f"registering item {chunk[0].item.key}"
                     if len(chunk) == 1
