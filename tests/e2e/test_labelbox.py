@@ -163,7 +163,8 @@ def test_items_of_every_kind_then_changes_and_a_deletion(env: Env, fake: FakePro
         ("IMAGE_OVERLAY", "r.png"),
     ]
     mr = state[gk("/dicom/mr")]
-    assert mr["media_type"] == "DICOM" and len(mr["attachments"]) == 6  # 7 slices
+    # labelbox 7.x knows no DICOM media type: the row leaves it to Labelbox
+    assert mr["media_type"] is None and len(mr["attachments"]) == 6  # 7 slices
     slices = [fake.fetch(mr["row_data"])] + [fake.fetch(x["value"]) for x in mr["attachments"]]
     numbers = [
         int(pydicom.dcmread(_bytes_io(s), stop_before_pixels=True).InstanceNumber) for s in slices
@@ -239,32 +240,57 @@ def test_a_restart_mid_upload_leaves_no_duplicate(env: Env, fake: FakeProcess) -
     assert KEY not in env.log()
 
 
-def test_bucket_objects_are_registered_by_url(
-    env: Env, fake: FakeProcess, s3_emulator: Any, monkeypatch: pytest.MonkeyPatch
+def registered_watch(emulator: Any, bucket: str) -> dict[str, Any]:
+    return {
+        "name": "w",
+        "source": emulator.url(bucket, "cams"),
+        "source_options": emulator.source_options,
+        "transfer": "register",
+        "dataset": "ds",
+    }
+
+
+def test_azure_objects_are_registered_by_their_https_url(
+    env: Env, fake: FakeProcess, azure_emulator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for k, v in s3_emulator.env.items():
+    """Labelbox's Azure integration reads https://<account>.blob.core.windows.net/
+    <container>/<key>: that URL is the row's asset, and no bytes move. The dataset
+    ingestd creates gets the organisation's default integration, as the SDK's
+    create_dataset attaches it."""
+    for k, v in azure_emulator.env.items():
         monkeypatch.setenv(k, v)
-    bucket = s3_emulator.create_bucket("lb")
+    fake.add_integration("azure-read")
+    container = azure_emulator.create_bucket("lb")
     for name in ("x.jpg", "y #1.jpg"):
         path = env.root / "src" / name
-        s3_emulator.put(bucket, f"cams/{name}", image(path, (5, 5, 5)))
-    env.write_config(
-        [
-            {
-                "name": "w",
-                "source": s3_emulator.url(bucket, "cams"),
-                "source_options": s3_emulator.source_options,
-                "transfer": "register",
-                "dataset": "ds",
-            }
-        ],
-        backend=backend(fake),
-    )
+        azure_emulator.put(container, f"cams/{name}", image(path, (5, 5, 5)))
+    env.write_config([registered_watch(azure_emulator, container)], backend=backend(fake))
     sync(env)
     state = rows(fake)
+    account = azure_emulator.source_options["account"]
+    base = f"https://{account}.blob.core.windows.net/{container}/cams"
     assert {k: v["row_data"] for k, v in state.items()} == {
-        gk("/x.jpg"): f"https://{bucket}.s3.amazonaws.com/cams/x.jpg",
-        gk("/y #1.jpg"): f"https://{bucket}.s3.amazonaws.com/cams/y%20%231.jpg",
+        gk("/x.jpg"): f"{base}/x.jpg",
+        gk("/y #1.jpg"): f"{base}/y%20%231.jpg",
     }
+    assert fake.state()["signers"] == {"ds": "azure-read"}
     uploaded = {f["filename"] for f in fake.state()["files"].values()}
     assert uploaded <= {"json_import.json", "manifest.json"}  # no object bytes moved
+    assert fake.state()["upsert_tasks"] == [2]  # both rows in one task
+
+
+def test_objects_labelbox_cannot_fetch_fail_with_a_reason(
+    env: Env, fake: FakeProcess, s3_emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3-compatible store on a plain-http endpoint (the emulator here) has no URL
+    Labelbox could read: each item fails saying so, and nothing reaches Labelbox."""
+    for k, v in s3_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    fake.add_integration("s3-read")
+    bucket = s3_emulator.create_bucket("lb")
+    s3_emulator.put(bucket, "cams/x.jpg", image(env.root / "src" / "x.jpg", (5, 5, 5)))
+    env.write_config([registered_watch(s3_emulator, bucket)], backend=backend(fake))
+    sync(env, rc=1)
+    errors = {e["item"]: e["error"] for e in env.watch_status("w")["last_errors"]}
+    assert "not an https URL" in errors["/x.jpg"] and "transfer: copy" in errors["/x.jpg"]
+    assert rows(fake) == {}

@@ -130,7 +130,7 @@ async def live() -> AsyncIterator[Live]:
             await sink.delete_item(state.dataset, path or "/", name)
         await sink._gql(
             M_DELETE_DATASET,
-            {"datasetId": sink._datasets[state.dataset]},
+            {"datasetId": (await sink.dataset(state.dataset)).id},
             "deleting the live dataset",
         )
         await sink.close()
