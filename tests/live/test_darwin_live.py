@@ -30,7 +30,8 @@ import pytest
 from ingestd.config import DarwinBackend
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.plan.groups import LAYOUT_KEY
-from ingestd.sinks.darwin import DarwinSink, _Dataset
+from ingestd.sinks.darwin import DarwinSink
+from ingestd.sinks.darwin.api import Found, key_of
 from PIL import Image
 
 pytestmark = pytest.mark.skipif(
@@ -73,18 +74,23 @@ async def live() -> AsyncIterator[tuple[DarwinSink, str]]:
     try:
         yield sink, dataset
     finally:
-        ds: _Dataset = await sink._dataset(dataset)
-        await sink.api.request(
-            "PUT", f"{sink.base}/datasets/{ds.id}/archive", what="archiving", json_body={}
+        ds = await sink._datasets.get(dataset)
+        await sink.v7.api.request(
+            "PUT", f"{sink.v7.base}/datasets/{ds.id}/archive", what="archiving", json_body={}
         )
         await sink.close()
 
 
+async def find(sink: DarwinSink, dataset: str, path: str, name: str) -> Found:
+    ds = await sink._datasets.get(dataset)
+    k = key_of(path, name)
+    return (await sink.v7.find(ds, [k]))[k]
+
+
 async def wait_processed(sink: DarwinSink, dataset: str, path: str, name: str) -> dict[str, Any]:
-    ds = await sink._dataset(dataset)
     deadline = time.monotonic() + 300
     while True:
-        found = await sink._find(ds, path, name)
+        found = await find(sink, dataset, path, name)
         assert len(found.live) == 1, found
         item = found.live[0]
         if item.get("status") not in ("uploading", "processing"):
@@ -171,11 +177,11 @@ async def test_items_of_every_kind(live: tuple[DarwinSink, str], tmp_path: Path)
     )
     assert changed.changed and changed.backend_id != first.backend_id
     await wait_processed(sink, ds, "/single", "cat.png")
-    found = await sink._find(await sink._dataset(ds), "/single", "cat.png")
+    found = await find(sink, ds, "/single", "cat.png")
     assert [i["id"] for i in found.live] == [changed.backend_id]
     # deletion
     await sink.delete_item(ds, "/clips", "run.mp4")
-    found = await sink._find(await sink._dataset(ds), "/clips", "run.mp4")
+    found = await find(sink, ds, "/clips", "run.mp4")
     assert found.live == []
 
 
@@ -192,3 +198,30 @@ async def test_external_storage_item(live: tuple[DarwinSink, str]) -> None:
     await wait_processed(sink, ds, "/ext", name)
     again = await sink.put_item(ds, item)
     assert (again.backend_id, again.changed) == (first.backend_id, False)
+
+
+async def test_a_group_and_its_restart(live: tuple[DarwinSink, str], tmp_path: Path) -> None:
+    """One register_upload for a group, then the same group from a restarted sink
+    (refused as ALREADY_EXISTS, looked up by many `item_names[]` at once, kept), then
+    with the ledger's manifests (one lookup, nothing sent). Settles that V7 accepts
+    many items a registration and answers a lookup of many names."""
+    from ingestd.sinks.base import BatchItem
+
+    sink, ds = live
+    items = [
+        ItemPayload(
+            "/group",
+            f"g{i}.png",
+            (SlotPayload("0", "image", (file_of(png(tmp_path / f"g{i}.png", (i, 9, 9))),)),),
+            {},
+        )
+        for i in range(5)
+    ]
+    first = await sink.put_items([BatchItem(ds, it) for it in items])
+    assert all(not isinstance(r, Exception) and r.changed for r in first), first
+    for it in items:
+        await wait_processed(sink, ds, it.path, it.name)
+    again = await sink.put_items([BatchItem(ds, it) for it in items])
+    assert [getattr(r, "backend_id", r) for r in again] == [r.backend_id for r in first]  # type: ignore[union-attr]
+    synced = await sink.put_items([BatchItem(ds, it, it.manifest()) for it in items])
+    assert all(not isinstance(r, Exception) and not r.changed for r in synced), synced
