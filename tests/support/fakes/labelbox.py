@@ -163,6 +163,7 @@ class Task:
     id: str
     status: str
     polls_left: int
+    ready_at: float = 0.0  # time.monotonic() before which it says IN_PROGRESS
     failures: list[dict[str, Any]] = field(default_factory=list)
     successes: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
@@ -194,6 +195,7 @@ class LabelboxFake:
         self._reserved()
         # knobs
         self.task_polls = 1
+        self.task_seconds = 0.0  # a task also runs this long (for benchmarks)
         self.fail_tasks = False
         self.end_status: str | None = None  # a task's last status, e.g. CANCELED (default COMPLETE)
         self.max_custom_fields = 100
@@ -246,7 +248,12 @@ class LabelboxFake:
         self.faults.extend(Fault(status, retry_after, match) for _ in range(n))
 
     def error_next(
-        self, n: int, code: str, inner: int | None = None, message: str = "", match: str | None = None
+        self,
+        n: int,
+        code: str,
+        inner: int | None = None,
+        message: str = "",
+        match: str | None = None,
     ) -> None:
         """The next `n` requests answer HTTP 200 with a GraphQL error `code` (an
         INTERNAL_SERVER_ERROR's `exception.status` is `inner`), as Labelbox does."""
@@ -747,7 +754,13 @@ class LabelboxFake:
             raise GqlError(
                 f"item_count {manifest['item_count']} but the chunks hold {len(specs)}", inner=400
             )
-        task = Task(self.new_id("task"), "IN_PROGRESS", self.task_polls, rows=len(specs))
+        task = Task(
+            self.new_id("task"),
+            "IN_PROGRESS",
+            self.task_polls,
+            time.monotonic() + self.task_seconds,
+            rows=len(specs),
+        )
         seen: set[str] = set()
         for spec in specs:
             message = self._row_problem(spec, seen)
@@ -762,7 +775,7 @@ class LabelboxFake:
             task.successes = []
         self.tasks[task.id] = task
         self.upsert_tasks.append(len(specs))
-        if task.polls_left <= 0:
+        if task.polls_left <= 0 and time.monotonic() >= task.ready_at:
             self._finish(task)
         return self._task_view(task)
 
@@ -878,7 +891,7 @@ class LabelboxFake:
                 return []
             if task.status == "IN_PROGRESS":
                 task.polls_left -= 1
-                if task.polls_left <= 0:
+                if task.polls_left <= 0 and time.monotonic() >= task.ready_at:
                     self._finish(task)
             return [self._task_view(task)]
 
@@ -1168,7 +1181,7 @@ class FakeProcess:
     `/_fake/` control routes: for end-to-end tests, and for measuring the client side
     alone."""
 
-    def __init__(self, key: str, cwd: str | None = None) -> None:
+    def __init__(self, key: str, cwd: str | None = None, task_seconds: float = 0.0) -> None:
         import os
         import subprocess
 
@@ -1178,7 +1191,15 @@ class FakeProcess:
         )
         self.key = key
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fakes.labelbox", "--key", key],
+            [
+                sys.executable,
+                "-m",
+                "tests.support.fakes.labelbox",
+                "--key",
+                key,
+                "--task-seconds",
+                str(task_seconds),
+            ],
             cwd=repo,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -1246,8 +1267,9 @@ class FakeProcess:
                 self.proc.wait(timeout=10)
 
 
-async def _serve(port: int, key: str) -> None:
+async def _serve(port: int, key: str, task_seconds: float = 0.0) -> None:
     fake = LabelboxFake(key)
+    fake.task_seconds = task_seconds
     await fake.start(port)
     print(f"LISTENING {fake.port}", flush=True)
     try:
@@ -1260,9 +1282,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="A fake Labelbox GraphQL API for tests")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--key", required=True)
+    p.add_argument("--task-seconds", type=float, default=0.0, help="how long a task runs")
     args = p.parse_args(argv)
     try:
-        asyncio.run(_serve(args.port, args.key))
+        asyncio.run(_serve(args.port, args.key, args.task_seconds))
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -2,8 +2,8 @@
 `Dataset._exec_upsert_data_rows` and `DataUpsertTask` run it: the rows as JSON chunks
 of at most 10 MB and a manifest naming them, each uploaded through `uploadFile`; one
 `upsertDataRows(manifestUri)`; the task polled (kit poll_job: a short first poll,
-then doubling to the SDK's 2 s) until any state but IN_PROGRESS; then
-`failedDataRowImports` names the rows it refused."""
+longer for a bigger task, then doubling to the SDK's 2 s) until any state but
+IN_PROGRESS; then `failedDataRowImports` names the rows it refused."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ingestd.sinks.labelbox import rows as rw
 log = structlog.get_logger("ingestd.sinks")
 
 PAGE = 5000  # labelbox-python DOWNLOAD_RESULT_PAGE_SIZE
+POLL_PER_ROW = 0.0005  # seconds of first poll wait per row (1,000 rows: 0.5 s)
 UploadDoc = Callable[[bytes, str, str], Awaitable[str]]  # (data, filename, what) -> URL
 
 
@@ -52,7 +53,9 @@ async def run_task(
             lambda: _status(gql, task_id),
             lambda s: (rw.task_state(s), s),
             what=f"Labelbox task {task_id}",
-            first=first,
+            # A task's time grows with its rows: the first poll comes when one of this
+            # size may be done, so a big group's task costs a poll or two, not six.
+            first=min(most, max(first, len(rows) * POLL_PER_ROW)),
             most=most,
             timeout=timeout,
         )
