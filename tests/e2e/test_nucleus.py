@@ -233,3 +233,69 @@ def test_restart_mid_upload_leaves_no_duplicates(
     assert max(v["version"] for v in items.values()) >= 2  # re-sent as an update, not a copy
     assert len(fake.dataset_ids("ds")) == 1
     assert synced_lines(env, "/x.png", "w") and synced_lines(env, "/y.png", "w")
+
+
+def registered_watch(emulator: Any, bucket: str) -> dict[str, Any]:
+    return {
+        "name": "w",
+        "source": emulator.url(bucket, "cams"),
+        "source_options": emulator.source_options,
+        "transfer": "register",
+        "dataset": "ds",
+    }
+
+
+def test_azure_objects_are_registered_by_their_https_url(
+    env: Env,
+    nucleus: tuple[FakeNucleus, str],
+    azure_emulator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nucleus's Azure integration reads https://<account>.blob.core.windows.net/
+    <container>/<key>: that URL is the image's, no bytes move, and the sync step's group
+    of bucket objects is one import job."""
+    fake, url = nucleus
+    for k, v in azure_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    container = azure_emulator.create_bucket("nuc")
+    for name in ("x.jpg", "y #1.jpg"):
+        path = env.root / "src" / name
+        image(path, (5, 5, 5))
+        azure_emulator.put(container, f"cams/{name}", path.read_bytes())
+    env.write_config([registered_watch(azure_emulator, container)], backend=backend(url))
+    proc = env.cli("sync")
+    assert proc.returncode == 0, proc.stderr
+    account = azure_emulator.source_options["account"]
+    base = f"https://{account}.blob.core.windows.net/{container}/cams"
+    items = fake.items("ds")
+    assert {k: v["image_url"] for k, v in items.items()} == {
+        "/x.jpg": f"{base}/x.jpg",
+        "/y #1.jpg": f"{base}/y%20%231.jpg",
+    }
+    assert fake.appends() == []  # no bytes moved
+    assert len(fake.requests("POST", "/append")) == 1  # both in one import job
+
+
+def test_objects_nucleus_cannot_fetch_fail_with_a_reason(
+    env: Env,
+    nucleus: tuple[FakeNucleus, str],
+    s3_emulator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An S3-compatible store on a plain-http endpoint (the emulator here): its s3:// URL
+    would name a bucket on AWS and it has no https URL, so each item fails saying so,
+    and nothing reaches Nucleus."""
+    fake, url = nucleus
+    for k, v in s3_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    bucket = s3_emulator.create_bucket("nuc")
+    path = env.root / "src" / "x.jpg"
+    image(path, (5, 5, 5))
+    s3_emulator.put(bucket, "cams/x.jpg", path.read_bytes())
+    env.write_config([registered_watch(s3_emulator, bucket)], backend=backend(url))
+    proc = env.cli("sync")
+    assert proc.returncode == 1, proc.stderr
+    reason = failures(env, "w")["/x.jpg"]
+    assert "no https URL" in reason and "transfer: copy" in reason, reason
+    assert fake.items("ds") == {}
+    assert fake.requests("POST", "/append") == []

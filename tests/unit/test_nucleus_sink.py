@@ -72,11 +72,23 @@ def group_item(
     return ItemPayload(folder, name, tuple(slots), md)
 
 
-def remote(url: str, name: str, https_url: str | None = None) -> FilePayload:
-    return FilePayload(name, "", 1234, "", url=url, etag="e1", https_url=https_url)
+def cloud_https(url: str) -> str | None:
+    """What the bucket source gives an AWS or Google Cloud object as its https URL."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    if scheme == "s3":
+        return f"https://{bucket}.s3.amazonaws.com/{key}"
+    if scheme == "gs":
+        return f"https://storage.googleapis.com/{bucket}/{key}"
+    return None
 
 
-def remote_item(url: str, name: str, https_url: str | None = None, **md: Any) -> ItemPayload:
+def remote(url: str, name: str, https_url: str | None = "cloud") -> FilePayload:
+    https = cloud_https(url) if https_url == "cloud" else https_url
+    return FilePayload(name, "", 1234, "", url=url, etag="e1", https_url=https)
+
+
+def remote_item(url: str, name: str, https_url: str | None = "cloud", **md: Any) -> ItemPayload:
     return ItemPayload("/", name, (SlotPayload("0", "image", (remote(url, name, https_url),)),), md)
 
 
@@ -551,14 +563,30 @@ async def test_azure_objects_are_registered_by_their_https_url(
     assert fake.items(DS)["/z.jpg"]["image_url"] == https
 
 
-async def test_azure_objects_without_an_https_url_are_refused_with_the_fix(
+async def test_objects_without_an_https_url_are_refused_with_the_fix(
     fake: FakeNucleus, sink: NucleusSink
 ) -> None:
-    with pytest.raises(PermanentError) as e:
-        await sink.put_item(DS, remote_item("az://cont/z.jpg", "z.jpg"))
-    assert "az://cont/z.jpg" in e.value.reason
-    assert "account" in e.value.reason and "transfer: copy" in e.value.reason
-    assert fake.requests("POST", "/append") == []
+    """An Azure object whose account is unknown, or an object of an S3-compatible store
+    on a plain-http endpoint (whose s3:// URL would name a bucket on AWS)."""
+    items = [
+        remote_item("az://cont/z.jpg", "z.jpg", None),
+        remote_item("s3://minio-bucket/y.jpg", "y.jpg", None),
+        remote_item("s3://bkt/ok.jpg", "ok.jpg"),
+    ]
+    results = await sink.put_items(batch(items))
+    assert list(failures(results)) == [0, 1]
+    for r, url in zip(results, ("az://cont/z.jpg", "s3://minio-bucket/y.jpg"), strict=False):
+        assert isinstance(r, PermanentError) and url in r.reason
+        assert "account" in r.reason and "transfer: copy" in r.reason
+    assert list(fake.items(DS)) == ["/ok.jpg"]
+
+
+async def test_objects_of_other_s3_stores_go_by_their_endpoints_https_url(
+    fake: FakeNucleus, sink: NucleusSink
+) -> None:
+    https = "https://store.example.org/bkt/raw/x.jpg"
+    await sink.put_item(DS, remote_item("s3://bkt/raw/x.jpg", "x.jpg", https))
+    assert fake.items(DS)["/x.jpg"]["image_url"] == https
 
 
 # --- changes and deletes -----------------------------------------------------------------

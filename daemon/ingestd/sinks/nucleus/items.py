@@ -19,6 +19,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from PIL import Image, ImageFile
 
@@ -34,8 +35,9 @@ META_TIME = "ingestd_time"
 META_PARTS = "ingestd_parts"
 RESERVED_KEYS = frozenset({META_ITEM, META_SLOT, META_TIME, META_PARTS})
 
-# What Nucleus fetches by URL (the SDK's is_local_path: anything else is a local path).
-FETCHABLE = ("s3://", "gs://", "https://", "http://")
+# Where Nucleus reads s3:// and gs:// URLs from: the clouds themselves (through the
+# bucket's integration). An object of any other store goes by its https URL.
+CLOUD_HOSTS = (".amazonaws.com", "storage.googleapis.com")
 
 
 @dataclass(eq=False)
@@ -94,21 +96,29 @@ def https_url_of(f: FilePayload) -> str | None:
 
 def fetch_url(item: ItemPayload, f: FilePayload) -> str | None:
     """The URL Nucleus fetches a registered object from (None: the file has bytes).
-    s3:// and gs:// as they are (Nucleus reads them through the bucket's integration);
-    Azure by its https URL, which is what Nucleus's Azure integration reads."""
+    s3:// and gs:// objects of AWS and Google Cloud as they are (Nucleus reads them
+    through the bucket's integration); any other object by its https URL, which for
+    Azure is what Nucleus's Azure integration reads. An s3:// URL of an S3-compatible
+    store would name a bucket on AWS: such an object goes by its own endpoint's https
+    URL, or not at all."""
     if f.url is None:
         return None
-    if f.url.startswith(FETCHABLE):
+    if f.url.startswith(("https://", "http://")):
         return f.url
     https = https_url_of(f)
-    if https:
-        return https
-    raise PermanentError(
-        f"{NAME} cannot fetch {f.url} (item {item.key}): it reads Azure blobs by their "
-        "https://<account>.blob.core.windows.net/<container>/<key> URL, and the storage "
-        "account is not known. Set `source_options: {account: <name>}` on this watch (or "
-        "AZURE_STORAGE_ACCOUNT_NAME), or use `transfer: copy` so the bytes are uploaded"
-    )
+    if https is None:
+        raise PermanentError(
+            f"{NAME} cannot fetch {f.url} (item {item.key}): the object has no https URL "
+            "Nucleus could read (an Azure source whose storage account is not known, or "
+            "an S3-compatible store on a plain-http endpoint). For Azure set "
+            "`source_options: {account: <name>}` on this watch (or "
+            "AZURE_STORAGE_ACCOUNT_NAME); otherwise use `transfer: copy` so the bytes "
+            "are uploaded"
+        )
+    host = urlsplit(https).hostname or ""
+    if f.url.startswith(("s3://", "gs://")) and host.endswith(CLOUD_HOSTS):
+        return f.url
+    return https
 
 
 def _check_slot(item: ItemPayload, slot: SlotPayload) -> None:
