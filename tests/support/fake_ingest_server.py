@@ -2,7 +2,8 @@
 
 It follows daemon/ingestd/server/API.md closely enough for a client to be judged against it
 (blobs verified by digest, resumable uploads that keep the bytes of an interrupted
-PATCH, manifests that need their blobs, bearer tokens, percent-encoded item keys), keeps
+PATCH, manifests that need their blobs, batches of items with a result each, bearer
+tokens, percent-encoded item keys), keeps
 everything in memory, counts what it sees, and misbehaves on request: error answers
 (with Retry-After), connections cut mid-body or after the work is done, stalls, and
 stopping and restarting on the same port. The real `ingestd serve` is tested end to
@@ -18,6 +19,7 @@ import json
 import random
 import re
 import secrets
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +69,7 @@ class FakeIngestServer:
         self.tokens = set(tokens or ())
         self.keep_bytes = keep_bytes  # False: only digests and sizes (memory tests)
         self.max_body: int | None = None
+        self.batch_route = True  # False: answer POST /v1/batch 404, as an older server
         self.blobs: dict[str, bytes | None] = {}
         self.blob_sizes: dict[str, int] = {}
         self.datasets: set[str] = set()
@@ -132,6 +135,8 @@ class FakeIngestServer:
         if len(parts) < 2 or parts[0] != "v1":
             return None, []
         kind, rest = parts[1], parts[2:]
+        if kind == "batch" and not rest:
+            return "batch", []
         if kind == "blobs" and len(rest) == 1:
             return "blob", [unquote(rest[0])]
         if kind == "uploads":
@@ -406,19 +411,23 @@ class FakeIngestServer:
         key = self._key(list(segments))
         if isinstance(key, web.Response):
             return key
-        path, name = key
         doc = json.loads(await self._read(request))
-        slots, metadata = doc.get("slots", []), doc.get("metadata", {})
+        status, body = self._upsert(dataset, *key, doc.get("slots", []), doc.get("metadata", {}))
+        return web.json_response(body, status=status)
+
+    def _upsert(
+        self, dataset: str, path: str, name: str, slots: list[Any], metadata: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
         missing = sorted(
             {
                 f["digest"]
                 for s in slots
                 for f in s.get("files", [])
-                if "digest" in f and f["digest"] not in self.blob_sizes
+                if "digest" in f and "url" not in f and f["digest"] not in self.blob_sizes
             }
         )
         if missing:
-            return _error(409, "missing_blobs", "blobs missing", missing=missing)
+            return 409, {"error": "blobs missing", "code": "missing_blobs", "missing": missing}
         self.datasets.add(dataset)
         items = self.items.setdefault(dataset, {})
         full = f"{path.rstrip('/')}/{name}"
@@ -440,10 +449,54 @@ class FakeIngestServer:
                 "metadata": metadata,
             }
             self.item_writes[(dataset, full)] += 1
-        return web.json_response(
-            {"key": full, "path": path, "name": name, "version": version, "changed": changed},
-            status=201 if current is None else 200,
-        )
+        body = {"key": full, "path": path, "name": name, "version": version, "changed": changed}
+        return (201 if current is None else 200), body
+
+    async def _batch_post(self, request: web.Request, fault: Fault | None = None) -> web.Response:
+        """POST /v1/batch: the framing of API.md, each blob verified, a result per item."""
+        if not self.batch_route:
+            return _error(404, "not_found", "no such route")
+        if self.max_body is not None and (request.content_length or 0) > self.max_body:
+            return _error(413, "too_large", f"body over {self.max_body} bytes")
+        body = await self._read(request, fault=fault)
+        if len(body) < 8 or body[:4] != b"IDB1":
+            return _error(400, "bad_batch", "not a batch body")
+        (n,) = struct.unpack(">I", body[4:8])
+        header = json.loads(body[8 : 8 + n])
+        offset = 8 + n
+        refused: dict[str, dict[str, Any]] = {}
+        for b in header["blobs"]:
+            data = body[offset : offset + b["size"]]
+            offset += b["size"]
+            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            if len(data) != b["size"]:
+                return _error(400, "interrupted", "the body ended early")
+            if actual != b["digest"]:
+                refused[b["digest"]] = {
+                    "status": 400,
+                    "code": "digest_mismatch",
+                    "error": "content does not match",
+                    "expected": b["digest"],
+                    "actual": actual,
+                }
+                continue
+            self._store(b["digest"], len(data), bytearray(data) if self.keep_bytes else None)
+        results = []
+        for it in header["items"]:
+            digests = [f.get("digest") for s in it["slots"] for f in s["files"]]
+            bad = next((refused[d] for d in digests if d in refused), None)
+            if bad is not None:
+                results.append(bad)
+                continue
+            segments = [s for s in it["path"].split("/") if s] + [it["name"]]
+            if any(s in (".", "..") or "\0" in s for s in segments):
+                results.append({"status": 400, "code": "bad_path", "error": "bad path segment"})
+                continue
+            status, answer = self._upsert(
+                it["dataset"], it["path"], it["name"], it["slots"], it.get("metadata", {})
+            )
+            results.append({"status": status, **answer})
+        return web.json_response({"results": results})
 
     async def _item_delete(
         self, request: web.Request, dataset: str, *segments: str, **_: Any

@@ -18,10 +18,13 @@ import pytest
 import structlog
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
-from ingestd.sinks.base import Sink
+from ingestd.server.app import STATE
+from ingestd.sinks.base import BatchItem, BatchPutter, PutResult, Sink
 from ingestd.sinks.http import HttpSink, parse_retry_after
 
 from tests.support.fake_ingest_server import FakeIngestServer, Fault
+from tests.support.server_app import TOKEN as SERVE_TOKEN
+from tests.support.server_app import running
 
 TOKEN = "tok-3f9c2e71d0"
 KiB, MiB = 1 << 10, 1 << 20
@@ -77,10 +80,10 @@ async def sink(server: FakeIngestServer) -> AsyncIterator[HttpSink]:
 
 
 async def test_implements_the_sink_interface(sink: HttpSink) -> None:
-    assert isinstance(sink, Sink)
+    assert isinstance(sink, Sink) and isinstance(sink, BatchPutter)
     caps = sink.capabilities
-    assert caps.remote_urls and caps.delete
-    assert not caps.metadata_update and caps.batch is None
+    assert caps.remote_urls and caps.delete and caps.batch is not None
+    assert not caps.metadata_update
     assert TOKEN not in repr(sink)
 
 
@@ -96,6 +99,8 @@ async def test_small_item_round_trip(
     [file] = stored["slots"][0]["files"]
     assert server.blobs[file["digest"]] == f.read_bytes()
     assert set(server.auth_headers) == {f"Bearer {TOKEN}"}
+    # A small item is one request: its blob and manifest in one batch.
+    assert server.requests[("POST", "batch")] == 1 and sum(server.requests.values()) == 2
 
     again = await sink.put_item("photos", item_of(f, name="a.jpg", camera="c1"))
     assert (again.version, again.changed) == (1, False)
@@ -117,7 +122,7 @@ async def test_multi_file_item(sink: HttpSink, server: FakeIngestServer, tmp_pat
 async def test_a_stored_blob_is_not_sent_again(
     sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
-    f = write(tmp_path / "same.bin", os.urandom(200_000))
+    f = write(tmp_path / "same.bin", os.urandom(1_500_000))  # too big for a batch
     copy = write(tmp_path / "copy.bin", f.read_bytes())
     await sink.put_item("ds", item_of(f, name="one"))
     received = server.bytes_received
@@ -126,13 +131,16 @@ async def test_a_stored_blob_is_not_sent_again(
     assert server.requests[("HEAD", "blob")] == 2
     assert server.bytes_received - received < 2_000  # only the manifest
     assert set(server.items["ds"]) == {"/one", "/two"}
+    assert server.requests[("POST", "batch")] == 0
 
 
 async def test_tiny_blobs_are_put_without_asking(
     sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
     """Under head_min_size a HEAD costs as much as the PUT; the server's 200 for a blob
-    it has keeps the store free of duplicates."""
+    it has keeps the store free of duplicates (the single-item routes, as against a
+    server without batches)."""
+    sink.batch_route = False
     f = write(tmp_path / "tiny.bin", os.urandom(1_000))
     await sink.put_item("ds", item_of(f, name="one"))
     await sink.put_item("ds", item_of(f, name="two"))
@@ -180,6 +188,190 @@ async def test_list_items_pages(sink: HttpSink, server: FakeIngestServer, tmp_pa
     assert [it async for it in sink.list_items("nope")] == []
 
 
+# --- groups: POST /v1/batch ----------------------------------------------------------------
+
+
+class Stream:
+    """An object streamed from a bucket: an opener over bytes, counting its opens."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.opened = 0
+        self.where = "s3://bkt/obj.bin"
+
+    async def __call__(self) -> AsyncIterator[bytes]:
+        self.opened += 1
+        for i in range(0, len(self.data), 4096):
+            yield self.data[i : i + 4096]
+
+
+def streamed(data: bytes, name: str = "obj.bin") -> FilePayload:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return FilePayload(name, "", len(data), digest, opener=Stream(data))
+
+
+def group(items: list[ItemPayload], dataset: str = "ds") -> list[BatchItem]:
+    return [BatchItem(dataset, it) for it in items]
+
+
+async def test_a_group_of_small_items_is_one_request(
+    sink: HttpSink, server: FakeIngestServer, tmp_path: Path
+) -> None:
+    files = [write(tmp_path / f"{i:02}.png", os.urandom(5_000 + i)) for i in range(50)]
+    big = write(tmp_path / "big.bin", os.urandom(1_500_000))  # over `small`: alone
+    ref = FilePayload("ref.jpg", "", 10, "", url="s3://bkt/ref.jpg")
+    obj = streamed(os.urandom(20_000))
+    items = [item_of(f, name=f.name) for f in files]
+    items += [
+        item_of(big, name="big.bin"),
+        ItemPayload("/", "ref.jpg", (SlotPayload("0", "image", (ref,)),), {}),
+        ItemPayload("/", "obj.bin", (SlotPayload("0", "image", (obj,)),), {"from": "s3"}),
+    ]
+    results = await sink.put_items(group(items))
+    assert all(isinstance(r, PutResult) and r.version == 1 and r.changed for r in results)
+    assert [r.backend_id for r in results if isinstance(r, PutResult)] == [i.key for i in items]
+    assert server.requests[("POST", "batch")] == 1
+    assert server.requests[("PUT", "item")] == 1  # the big one, after its blob
+    stored = server.items["ds"]
+    assert len(stored) == 53
+    assert server.blobs[digest_of(files[7])] == files[7].read_bytes()
+    assert server.blobs[obj.digest] == obj.opener.data  # type: ignore[union-attr]
+    assert stored["/ref.jpg"]["slots"][0]["files"] == [ref.manifest()]
+    # The same group again: the server answers "unchanged" for each, in one request.
+    again = await sink.put_items(group(items[:50]))
+    assert all(isinstance(r, PutResult) and not r.changed for r in again)
+    assert server.requests[("POST", "batch")] == 2
+    assert set(server.item_writes.values()) == {1}
+
+
+async def test_a_group_over_the_limits_takes_several_requests(
+    sink: HttpSink, server: FakeIngestServer, tmp_path: Path
+) -> None:
+    f = write(tmp_path / "f.bin", b"x" * 100)
+    items = [item_of(f, name=f"{i:03}") for i in range(600)]
+    results = await sink.put_items(group(items))
+    assert all(isinstance(r, PutResult) for r in results)
+    limits = sink.capabilities.batch
+    assert limits is not None and limits.items == 256
+    assert server.requests[("POST", "batch")] == 3  # 256 + 256 + 88
+    assert len(server.items["ds"]) == 600
+
+
+async def test_a_bad_item_fails_alone_in_its_group(
+    sink: HttpSink, server: FakeIngestServer, tmp_path: Path
+) -> None:
+    good = [write(tmp_path / f"g{i}.png", os.urandom(2_000)) for i in range(3)]
+    changed = write(tmp_path / "changed.png", b"before")
+    vanished = write(tmp_path / "vanished.png", b"here")
+    items = [item_of(p, name=p.name) for p in (good[0], changed, good[1], vanished, good[2])]
+    items.append(item_of(good[0], name="odd.png", when=object()))  # not JSON
+    changed.write_bytes(b"after!")
+    vanished.unlink()
+    results = await sink.put_items(group(items))
+    assert [type(r) for r in results] == [
+        PutResult,
+        SourceChangedError,
+        PutResult,
+        SourceChangedError,
+        PutResult,
+        PermanentError,
+    ]
+    assert str(changed) in str(results[1]) and "vanished" in str(results[3])
+    assert "not JSON" in str(results[5])
+    assert set(server.items["ds"]) == {"/g0.png", "/g1.png", "/g2.png"}
+    assert server.requests[("POST", "batch")] == 1
+    assert len(server.blob_sizes) == 3  # no bytes of the bad items were sent
+
+
+async def test_a_blob_the_server_refuses_fails_its_items_alone(
+    sink: HttpSink, server: FakeIngestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's own check: bytes that changed between the sink's read and the
+    server's hash (or were corrupted on the way) fail the items naming them."""
+    import ingestd.sinks.http.groups as groups
+
+    a, b = write(tmp_path / "a.png", b"a" * 3000), write(tmp_path / "b.png", b"b" * 3000)
+    real = groups._read_local
+
+    def corrupt(files: list[FilePayload]) -> list[Any]:
+        out = real(files)
+        return [x[:-1] + b"!" if f.name == "b.png" else x for f, x in zip(files, out, strict=True)]
+
+    monkeypatch.setattr(groups, "_read_local", corrupt)
+    results = await sink.put_items(group([item_of(a, name="a.png"), item_of(b, name="b.png")]))
+    assert isinstance(results[0], PutResult)
+    assert isinstance(results[1], SourceChangedError)
+    assert str(b) in str(results[1]) and "the server read sha256:" in str(results[1])
+    assert set(server.items["ds"]) == {"/a.png"}
+
+
+async def test_a_server_without_batches_gets_the_single_item_routes(
+    sink: HttpSink, server: FakeIngestServer, tmp_path: Path
+) -> None:
+    server.batch_route = False
+    files = [write(tmp_path / f"{i}.png", os.urandom(1_000)) for i in range(5)]
+    results = await sink.put_items(group([item_of(f, name=f.name) for f in files]))
+    assert all(isinstance(r, PutResult) for r in results)
+    assert not sink.batch_route
+    await sink.put_item("ds", item_of(files[0], name="again.png"))
+    assert server.requests[("POST", "batch")] == 1  # asked once
+    assert server.requests[("PUT", "item")] == 6
+    assert len(server.items["ds"]) == 6
+
+
+async def test_a_group_over_the_servers_body_limit_goes_item_by_item(
+    sink: HttpSink, server: FakeIngestServer, tmp_path: Path
+) -> None:
+    server.max_body = 5_000
+    files = [write(tmp_path / f"{i}.png", os.urandom(3_000)) for i in range(3)]
+    results = await sink.put_items(group([item_of(f, name=f.name) for f in files]))
+    assert all(isinstance(r, PutResult) for r in results)
+    assert sink.batch_route  # a 413 says nothing about the route
+    assert server.requests[("PUT", "blob")] == 3 and len(server.items["ds"]) == 3
+
+
+async def test_put_items_against_ingestd_serve(tmp_path: Path) -> None:
+    """The sink and the real server (its app in-process, on a loopback socket)."""
+    files = [write(tmp_path / "src" / f"{i:03}.png", os.urandom(8_000 + i)) for i in range(300)]
+    changed = write(tmp_path / "src" / "changed.png", b"before")
+    big = write(tmp_path / "src" / "big.bin", os.urandom(3 * MiB + 17))
+    items = [item_of(f, path="/scans", name=f.name, n=i) for i, f in enumerate(files)]
+    items += [item_of(changed, name="changed.png"), item_of(big, name="big.bin")]
+    changed.write_bytes(b"after!")
+    async with running(tmp_path / "store") as srv:
+        sink = HttpSink(
+            f"http://127.0.0.1:{srv.port}",
+            SERVE_TOKEN,
+            resumable_threshold=1 * MiB,
+            chunk_size=1 * MiB,
+        )
+        try:
+            await sink.ensure_dataset("ds")
+            results = await sink.put_items(group(items))
+            again = await sink.put_items(group(items[:10]))
+        finally:
+            await sink.close()
+        _, metrics, _ = await srv.call("GET", "/metrics", headers={})
+        store = srv.app[STATE].store
+        assert store is not None
+        held = {i["key"]: i for i in store.catalog.list_items("ds")}
+        blob = store.blobs.path(digest_of(files[42])).read_bytes()
+        big_blob = store.blobs.path(digest_of(big)).read_bytes()
+    assert [type(r) for r in results] == [PutResult] * 300 + [SourceChangedError, PutResult]
+    assert all(isinstance(r, PutResult) and not r.changed for r in again)
+    assert len(held) == 301 and "/changed.png" not in held
+    assert held["/scans/042.png"]["metadata"] == {"n": 42}
+    assert blob == files[42].read_bytes() and big_blob == big.read_bytes()
+    text = metrics.decode()
+    batches = [
+        line
+        for line in text.splitlines()
+        if line.startswith("ingestd_serve_requests_total") and 'route="/v1/batch"' in line
+    ]
+    assert batches and sum(float(line.rsplit(" ", 1)[1]) for line in batches) == 3  # 256+45, 10
+    assert 'ingestd_serve_items_total{result="created"} 301.0' in text
+
+
 # --- large files: the resumable protocol -------------------------------------------------
 
 
@@ -213,7 +405,8 @@ async def test_dropped_patch_resumes_from_the_server_offset(
         await sink.close()
     assert server.blobs[digest_of(big)] == data
     assert server.requests[("POST", "uploads")] == 1  # the same upload, resumed
-    assert server.requests[("HEAD", "upload")] >= 1
+    # The PATCH sent again learnt the server's offset (416) and went on from there.
+    assert server.statuses[416] == 1
     assert server.bytes_received < 1.5 * len(data)
 
 
@@ -277,7 +470,7 @@ async def test_retry_after_is_honoured(
     status: int, sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
     f = write(tmp_path / "f.jpg", b"data")
-    server.script("PUT", "blob", Fault(status=status, retry_after="1"))
+    server.script("POST", "batch", Fault(status=status, retry_after="1"))
     start = time.monotonic()
     await sink.put_item("ds", item_of(f))
     assert time.monotonic() - start >= 1.0
@@ -291,7 +484,7 @@ async def test_retry_after_as_an_http_date(
     f = write(tmp_path / "f.jpg", b"data")
     sink.backoff_cap = 5.0  # a longer Retry-After would go back to the ledger
     when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1–2 s away
-    server.script("PUT", "item", Fault(status=503, retry_after=when))
+    server.script("POST", "batch", Fault(status=503, retry_after=when))
     start = time.monotonic()
     await sink.put_item("ds", item_of(f))
     assert time.monotonic() - start >= 0.9
@@ -310,7 +503,7 @@ async def test_a_long_retry_after_goes_back_to_the_ledger(
     sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
     f = write(tmp_path / "f.jpg", b"data")
-    server.script("PUT", "blob", Fault(status=429, retry_after="120"))
+    server.script("POST", "batch", Fault(status=429, retry_after="120"))
     start = time.monotonic()
     with pytest.raises(RetriableError) as e:
         await sink.put_item("ds", item_of(f))
@@ -323,10 +516,10 @@ async def test_5xx_exhausts_attempts_into_a_retriable_error(
     sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
     f = write(tmp_path / "f.jpg", b"data")
-    server.script("PUT", "item", Fault(status=502, error="bad gateway upstream"), times=10)
+    server.script("POST", "batch", Fault(status=502, error="bad gateway upstream"), times=10)
     with pytest.raises(RetriableError) as e:
         await sink.put_item("ds", item_of(f))
-    assert server.requests[("PUT", "item")] == sink.max_attempts
+    assert server.requests[("POST", "batch")] == sink.max_attempts
     assert "502" in e.value.reason and "bad gateway upstream" in e.value.reason
 
 
@@ -334,7 +527,7 @@ async def test_a_stalled_server_times_out_and_is_retried(
     server: FakeIngestServer, tmp_path: Path
 ) -> None:
     f = write(tmp_path / "f.jpg", b"data")
-    server.script("PUT", "item", Fault(stall=5.0))
+    server.script("POST", "batch", Fault(stall=5.0))
     sink = make_sink(server, timeout=0.5)
     try:
         start = time.monotonic()
@@ -425,7 +618,7 @@ async def test_digest_mismatch_on_a_resumable_upload(
     try:
         with pytest.raises(SourceChangedError):
             await sink.put_item("ds", item)
-        assert sink._uploads == {}  # the server discarded it; a redo starts afresh
+        assert sink.blobs.uploads == {}  # the server discarded it; a redo starts afresh
     finally:
         await sink.close()
     assert server.blob_sizes == {}
@@ -443,7 +636,10 @@ async def test_a_file_that_changed_size_or_vanished(
     f.unlink()
     with pytest.raises(SourceChangedError, match="vanished"):
         await sink.put_item("ds", item)
-    assert server.requests[("PUT", "blob")] == 0  # found out before sending anything
+    # A small file is read (and checked) before its batch is built: nothing was sent.
+    # A big one is checked while it streams: its last block is never sent.
+    assert server.requests[("POST", "batch")] == 0
+    assert server.blob_sizes == {}
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads anything")
@@ -468,7 +664,8 @@ async def test_permission_denied_is_permanent_even_as_root(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ingestd.sinks.http as http_module
+    import ingestd.sinks.base as base
+    import ingestd.sinks.kit.verified as verified
 
     f = write(tmp_path / "f.bin", os.urandom(size))
     item = item_of(f)
@@ -476,20 +673,22 @@ async def test_permission_denied_is_permanent_even_as_root(
     def denied(*a: Any, **kw: Any) -> Any:
         raise PermissionError(13, "Permission denied", str(f))
 
-    monkeypatch.setattr(http_module, "open", denied, raising=False)  # small files
-    monkeypatch.setattr(http_module.aiofiles, "open", denied)  # streamed files
+    monkeypatch.setattr(verified, "open", denied, raising=False)  # small files
+    monkeypatch.setattr(base.aiofiles, "open", denied)  # streamed files
     with pytest.raises(PermanentError, match="permission denied"):
         await sink.put_item("ds", item)
 
 
+@pytest.mark.parametrize("batch", [True, False])
 async def test_a_bad_name_is_rejected_with_the_servers_message(
-    sink: HttpSink, server: FakeIngestServer, tmp_path: Path
+    batch: bool, sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
+    sink.batch_route = batch
     f = write(tmp_path / "f.jpg", b"data")
     with pytest.raises(PermanentError) as e:
         await sink.put_item("ds", item_of(f, path="/a", name=".."))
     assert "400" in e.value.reason and "bad path segment" in e.value.reason
-    assert server.requests[("PUT", "item")] == 1  # not retried
+    assert server.requests[("POST", "batch") if batch else ("PUT", "item")] == 1  # not retried
 
 
 async def test_422_is_permanent_with_the_servers_message(
@@ -497,8 +696,8 @@ async def test_422_is_permanent_with_the_servers_message(
 ) -> None:
     f = write(tmp_path / "f.jpg", b"data")
     server.script(
-        "PUT",
-        "item",
+        "POST",
+        "batch",
         Fault(status=422, error="metadata key 'camera' is a number elsewhere", code="bad_meta"),
     )
     with pytest.raises(PermanentError) as e:
@@ -519,7 +718,8 @@ async def test_401_names_the_token_but_never_shows_it(
     finally:
         await sink.close()
     assert "401" in e.value.reason and "token" in e.value.reason
-    assert server.requests[("PUT", "blob")] == 1  # not retried
+    assert "backend.token_env" in e.value.reason  # where the token comes from
+    assert server.requests[("POST", "batch")] == 1  # not retried
     if token is not None:
         assert token not in e.value.reason
         assert token not in repr(logs) and token not in repr(sink)
@@ -528,7 +728,7 @@ async def test_401_names_the_token_but_never_shows_it(
 async def test_missing_blobs_are_sent_again(
     sink: HttpSink, server: FakeIngestServer, tmp_path: Path
 ) -> None:
-    f = write(tmp_path / "f.jpg", os.urandom(100_000))  # over head_min_size: HEAD asked
+    f = write(tmp_path / "f.jpg", os.urandom(1_500_000))  # not in a batch; HEAD asked
     await sink.put_item("ds", item_of(f, name="one"))
     # The server loses the blob but HEAD still claims it (a store that GC'd under us).
     digest = digest_of(f)
@@ -576,7 +776,7 @@ async def test_an_outage_is_one_warning_one_probe_at_a_time_and_one_info(
         async def __aenter__(self) -> Any:
             nonlocal sends, in_flight, max_in_flight_while_down
             sends += 1
-            self.while_down = sink._gate is not None and sink._gate.down
+            self.while_down = sink.gate.down
             if self.while_down:
                 in_flight += 1
                 max_in_flight_while_down = max(max_in_flight_while_down, in_flight)
@@ -615,9 +815,11 @@ async def test_an_outage_is_one_warning_one_probe_at_a_time_and_one_info(
             down = [e for e in logs if e["event"] == "ingestion server unreachable"]
             assert len(down) == 1 and down[0]["log_level"] == "warning"
             assert down[0]["url"] == server.url
+            assert not sink.reachable  # the sync step logs its retries quietly meanwhile
 
             await server.start()  # same port
             await asyncio.gather(*(sink.put_item("ds", item_of(p, name=p.name)) for p in files))
+        assert sink.reachable
         up = [e for e in logs if e["event"] == "ingestion server reachable again"]
         assert len(up) == 1 and up[0]["log_level"] == "info"
         assert len([e for e in logs if e["log_level"] == "warning"]) == 1

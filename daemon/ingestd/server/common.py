@@ -243,19 +243,23 @@ def _check_file(where: str, f: Any, sizes: dict[str, int]) -> None:
     if not isinstance(f, dict) or not isinstance(f.get("name"), str):
         raise bad_manifest(f"{where} needs a 'name'")
     size = f.get("size")
-    if "digest" in f:
+    if "url" in f:  # a registered remote object: kept as sent, no bytes stored
+        if not isinstance(f["url"], str) or not f["url"]:
+            raise bad_manifest(f"{where}.url must be a non-empty string")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise bad_manifest(f"{where}.size must be a non-negative integer")
+        if not isinstance(f.get("etag", ""), str):
+            raise bad_manifest(f"{where}.etag must be a string")
+        if "digest" in f:  # what the object hashed to, when known: no blob is implied
+            digest(f["digest"])
+    elif "digest" in f:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad_manifest(f"{where}.size must be a non-negative integer")
         d = digest(f["digest"])
         if sizes.setdefault(d, size) != size:
             raise bad_manifest(f"{where}: {d} listed with two sizes")
-    elif not isinstance(f.get("url"), str) or not f["url"]:
+    else:
         raise bad_manifest(f"{where} needs a 'digest' and 'size', or a 'url'")
-    else:  # a registered remote object: kept as sent, no bytes stored
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise bad_manifest(f"{where}.size must be a non-negative integer")
-        if not isinstance(f.get("etag", ""), str):
-            raise bad_manifest(f"{where}.etag must be a string")
 
 
 def check_manifest(body: Any) -> Manifest:
