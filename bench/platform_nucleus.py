@@ -154,7 +154,15 @@ async def _register_through_sink(url: str, files: int) -> int:
     items = []
     for i in range(files):
         key = f"raw/d{i // PER_DIR:04d}/img{i:06d}.png"
-        f = FilePayload(key.rsplit("/", 1)[-1], "", SIZE, "", url=f"s3://bkt/{key}", etag=f'"{i}"')
+        f = FilePayload(
+            key.rsplit("/", 1)[-1],
+            "",
+            SIZE,
+            "",
+            url=f"s3://bkt/{key}",
+            etag=f'"{i}"',
+            https_url=f"https://bkt.s3.amazonaws.com/{key}",  # as the bucket source gives it
+        )
         items.append(
             ItemPayload("/" + key.rsplit("/", 1)[0], f.name, (SlotPayload("0", "image", (f,)),), {})
         )

@@ -295,7 +295,7 @@ class Appender:
                 )
             return []
         if status == "Completed":
-            log.debug("appended", job=job.id, items=[p.reference_id for p in parts])
+            log.debug("appended", job=job.id, images=len(parts), first=parts[0].reference_id)
             return []
         ans = await self.client.request(
             "GET", self.url("job", job.id, "errors"), what=f"reading the errors of job {job.id}"
