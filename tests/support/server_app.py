@@ -100,11 +100,15 @@ async def running(
     tokens: tuple[str, ...] = (TOKEN,),
     max_body: int = DEFAULT_MAX_BODY,
     cancel_on_disconnect: bool = False,
+    outer: Any = None,
     **kw: Any,
 ) -> AsyncIterator[Running]:
     """The app on a real socket. `cancel_on_disconnect` mirrors aiohttp's TestServer
-    (handler_cancellation=True); the default is what `serve` runs."""
+    (handler_cancellation=True); the default is what `serve` runs. `outer` is a
+    middleware put in front of the app's own (a test's fault injection)."""
     app = make_app(store, tokens, max_body, **kw)
+    if outer is not None:
+        app.middlewares.insert(0, outer)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel_on_disconnect)
     await runner.setup()
     try:
