@@ -945,3 +945,19 @@ async def test_the_fake_refuses_what_nucleus_would(fake: FakeNucleus, tmp_path: 
         async with s.put(signed, data=b"{}\n", headers=auth) as r:
             assert r.status == 400  # a pre-signed URL takes no second auth mechanism
     assert fake.items("x") == {}
+
+
+async def test_a_file_that_changes_while_streaming_fails_alone(
+    fake: FakeNucleus, make_sink: Any, tmp_path: Path
+) -> None:
+    """Streamed files share a request; one that changes breaks it for all, so the
+    others go again and only it fails."""
+    sink = make_sink(small=0)
+    files = [png(tmp_path / f"{i}.png", size=(200, 100), color=(i, 9, 9)) for i in range(3)]
+    items = [image_item(f) for f in files]
+    files[1].write_bytes(files[1].read_bytes()[:-1] + b"\0")  # same size, other digest
+    results = await sink.put_items(batch(items))
+    assert list(failures(results)) == [1]
+    assert isinstance(results[1], SourceChangedError) and "1.png" in results[1].reason
+    assert sorted(fake.blobs(DS)) == ["/0.png", "/2.png"]
+    assert fake.blobs(DS)["/2.png"] == files[2].read_bytes()

@@ -42,6 +42,9 @@ from ingestd.sinks.nucleus.items import (
 log = structlog.get_logger("ingestd.sink.nucleus")
 
 HEADER_BYTES = 4 << 20  # read at most this much of a streamed file to find its header
+# Files up to this size are read whole before their request (at most `slots` requests of
+# 10 such files in memory at once); bigger ones stream.
+READ_WHOLE = 256 << 10
 
 Failures = dict[Part, SyncError]
 Sent = tuple[Job | None, list[Part]]  # a job and its images; no job: send them alone
@@ -53,7 +56,7 @@ class Appender:
     bigger ones stream, checked as they go."""
 
     def __init__(
-        self, client: ApiClient, url: Callable[..., str], *, slots: int, small: int
+        self, client: ApiClient, url: Callable[..., str], *, slots: int, small: int = READ_WHOLE
     ) -> None:
         self.client = client
         self.url = url
@@ -115,7 +118,7 @@ class Appender:
                 [f for _, f in ready],
             )
             what = f"appending {len(ready)} image(s) to dataset {ds}"
-            return await self._post(
+            sent = await self._post(
                 ds,
                 [p for p, _ in ready],
                 failed,
@@ -129,6 +132,16 @@ class Appender:
                 ),
                 what,
             )
+        # A file that changed while it streamed broke the request for all of them: it
+        # alone fails, the others go again (one per request: this is rare).
+        changed = {p: f.stream.error for p, f in ready if f.stream and f.stream.error}
+        if changed:
+            rest = [p for p, _ in ready if p not in changed]
+            for p in rest:
+                failed.pop(p, None)  # the request's error is not theirs
+            failed.update(changed)
+            return None, rest
+        return sent
 
     async def _remote(self, ds: str, parts: list[Part], failed: Failures) -> Sent:
         rid = uuid.uuid4().hex

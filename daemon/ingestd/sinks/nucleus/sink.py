@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -47,10 +47,8 @@ from ingestd.sinks.nucleus.items import META_PARTS, RESERVED_KEYS, MetadataTypes
 
 log = structlog.get_logger("ingestd.sink.nucleus")
 
-# One group: what one SDK append of local files carries in practice (it splits any
-# number into requests of 10) and half a remote import's 1,000 items; files up to
-# 1 MiB are read whole before their request (at most `UPLOAD_SLOTS` requests' worth in
-# memory), bigger ones stream alone through put_item.
+# One group: 50 appends of local files (the SDK splits any number into requests of 10)
+# or half a remote import's 1,000 items; files over 1 MiB go alone through put_item.
 BATCH = BatchLimits(items=500, bytes=256 << 20, linger=0.05, small=1 << 20)
 UPLOAD_SLOTS = 16  # append requests in flight across the sink (the SDK sends 10 at once)
 
@@ -78,7 +76,7 @@ class NucleusSink(SinkBase):
         self.workers = max(1, workers)
         self.datasets: DatasetCache[str] = DatasetCache(self._find_or_create)
         self.types = MetadataTypes()
-        self.appender = Appender(self.client, self._url, slots=UPLOAD_SLOTS, small=BATCH.small)
+        self.appender = Appender(self.client, self._url, slots=UPLOAD_SLOTS)
         self._splits = asyncio.Semaphore(self.workers)
 
     def __repr__(self) -> str:  # never the key
@@ -103,7 +101,7 @@ class NucleusSink(SinkBase):
         upsert by reference_id, so no item needs a lookup first."""
         results: list[PutResult | Exception | None] = [None] * len(items)
         plain: dict[str, list[tuple[int, Part]]] = {}
-        calls = []
+        calls: list[Coroutine[Any, Any, None]] = []
         for i, b in enumerate(items):
             try:
                 parts, split = parts_of(b.item)
