@@ -27,7 +27,7 @@ from ingestd.sinks.base import read_chunks, read_error
 from ingestd.sinks.kit.batches import chunked
 from ingestd.sinks.kit.client import Answer, ApiClient
 from ingestd.sinks.kit.jobs import JobState, poll_job
-from ingestd.sinks.kit.verified import VerifiedFile
+from ingestd.sinks.kit.verified import VerifiedFile, read_local
 from ingestd.sinks.nucleus import api
 from ingestd.sinks.nucleus.api import NAME, DatasetGone, FilePart, Job, NucleusRejected
 from ingestd.sinks.nucleus.items import (
@@ -100,9 +100,7 @@ class Appender:
 
     async def _local(self, ds: str, parts: list[Part], failed: Failures) -> Sent:
         async with self._slots:
-            files = await asyncio.gather(
-                *(self._load(i, p) for i, p in enumerate(parts)), return_exceptions=True
-            )
+            files = await self._load_all(parts)
             ready: list[tuple[Part, FilePart]] = []
             for p, f in zip(parts, files, strict=True):
                 if isinstance(f, FilePart):
@@ -194,17 +192,38 @@ class Appender:
             failed.update({p: _about(p, e) for p in parts})
         return None, []
 
+    async def _load_all(self, parts: list[Part]) -> list[FilePart | BaseException]:
+        """A request's files, each checked to be an image Nucleus takes (or why not).
+        Small local files are read and checked in one thread trip for all of them."""
+        whole = {i for i, p in enumerate(parts) if p.file.local_path and p.file.size <= self.small}
+
+        def trip() -> dict[int, FilePart | SyncError]:
+            out: dict[int, FilePart | SyncError] = {}
+            for i in whole:
+                try:
+                    out[i] = _checked(i, parts[i], read_local(parts[i].file))
+                except SyncError as e:
+                    out[i] = e
+            return out
+
+        done: dict[int, FilePart | BaseException] = {}
+        if whole:
+            done.update(await asyncio.to_thread(trip))
+        rest = [i for i in range(len(parts)) if i not in whole]
+        loaded = await asyncio.gather(
+            *(self._load(i, parts[i]) for i in rest), return_exceptions=True
+        )
+        done.update(zip(rest, loaded, strict=True))
+        return [done[i] for i in range(len(parts))]
+
     async def _load(self, i: int, p: Part) -> FilePart:
-        """The `i`th file of a request, checked to be an image Nucleus takes: read whole
-        when small, else its header now and its bytes while they stream."""
+        """The `i`th file of a request, streamed or big: read whole when small, else
+        its header now and its bytes while they stream."""
         f = p.file
-        field = f"{i}/{f.name}"  # names the file part, unique in its request, as a path
         stream = VerifiedFile(f)
         try:
             if f.size <= self.small:
-                data = await stream.read_all()
-                p.mime = image_mime(p, header_of_bytes(data))
-                return FilePart(field, p.mime, len(data), data=data)
+                return _checked(i, p, await stream.read_all())
             p.mime = image_mime(p, await self._header(p))
         except Image.DecompressionBombError as e:
             raise oversize(p, None) from e
@@ -214,7 +233,7 @@ class Appender:
             raise
         except Exception as e:  # a streamed source's own failure (object changed, ...)
             raise RetriableError(f"cannot read {stream.where}: {type(e).__name__}: {e}") from e
-        return FilePart(field, p.mime, f.size, stream=stream)
+        return FilePart(_field(i, p), p.mime, f.size, stream=stream)
 
     @staticmethod
     async def _header(p: Part) -> Header | None:
@@ -336,6 +355,22 @@ class Appender:
             "job errors name no image of ours", job=job.id, status=status, errors=unmatched[:3]
         )
         return rest
+
+
+def _field(i: int, p: Part) -> str:
+    """What names the `i`th file part of a request: unique in it, and a path as the
+    SDK's is, whose last segment is the file's name."""
+    return f"{i}/{p.file.name}"
+
+
+def _checked(i: int, p: Part, data: bytes) -> FilePart:
+    """The whole bytes of a file as the `i`th part of a request, once they are known to
+    be an image Nucleus takes."""
+    try:
+        p.mime = image_mime(p, header_of_bytes(data))
+    except Image.DecompressionBombError as e:
+        raise oversize(p, None) from e
+    return FilePart(_field(i, p), p.mime, len(data), data=data)
 
 
 def _refused(p: Part, msg: str) -> PermanentError:

@@ -28,7 +28,7 @@ from urllib.parse import quote
 import structlog
 
 from ingestd.config import NucleusBackend
-from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.errors import RetriableError, SyncError
 from ingestd.core.model import ItemPayload, item_key
 from ingestd.sinks.base import (
     BatchItem,
@@ -40,6 +40,7 @@ from ingestd.sinks.base import (
 )
 from ingestd.sinks.kit.client import ApiClient
 from ingestd.sinks.kit.datasets import DatasetCache
+from ingestd.sinks.kit.errors import worst
 from ingestd.sinks.nucleus import api
 from ingestd.sinks.nucleus.api import NAME, DatasetGone, NucleusRejected
 from ingestd.sinks.nucleus.appends import Appender
@@ -207,7 +208,7 @@ class NucleusSink(SinkBase):
     async def _send(self, dataset: str, ds: str, parts: list[Part]) -> None:
         failed = await self.appender.send(ds, parts)
         self._forget_if_gone(dataset, failed.values())
-        err = _first_error(failed.values())
+        err = worst(failed.values())
         if err is not None:
             raise err
 
@@ -279,7 +280,7 @@ class NucleusSink(SinkBase):
                 )
 
         results = await asyncio.gather(*(one(r) for r in refs), return_exceptions=True)
-        err = _first_error(r for r in results if isinstance(r, BaseException))
+        err = worst(r for r in results if isinstance(r, BaseException))
         if err is not None:
             raise err
 
@@ -301,13 +302,3 @@ class NucleusSink(SinkBase):
                     self._forget_if_gone(dataset, [DatasetGone(e.reason)])
                     raise DatasetGone(f"{NAME} dataset {ds} no longer exists; sent again") from e
                 raise
-
-
-def _first_error(errors: Iterable[BaseException]) -> BaseException | None:
-    """The error that best describes an item whose parts failed in different ways."""
-    errs = list(errors)
-    for kind in (SourceChangedError, PermanentError, RetriableError):
-        for e in errs:
-            if isinstance(e, kind):
-                return e
-    return errs[0] if errs else None
