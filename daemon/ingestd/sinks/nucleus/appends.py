@@ -224,7 +224,7 @@ class Appender:
         try:
             if f.size <= self.small:
                 return _checked(i, p, await stream.read_all())
-            p.mime = image_mime(p, await self._header(p))
+            p.mime = image_mime(p, await _header(p))
         except Image.DecompressionBombError as e:
             raise oversize(p, None) from e
         except OSError as e:
@@ -234,22 +234,6 @@ class Appender:
         except Exception as e:  # a streamed source's own failure (object changed, ...)
             raise RetriableError(f"cannot read {stream.where}: {type(e).__name__}: {e}") from e
         return FilePart(_field(i, p), p.mime, f.size, stream=stream)
-
-    @staticmethod
-    async def _header(p: Part) -> Header | None:
-        if p.file.local_path:
-            return await asyncio.to_thread(header_of_file, p.file.local_path)
-        buf = bytearray()
-        chunks = read_chunks(p.file, chunk=64 << 10)
-        try:
-            async for chunk in chunks:
-                buf += chunk
-                header = header_of_bytes(bytes(buf))
-                if header is not None or len(buf) >= HEADER_BYTES:
-                    return header
-        finally:
-            await chunks.aclose()
-        return header_of_bytes(bytes(buf))
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -355,6 +339,23 @@ class Appender:
             "job errors name no image of ours", job=job.id, status=status, errors=unmatched[:3]
         )
         return rest
+
+
+async def _header(p: Part) -> Header | None:
+    """An image's header: from its local file, or from the first bytes of its stream."""
+    if p.file.local_path:
+        return await asyncio.to_thread(header_of_file, p.file.local_path)
+    buf = bytearray()
+    chunks = read_chunks(p.file, chunk=64 << 10)
+    try:
+        async for chunk in chunks:
+            buf += chunk
+            header = header_of_bytes(bytes(buf))
+            if header is not None or len(buf) >= HEADER_BYTES:
+                return header
+    finally:
+        await chunks.aclose()
+    return header_of_bytes(bytes(buf))
 
 
 def _field(i: int, p: Part) -> str:
