@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from ingestd.config import Watch
 from ingestd.core.errors import PermanentError, SourceChangedError
 from ingestd.core.model import (
     FilePayload,
@@ -22,12 +23,14 @@ from ingestd.ledger import AsyncLedger, Ledger
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
+from ingestd.runtime.backend import side_for
 from ingestd.sinks.base import BatchItem, BatchLimits, BatchPutter, PutResult
 from ingestd.sinks.local import LocalSink
 from ingestd.sinks.memory import BatchingMemorySink
 from ingestd.sources.local import LocalFolderSource
 from ingestd.store import BlobStore, Catalog, Store
 from ingestd.store.blobs import StagedBlob
+from PIL import Image
 
 
 def sha(data: bytes) -> str:
@@ -251,3 +254,49 @@ async def test_groups_fill_from_the_backlog_not_from_the_workers(tmp_path: Path)
     assert len(sink.items) == 250
     assert sink.groups.count(100) == 2 and sum(sink.groups) == 250
     assert sink.most_at_once == 1
+
+
+async def test_images_go_in_groups_checked_in_one_media_trip(tmp_path: Path) -> None:
+    """Image items are checked by the media rules and still go in groups; a file that
+    only claims to be a PNG fails alone with the reason."""
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(120):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(root / f"p{i:03d}.png")
+    (root / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 20)
+    watch = Watch.model_validate({"name": "w", "source": str(root), "dataset": "ds"})
+    side = side_for(watch, None)
+    ledger = AsyncLedger(tmp_path / "state")
+    await ledger.open()
+    ops = []
+    for p in sorted(root.iterdir()):
+        st = os.stat(p)
+        f = PlannedFile(p.name, p.name, st.st_size, st.st_mtime_ns)
+        plan = ItemPlan(
+            p.name, "/", p.name, (PlannedSlot("0", "image", (f,)),), {}, f"{p.name}:{st.st_size}"
+        )
+        ops.append(Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, 0.0))
+    await ledger.write_many(ops)
+    sink = BatchingMemorySink(BatchLimits(items=100, linger=0.0))
+    pool = SyncPool(ledger, sink, {"w": side}, workers=1, spool_root=str(tmp_path / "state"))
+    task = asyncio.create_task(pool.run(poll=0.05))
+
+    def done(led: Ledger) -> bool:
+        c = led.counts()["w"]
+        return c.synced == 120 and c.failed == 1 and not pool.inflight
+
+    try:
+        deadline = time.monotonic() + 30
+        while not await ledger.call(done, ledger.sync):
+            assert time.monotonic() < deadline, f"groups so far: {sink.groups}"
+            await asyncio.sleep(0.02)
+        row = await ledger.call(ledger.sync.item_row, "w", "zz-broken.png")
+    finally:
+        await pool.stop(1)
+        task.cancel()
+        await ledger.close()
+    assert max(sink.groups) == 100 and sum(sink.groups) == 120
+    assert "zz-broken.png" in row["last_error"]
+    assert not (tmp_path / "state" / "spool").exists() or not any(
+        (tmp_path / "state" / "spool").iterdir()
+    )

@@ -115,6 +115,21 @@ def build_payload(
     return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
 
 
+def build_many(
+    jobs: Sequence[tuple[WatchSide, ItemPlan, list[str], str]],
+    stop: threading.Event | None = None,
+) -> list[ItemPayload | Exception]:
+    """build_payload for a group of items (side, plan, digests, spool) in one trip to the
+    media pool; each item's error is its own."""
+    out: list[ItemPayload | Exception] = []
+    for side, plan, digests, spool in jobs:
+        try:
+            out.append(build_payload(side, plan, digests, spool, stop))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
 def _check_unchanged(path: str, size: int, mtime_ns: int) -> None:
     try:
         st = os.stat(path)

@@ -216,7 +216,11 @@ class SyncPool:
         if not side.source.features.local_paths:
             return 0 if self._sender.transfer(side) == "register" else None
         media = side.media
-        if media is not None and any(transforms(s.type, media) for s in plan.slots):
+        # Images are checked (and maybe downscaled) in one media-pool trip per group;
+        # what derives more (frames, de-identified DICOM) goes alone.
+        if media is not None and any(
+            transforms(s.type, media) and s.type != "image" for s in plan.slots
+        ):
             return None
         size = sum(f.size for slot in plan.slots for f in slot.files)
         return size if size <= limits.small else None

@@ -40,6 +40,7 @@ from ingestd.ledger import Claim
 from ingestd.media.detect import type_of_prefix
 from ingestd.media.transform import MediaSettings, transform_slot, transforms
 from ingestd.pipeline.hashing import (
+    build_many,
     build_payload,
     hash_checked,
     hash_many,
@@ -109,6 +110,14 @@ class Preparer:
                 self._media_pool, build_payload, side, plan, digests, spool, self.stop
             )
         return build_payload(side, plan, digests, spool)
+
+    async def checked_many(
+        self, jobs: Sequence[tuple[WatchSide, ItemPlan, list[str], str]]
+    ) -> list[ItemPayload | Exception]:
+        """payload for a group of local items the media rules check (images), in one
+        trip to the media pool: (side, plan, digests, spool) each."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._media_pool, build_many, jobs, self.stop)
 
     async def _copy_payload(self, side: WatchSide, plan: ItemPlan, spool: str) -> ItemPayload:
         """Bucket objects with their bytes: streamed to the sink when sent as they are

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from ingestd.core.errors import Abandoned, SyncError
-from ingestd.core.model import ItemPayload
+from ingestd.core.model import ItemPayload, ItemPlan
 from ingestd.ledger import Claim, Ledger, LedgerOp, key_conflict_reason
 from ingestd.media.transform import transforms
 from ingestd.pipeline.outcome import Conflict, Outcome, failed
@@ -98,9 +98,7 @@ class SyncStep:
         glog = log.bind()
         recorded: list[tuple[Claim, dict[str, Any], str | None]] = []
         hashed = await self._group_keys(claims, sides)
-        sender = self.sender
-        sink = sender.sink
-        send: list[tuple[int, str, ItemPayload]] = []  # (index, source key, payload)
+        todo: list[tuple[int, str, list[str]]] = []  # (index, source key, digests)
         for i, (claim, side, h) in enumerate(zip(claims, sides, hashed, strict=True)):
             try:
                 if isinstance(h, Exception):
@@ -114,34 +112,88 @@ class SyncStep:
                     op = Ledger.op_synced(claim, synced, claim.backend_id, time.time())
                     done[i] = Outcome(claim, "unchanged"), op
                     continue
-                if side.source.features.local_paths:
-                    payload = self.preparer.as_is(side, claim.plan, digests)
-                else:  # a bucket object registered by URL (see SyncPool._groupable)
-                    payload = await register_payload(side, claim.plan)
-                send.append((i, source_key, payload))
+                todo.append((i, source_key, digests))
             except Exception as e:
                 done[i] = self.failed(claim, side, e)
-        if send:
-            results = await sender.put_group(sink, [(claims[i], p) for i, _, p in send])
-            for (i, source_key, payload), result in zip(send, results, strict=True):
-                claim = claims[i]
-                if isinstance(result, Exception):
-                    done[i] = self.failed(claim, sides[i], result)
-                    continue
-                size = payload_bytes(payload)
-                glog.info(
-                    "synced",
-                    watch=claim.watch,
-                    item=claim.key,
-                    version=result.version,
-                    bytes=size,
-                    changed=result.changed,
-                )
-                manifest = synced_manifest(payload, source_key, claim.dataset)
-                recorded.append((claim, manifest, result.backend_id))
-                done[i] = Outcome(claim, "synced", bytes=size), None
+        spools: list[str] = []
+        try:
+            send = await self._group_payloads(claims, sides, todo, done, spools)
+            if send:
+                await self._put_group(claims, sides, send, done, recorded)
+        finally:
+            if spools:
+                await asyncio.to_thread(_remove_all, spools)
         synced = Ledger.op_synced_many(recorded, time.time()) if recorded else None
         return [d for d in done if d is not None], synced
+
+    async def _group_payloads(
+        self,
+        claims: list[Claim],
+        sides: list[WatchSide],
+        todo: list[tuple[int, str, list[str]]],
+        done: list[tuple[Outcome, LedgerOp | None] | None],
+        spools: list[str],
+    ) -> list[tuple[int, str, ItemPayload]]:
+        """(index, source key, payload) of each item to send: local files as they are,
+        images checked (and maybe downscaled into their spools) in one trip to the media
+        pool, bucket objects as references. An item that cannot be prepared fails alone."""
+        send: list[tuple[int, str, ItemPayload]] = []
+        checked: list[tuple[int, str, tuple[WatchSide, ItemPlan, list[str], str]]] = []
+        for i, source_key, digests in todo:
+            side, plan = sides[i], claims[i].plan
+            assert plan is not None
+            try:
+                if not side.source.features.local_paths:  # registered by URL
+                    send.append((i, source_key, await register_payload(side, plan)))
+                elif side.media is not None and any(
+                    transforms(s.type, side.media) for s in plan.slots
+                ):
+                    spool = self.preparer.spool_for(claims[i])
+                    spools.append(spool)
+                    checked.append((i, source_key, (side, plan, digests, spool)))
+                else:
+                    send.append((i, source_key, self.preparer.as_is(side, plan, digests)))
+            except Exception as e:
+                done[i] = self.failed(claims[i], side, e)
+        if checked:
+            built = await self.preparer.checked_many([job for _, _, job in checked])
+            for (i, source_key, _), b in zip(checked, built, strict=True):
+                if isinstance(b, Exception):
+                    done[i] = self.failed(claims[i], sides[i], b)
+                else:
+                    send.append((i, source_key, b))
+        return send
+
+    async def _put_group(
+        self,
+        claims: list[Claim],
+        sides: list[WatchSide],
+        send: list[tuple[int, str, ItemPayload]],
+        done: list[tuple[Outcome, LedgerOp | None] | None],
+        recorded: list[tuple[Claim, dict[str, Any], str | None]],
+    ) -> None:
+        """One batch put of the prepared items; each item's outcome into `done`, and the
+        items the sink took into `recorded` (written in one ledger transaction)."""
+        glog = log.bind()
+        sender = self.sender
+        results = await sender.put_group(sender.sink, [(claims[i], p) for i, _, p in send])
+        for (i, source_key, payload), result in zip(send, results, strict=True):
+            claim = claims[i]
+            if isinstance(result, Exception):
+                done[i] = self.failed(claim, sides[i], result)
+                continue
+            size = payload_bytes(payload)
+            glog.info(
+                "synced",
+                watch=claim.watch,
+                item=claim.key,
+                version=result.version,
+                bytes=size,
+                changed=result.changed,
+            )
+            manifest = synced_manifest(payload, source_key, claim.dataset)
+            recorded.append((claim, manifest, result.backend_id))
+            done[i] = Outcome(claim, "synced", bytes=size), None
 
     async def _group_keys(
         self, claims: list[Claim], sides: list[WatchSide]
@@ -151,7 +203,7 @@ class SyncStep:
         out: list[tuple[str, list[str]] | Exception] = [("", [])] * len(claims)
         local = [i for i, s in enumerate(sides) if s.source.features.local_paths]
         for i, (claim, side) in enumerate(zip(claims, sides, strict=True)):
-            if i not in local:
+            if not side.source.features.local_paths:
                 assert claim.plan is not None
                 out[i] = (bucket_source_key(side, claim.plan, "register"), [])
         if local:
@@ -180,6 +232,11 @@ class SyncStep:
             stopping=self.preparer.stop,
             bound=bound,
         )
+
+
+def _remove_all(folders: list[str]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def unchanged(claim: Claim, source_key: str) -> bool:
