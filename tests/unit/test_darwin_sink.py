@@ -110,9 +110,22 @@ async def sink(fake: FakeDarwin) -> AsyncIterator[DarwinSink]:
 async def test_implements_the_sink_interface(sink: DarwinSink) -> None:
     assert isinstance(sink, Sink) and isinstance(sink, BatchPutter)
     caps = sink.capabilities
-    assert (caps.remote_urls, caps.delete) == (True, True)
-    assert caps.metadata_update is False
+    assert caps.delete and caps.metadata_update is False
     assert caps.batch is not None and caps.batch.items == 500  # one register_upload
+
+
+async def test_bucket_objects_are_registered_only_with_an_external_storage(
+    fake: FakeDarwin,
+) -> None:
+    """Without backend.storage_slug V7 cannot register bucket objects, so the sink does
+    not offer remote URLs and `transfer` defaults to copy instead of failing every item."""
+    plain, connected = make_sink(fake), make_sink(fake, storage_slug="lab-bucket")
+    try:
+        assert not plain.capabilities.remote_urls
+        assert connected.capabilities.remote_urls
+    finally:
+        await plain.close()
+        await connected.close()
 
 
 async def test_dataset_is_created_once_and_found_by_slug(

@@ -24,6 +24,7 @@ pre-signed storage URLs are not API requests and are not budgeted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,11 @@ class DarwinSink(SinkBase):
     def __init__(self, backend: DarwinBackend, workers: int = 8) -> None:
         self.team = backend.team
         self.storage_slug = backend.storage_slug
+        # V7 registers bucket objects only from an external storage connected to the
+        # team: without one, `transfer` defaults to copy instead of failing every item.
+        self.capabilities = dataclasses.replace(
+            DarwinSink.capabilities, remote_urls=bool(self.storage_slug)
+        )
         self.replace = backend.replace
         # Files in flight at once across the sink's calls: each is sign, PUT, confirm.
         self.files_at_once = max(16, 4 * workers)
