@@ -304,9 +304,8 @@ async def test_a_created_dataset_gets_the_default_integration(
         "json_import.json",
         "manifest.json",
     ]
-    assert ops(fake)[:5] == [
-        "datasets",
-        "iamIntegrations",
+    assert ops(fake)[:4] == [
+        "datasets,iamIntegrations",  # one request: the lookup and the integrations
         "createDataset",
         "setSignerForDataset",
         "validateDataset",
@@ -518,10 +517,23 @@ async def test_a_dataset_that_cannot_be_had_fails_its_items_with_one_lookup(
     sink: LabelboxSink, fake: LabelboxFake, tmp_path: Path
 ) -> None:
     files = [write(tmp_path / f"{i}.jpg", os.urandom(100)) for i in range(5)]
-    fake.error_next(1, "AUTHORIZATION_ERROR", message="not allowed", match="datasets")
+    fake.error_next(2, "AUTHORIZATION_ERROR", message="not allowed", match="datasets")
     results = await sink.put_items([BatchItem("ds", single(f)) for f in files])
     assert all(isinstance(r, PermanentError) and "may not do this" in r.reason for r in results)
-    assert ops(fake) == ["datasets"]
+    # the lookup with the integrations, then without them: not one per item
+    assert ops(fake) == ["datasets,iamIntegrations", "datasets"]
+
+
+async def test_a_key_that_may_not_read_integrations_still_creates_datasets(
+    sink: LabelboxSink, fake: LabelboxFake, tmp_path: Path
+) -> None:
+    fake.add_integration("s3-read")
+    fake.error_next(1, "AUTHORIZATION_ERROR", message="admins only", match="datasets")
+    f = write(tmp_path / "a.jpg", os.urandom(100))
+    with structlog.testing.capture_logs() as logs:
+        await sink.put_item("ds", single(f))
+    assert fake.state()["signers"] == {"ds": None} and len(fake.rows_of("ds")) == 1
+    assert any("may not read the delegated-access" in e["event"] for e in logs)
 
 
 async def test_rows_are_chunked_by_size(
@@ -624,7 +636,7 @@ async def test_graphql_client_errors_are_not_retried(
         await sink._gql("query { nosuchfield { id } }", {}, "testing")
     with pytest.raises(PermanentError, match="Syntax Error"):
         await sink._gql("query {", {}, "testing")
-    assert ops(fake).count("datasets") == 1
+    assert ops(fake).count("datasets,iamIntegrations") == 1
 
 
 def test_the_retry_rule() -> None:

@@ -27,12 +27,22 @@ class Dataset:
 
 
 async def find_or_create(gql: gq.Gql, name: str) -> Dataset:
-    data = await gql(
-        gq.Q_DATASETS, {"name": name, "deleted": False}, f"looking up dataset {name!r}"
-    )
+    what = f"looking up dataset {name!r}"
+    variables = {"name": name, "deleted": False}
+    integrations: list[dict[str, Any]] | None
+    try:
+        data = await gql(gq.Q_DATASETS_IAM, variables, what)
+        integrations = list(data.get("iamIntegrations") or [])
+    except gq.LabelboxRefused as e:
+        if e.code != "AUTHORIZATION_ERROR":
+            raise
+        # A key that may not read the integrations: local files do not need one, and
+        # registered objects then fail with NoIntegration.
+        data = await gql(gq.Q_DATASETS, variables, what)
+        integrations = None
     found = [d for d in data.get("datasets") or [] if d.get("name") == name]
     if not found:
-        return await _create(gql, name)
+        return await _create(gql, name, _default_integration(integrations, name))
     found.sort(key=lambda d: str(d.get("createdAt") or ""))
     if len(found) > 1:
         log.warning(
@@ -44,8 +54,7 @@ async def find_or_create(gql: gq.Gql, name: str) -> Dataset:
     return Dataset(str(found[0]["id"]), name, str(signer) if signer else None)
 
 
-async def _create(gql: gq.Gql, name: str) -> Dataset:
-    signer = await _default_integration(gql, name)
+async def _create(gql: gq.Gql, name: str, signer: dict[str, Any] | None) -> Dataset:
     data = await gql(gq.M_CREATE_DATASET, {"name": name}, f"creating dataset {name!r}")
     ds_id = str(data["createDataset"]["id"])
     if signer is None:
@@ -80,21 +89,19 @@ async def _create(gql: gq.Gql, name: str) -> Dataset:
     return Dataset(ds_id, name, str(signer["id"]))
 
 
-async def _default_integration(gql: gq.Gql, dataset: str) -> dict[str, Any] | None:
-    """The organisation's default integration (Organization.get_default_iam_integration)."""
-    try:
-        data = await gql(gq.Q_IAM, {}, "reading the delegated-access integrations")
-    except gq.LabelboxRefused as e:
-        if e.code != "AUTHORIZATION_ERROR":
-            raise
-        # Local files do not need one; registered objects then fail with NoIntegration.
+def _default_integration(
+    integrations: list[dict[str, Any]] | None, dataset: str
+) -> dict[str, Any] | None:
+    """The organisation's default integration (Organization.get_default_iam_integration);
+    None when it has none, or when the key may not see them."""
+    if integrations is None:
         log.warning(
             "the API key may not read the delegated-access integrations; creating the "
             "dataset without one",
             dataset=dataset,
         )
         return None
-    defaults = [i for i in data.get("iamIntegrations") or [] if i.get("isOrgDefault")]
+    defaults = [i for i in integrations if i.get("isOrgDefault")]
     if len(defaults) > 1:
         raise PermanentError(
             f"Labelbox dataset {dataset!r}: the organisation has more than one default "

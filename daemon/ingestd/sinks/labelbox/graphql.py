@@ -33,12 +33,17 @@ Q_DATASETS = """query GetDatasetsPyApi($name: String!, $deleted: Boolean!) {
     id name createdAt signer { id }
   }
 }"""
+# The same with the organisation's delegated-access integrations
+# (Organization.get_iam_integrations), which a dataset that has to be created needs:
+# one request instead of two.
+Q_DATASETS_IAM = """query GetDatasetsPyApi($name: String!, $deleted: Boolean!) {
+  datasets(where: {AND: [{name: $name}, {deleted: $deleted}]}, skip: 0, first: 100) {
+    id name createdAt signer { id }
+  }
+  iamIntegrations { id name provider valid isOrgDefault }
+}"""
 M_CREATE_DATASET = """mutation CreateDatasetPyApi($name: String!) {
   createDataset(data: {name: $name}) { id name createdAt }
-}"""
-# Organization.get_iam_integrations / get_default_iam_integration
-Q_IAM = """query getAllIntegrationsPyApi {
-  iamIntegrations { id name provider valid isOrgDefault }
 }"""
 # Client.create_dataset: the default integration is attached, then the dataset validated.
 M_SET_SIGNER = """mutation setSignerForDatasetPyApi($signerId: ID!, $datasetId: ID!) {

@@ -55,8 +55,9 @@ READ_AHEAD = 3  # such batches in memory at once, waiting for their uploads
 # A group is one import task. A task takes up to 150,000 rows (rows.ROWS_PER_TASK), but
 # the sync step claims two groups ahead and redoes a whole group that fails or is cut
 # off by a stop; at 5,000 rows the task's own requests (a chunk, a manifest, the upsert,
-# a poll or two, the failures) already cost under 0.002 per file.
-GROUP = BatchLimits(items=5000, bytes=1 << 30, linger=0.5, small=64 << 20)
+# a poll or two, the failures) already cost under 0.002 per file. A short backlog waits
+# 0.1 s to fill a group: every task costs those five requests and seconds on Labelbox.
+GROUP = BatchLimits(items=5000, bytes=1 << 30, linger=0.1, small=64 << 20)
 
 
 @dataclass(slots=True)

@@ -1,9 +1,10 @@
 """One Labelbox import task for a set of rows, as labelbox-python's
 `Dataset._exec_upsert_data_rows` and `DataUpsertTask` run it: the rows as JSON chunks
 of at most 10 MB and a manifest naming them, each uploaded through `uploadFile`; one
-`upsertDataRows(manifestUri)`; the task polled (kit poll_job: a short first poll,
-longer for a bigger task, then doubling to the SDK's 2 s) until any state but
-IN_PROGRESS; then `failedDataRowImports` names the rows it refused."""
+`upsertDataRows(manifestUri)`; the task polled (a quick first look, then kit
+poll_job from a wait that grows with the task's rows, doubling to the SDK's 2 s)
+until any state but IN_PROGRESS; then `failedDataRowImports` names the rows it
+refused."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from ingestd.sinks.labelbox import rows as rw
 log = structlog.get_logger("ingestd.sinks")
 
 PAGE = 5000  # labelbox-python DOWNLOAD_RESULT_PAGE_SIZE
-POLL_PER_ROW = 0.0005  # seconds of first poll wait per row (1,000 rows: 0.5 s)
+SECOND_LOOK = 0.5  # seconds after the upsert, at least, for the second status poll
+POLL_PER_ROW = 0.0005  # and this per row (5,000 rows: 2.5 s, so the SDK's 2 s at most)
 UploadDoc = Callable[[bytes, str, str], Awaitable[str]]  # (data, filename, what) -> URL
 
 
@@ -49,13 +51,18 @@ async def run_task(
     log.debug("upsert task started", task=task_id, rows=len(rows))
     state = rw.task_state(status)
     if state is JobState.RUNNING:
+        # One quick look (a small task is done by then), then kit poll_job from when a
+        # task of this size may be done (its time grows with its rows), doubling to
+        # the SDK's 2 s: a task costs two or three polls, not six.
+        await asyncio.sleep(first)
+        status = await _status(gql, task_id)
+        state = rw.task_state(status)
+    if state is JobState.RUNNING:
         end = await poll_job(
             lambda: _status(gql, task_id),
             lambda s: (rw.task_state(s), s),
             what=f"Labelbox task {task_id}",
-            # A task's time grows with its rows: the first poll comes when one of this
-            # size may be done, so a big group's task costs a poll or two, not six.
-            first=min(most, max(first, len(rows) * POLL_PER_ROW)),
+            first=min(most, max(SECOND_LOOK, len(rows) * POLL_PER_ROW) - first),
             most=most,
             timeout=timeout,
         )
