@@ -1,17 +1,24 @@
 """A fake Labelbox GraphQL API on 127.0.0.1, for the labelbox sink's contract tests.
 
-It follows what docs/platforms.md records and what labelbox-python 6 sends and
-reads (client.py `execute`, data_uploader.py, schema/dataset.py `upsert_data_rows`,
-schema/task.py `DataUpsertTask`, schema/data_row_metadata.py, client.py
-`get_data_row_ids_for_global_keys`, orm/query.py `bulk_delete`), and the limits page
-(global keys of at most 200 characters):
+It follows what docs/platforms.md records and what labelbox-python 7.17 sends and
+reads (lbox/request_client.py `execute`, client.py `create_dataset` and `upload_data`,
+schema/dataset.py `upsert_data_rows` and `create_data_rows`, schema/internal/,
+schema/task.py `DataUpsertTask`, schema/data_row_metadata.py, schema/organization.py
+`get_iam_integrations`, client.py `get_data_row_ids_for_global_keys`), which
+tests/e2e/test_labelbox_sdk.py runs against it, and the limits page (global keys of
+at most 200 characters). Ids are 25 characters, as the SDK's models require.
 
 - One endpoint, `POST /graphql`, header `Authorization: Bearer <key>`; a missing or
   wrong key is HTTP 401 with an AUTHENTICATION_ERROR. Queries are parsed with
   graphql-core: a syntax error is 400 GRAPHQL_PARSE_FAILED, a field this API does not
   have (on the root or inside a selection) is 400 GRAPHQL_VALIDATION_FAILED, a bad
   input is an INTERNAL_SERVER_ERROR with `exception.status` 400 (what the SDK calls a
-  client error labelled server-side). Answers contain only the selected fields.
+  client error labelled server-side). Answers contain only the selected fields;
+  inline fragments (`... on AwsIamIntegrationSettings {...}`) and `__typename` work.
+- Datasets: `createDataset` (the SDK's Dataset fields), `updateDataset` (`deleted`),
+  `organization`, `iamIntegrations` (none until `add_integration`), and
+  `setSignerForDataset` / `validateDataset` as `create_dataset` uses them; a dataset's
+  integration reads back as `signer`.
 - `uploadFile` only as a GraphQL multipart request (`operations` with `file: null`,
   `map` = {"1": ["variables.file"]}, file part `1`); `contentLength` must match the
   bytes. The hosted URL is `<base>/files/<id>/<filename>`, built without encoding as
@@ -27,8 +34,10 @@ schema/task.py `DataUpsertTask`, schema/data_row_metadata.py, client.py
   non-https `row_data`, a duplicate global key in one task: "Duplicate global key:
   '<key>'", unknown media or attachment types, metadata that does not fit its schema,
   a global key over 200 characters) are listed by `failedDataRowImports` with their
-  message and spec; the task itself ends COMPLETE (FAILED when `fail_tasks` is set).
-  Tasks say IN_PROGRESS for `task_polls` polls of `user { createdTasks(where: {id}) }`.
+  message and spec; the task itself ends COMPLETE (FAILED when `fail_tasks` is set,
+  `end_status` otherwise). Tasks say IN_PROGRESS for `task_polls` polls of
+  `user { createdTasks(where: {id}) }` and at least `task_seconds`. Media types are
+  labelbox 7.x's `MediaType` (no DICOM).
 - Metadata: `customMetadataOntology` (reserved `tag`, `split` [train, valid, test],
   `captureDateTime`, plus custom schemas), `upsertCustomMetadataSchema` (a name in use
   or more than `max_custom_fields` custom fields is refused),
@@ -38,12 +47,16 @@ schema/task.py `DataUpsertTask`, schema/data_row_metadata.py, client.py
   lists `fetchedDataRows` in input order ("" for keys without a row) and
   `notFoundGlobalKeys`; `deleteDataRows(where: {dataRowIds})` deletes and frees the key.
 - Faults: `fail_next` answers the next requests (optionally only one operation) with a
-  status such as 429 and a Retry-After; `drop_next_upload` closes the connection after
-  part of an upload body; `hold_uploads` keeps upload answers back until released.
+  status such as 429 and a Retry-After; `error_next` and `limit_next` with an HTTP 200
+  carrying a GraphQL error or an exceeded API limit, as Labelbox does;
+  `drop_next_upload` closes the connection after part of an upload body;
+  `hold_uploads` keeps upload answers back until released (`most_uploading` counts the
+  uploads answered at once).
 
 Run in-process (`LabelboxFake`, started on a free port) or as a process:
-`python -m tests.support.fakes.labelbox --key KEY [--port P]`, which prints `LISTENING <port>`
-and has control routes under `/_fake/` (state, fault, hold) for end-to-end tests.
+`python -m tests.support.fakes.labelbox --key KEY [--port P] [--task-seconds S]`, which
+prints `LISTENING <port>` and has control routes under `/_fake/` (state, fault, hold,
+iam) for end-to-end tests and benchmarks.
 """
 
 from __future__ import annotations
