@@ -18,12 +18,12 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
 from ingestd.config import LabelboxBackend
-from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.errors import PermanentError, RetriableError, SyncError
 from ingestd.core.model import FilePayload, ItemPayload, item_key
 from ingestd.sinks.base import (
     BatchItem,
@@ -36,6 +36,7 @@ from ingestd.sinks.base import (
 from ingestd.sinks.kit.batches import chunked
 from ingestd.sinks.kit.client import ApiClient
 from ingestd.sinks.kit.datasets import DatasetCache
+from ingestd.sinks.kit.errors import worst
 from ingestd.sinks.kit.jobs import JobState, poll_job
 from ingestd.sinks.kit.verified import VerifiedFile, read_local
 from ingestd.sinks.labelbox import graphql as gq
@@ -71,17 +72,12 @@ class _Prepared:
     parts: list[rw.Asset]
     metadata: list[dict[str, Any]]
     urls: list[str | None]  # None: a file still to upload
-    error: Exception | None = None
+    error: SyncError | None = None
 
-    def fail(self, e: Exception) -> None:
-        # The most telling failure wins: a changed source (redone anyway), then a
-        # rejection, then anything else.
-        if self.error is None or _rank(e) < _rank(self.error):
-            self.error = e
-
-
-def _rank(e: Exception) -> int:
-    return 0 if isinstance(e, SourceChangedError) else 1 if isinstance(e, PermanentError) else 2
+    def fail(self, e: SyncError) -> None:
+        # The error that says most about the item wins (a changed source, then a
+        # rejection, then the rest).
+        self.error = cast(SyncError, worst([self.error, e]))
 
 
 async def _attempt(call: Awaitable[T]) -> T | SyncError:
