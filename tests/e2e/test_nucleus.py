@@ -206,6 +206,27 @@ def test_429_storm_with_retry_after(env: Env, nucleus: tuple[FakeNucleus, str]) 
     assert {k: v["image"]["digest"] for k, v in items.items()} == digests
 
 
+def test_a_folder_of_small_images_goes_in_few_requests(
+    env: Env, nucleus: tuple[FakeNucleus, str]
+) -> None:
+    """The sync step hands the sink groups from its backlog: 45 images are appended
+    10 a request, and their jobs awaited together, not one request and poll each."""
+    fake, url = nucleus
+    drop = env.drop()
+    env.write_config(
+        [{"name": "w", "source": str(drop), "dataset": "ds", "settle": "0s"}],
+        backend=backend(url),
+    )
+    digests = {f"/{i:02d}.png": image(drop / f"{i:02d}.png", (i * 5, 9, 9)) for i in range(45)}
+    proc = env.cli("sync")
+    assert proc.returncode == 0, proc.stderr
+    items = fake.items("ds")
+    assert {k: v["image"]["digest"] for k, v in items.items()} == digests
+    assert all(fake.blobs("ds")[k] == (drop / k[1:]).read_bytes() for k in digests)
+    assert len(fake.appends()) <= 8  # 5 if one group took them all
+    assert len(fake.job_answers()) <= 12
+
+
 def test_restart_mid_upload_leaves_no_duplicates(
     env: Env, nucleus: tuple[FakeNucleus, str]
 ) -> None:
