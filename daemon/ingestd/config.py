@@ -213,7 +213,10 @@ class _PlatformBackend(_Strict):
         default=None, description="the platform's API root (default: the public service)"
     )
     requests_per_minute: int | None = Field(
-        default=None, ge=1, description="client-side request budget (default: the platform's)"
+        default=None,
+        ge=1,
+        description="client-side request budget (default: V7 1,000 and Nucleus the "
+        "documented limit; Labelbox none, as in its SDK: a 429 pauses every request)",
     )
 
     @field_validator("base_url")
