@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import ingestd.server.app as server_app
+import ingestd.server.routes as server_routes
 import pytest
 import structlog
 from ingestd.server.app import STATE, serve
@@ -249,7 +249,7 @@ async def test_oversize_bodies_get_413_and_store_nothing(tmp_path: Path) -> None
 
 
 async def test_oversize_manifest_gets_413(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_app, "MANIFEST_MAX", 2000)
+    monkeypatch.setattr(server_routes, "MANIFEST_MAX", 2000)
     manifest = b'{"slots": [], "metadata": {"pad": "' + b"x" * 3000 + b'"}}'
     async with running(tmp_path / "store") as srv:
         for data in (manifest, chunked(manifest)):

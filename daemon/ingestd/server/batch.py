@@ -247,9 +247,11 @@ async def _receive(
     return got
 
 
-def _commit(store: Store, items: list[_Item | ApiError], got: _Received) -> list[dict[str, Any]]:
-    """Publish the staged blobs, then upsert every item whose blobs are all stored, in
-    one catalog transaction (on a writer thread). One result per item, in order."""
+def _commit(store: Store, entries: list[Any], got: _Received) -> list[dict[str, Any]]:
+    """Check the items, publish the staged blobs, then upsert every item whose blobs
+    are all stored, in one catalog transaction (on a writer thread: hundreds of
+    items' checks would hold the event loop up). One result per item, in order."""
+    items = [_check_item(e) for e in entries]
     staged = list(got.staged.values())
     for s, written in zip(staged, store.blobs.publish(staged), strict=True):
         if isinstance(written, StoreIOError):
@@ -316,14 +318,13 @@ async def post_batch(request: web.Request) -> web.Response:
         raise ApiError(413, "too_large", f"batch of {declared} bytes over the {limit}-byte limit")
     if length is not None and length != declared:
         raise _bad(f"Content-Length is {length} but the header lists {declared} bytes in all")
-    items = [_check_item(e) for e in entries]
     got = await _receive(st, store, body, blobs)
     try:
         await body.end()
     except BaseException:
         await asyncio.shield(st.run(store.blobs.discard, list(got.staged.values())))
         raise
-    results = await st.run(_commit, store, items, got)
+    results = await st.run(_commit, store, entries, got)
     for r in results:
         st.metrics.item(r["status"], r.get("changed"))
     return web.json_response({"results": results})

@@ -62,10 +62,15 @@ async def read_group(
                 owners.setdefault(key, []).append(i)
     local = [k for k, f in files.items() if f.opener is None]
     streamed = [k for k, f in files.items() if f.opener is not None]
-    got_local, got_streamed = await asyncio.gather(
-        asyncio.to_thread(_read_local, [files[k] for k in local]),
-        _read_streams([files[k] for k in streamed]),
-    )
+    got_local: list[bytes | SyncError] = []
+    got_streamed: list[bytes | SyncError] = []
+    if streamed:
+        got_local, got_streamed = await asyncio.gather(
+            asyncio.to_thread(_read_local, [files[k] for k in local]),
+            _read_streams([files[k] for k in streamed]),
+        )
+    elif local:
+        got_local = await asyncio.to_thread(_read_local, [files[k] for k in local])
     blobs: dict[str, bytes] = {}
     sources: dict[str, FilePayload] = {}
     failed: dict[int, SyncError] = {}

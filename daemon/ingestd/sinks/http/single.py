@@ -69,7 +69,8 @@ class OneByOne:
         ans = await self._put_manifest(path, body, what)
         if ans.status == 409:
             # The server lost (or never kept) blobs it said it had: send them again, once.
-            missing = [str(d) for d in (ans.json() or {}).get("missing") or []]
+            answer = ans.json()
+            missing = [str(d) for d in (answer.get("missing") if isinstance(answer, dict) else [])]
             if not missing or any(d not in blobs for d in missing):
                 raise PermanentError(
                     f"{what}: the server misses blobs this item does not hold: {missing}"
