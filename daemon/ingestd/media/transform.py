@@ -75,7 +75,8 @@ def transform_slot(
     if slot_type == "image":
         from ingestd.media.images import prepare_image
 
-        os.makedirs(spool, exist_ok=True)
+        # prepare_image makes the spool only for a downscaled copy: most images go as
+        # they are, and a folder made and removed per image was a tenth of a group's time.
         out = []
         for name, path in files:
             derived = prepare_image(

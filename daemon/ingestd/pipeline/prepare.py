@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from ingestd.core.errors import (
     Abandoned,
@@ -88,8 +89,11 @@ class Preparer:
     async def source_keys(
         self, jobs: Sequence[tuple[WatchSide, ItemPlan]]
     ) -> list[tuple[str, list[str]] | Exception]:
-        """source_key for a group of local items, in one thread hop."""
-        return await asyncio.to_thread(hash_many, jobs, self.stop)
+        """source_key for a group of local items: one thread hop per PART_ITEMS items,
+        so a big group is hashed on every core while a small one costs one hop."""
+        parts = _parts(jobs)
+        done = await asyncio.gather(*(asyncio.to_thread(hash_many, p, self.stop) for p in parts))
+        return [r for part in done for r in part]
 
     def as_is(self, side: WatchSide, plan: ItemPlan, digests: list[str]) -> ItemPayload:
         """Local files sent as they are (nothing to read: no thread hop)."""
@@ -114,10 +118,16 @@ class Preparer:
     async def checked_many(
         self, jobs: Sequence[tuple[WatchSide, ItemPlan, list[str], str]]
     ) -> list[ItemPayload | Exception]:
-        """payload for a group of local items the media rules check (images), in one
-        trip to the media pool: (side, plan, digests, spool) each."""
+        """payload for a group of local items the media rules check (images): one trip
+        to the media pool per PART_ITEMS items, (side, plan, digests, spool) each."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._media_pool, build_many, jobs, self.stop)
+        done = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._media_pool, build_many, p, self.stop)
+                for p in _parts(jobs)
+            )
+        )
+        return [r for part in done for r in part]
 
     async def _copy_payload(self, side: WatchSide, plan: ItemPlan, spool: str) -> ItemPayload:
         """Bucket objects with their bytes: streamed to the sink when sent as they are
@@ -151,6 +161,18 @@ class Preparer:
                 )
             )
         return ItemPayload(plan.path, plan.name, tuple(slots), plan.metadata)
+
+
+T = TypeVar("T")
+
+# A group's hashing and image checks go to the threads in parts of this many items: a
+# part is one thread hop (cheap for small groups), and the parts of a platform's
+# group of hundreds run on every core at once instead of one.
+PART_ITEMS = 64
+
+
+def _parts(jobs: Sequence[T]) -> list[Sequence[T]]:
+    return [jobs[i : i + PART_ITEMS] for i in range(0, len(jobs), PART_ITEMS)]
 
 
 # -- files without local paths (bucket objects) --------------------------------------------
