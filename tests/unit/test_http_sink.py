@@ -20,11 +20,13 @@ from ingestd.core.errors import PermanentError, RetriableError, SourceChangedErr
 from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
 from ingestd.server.app import STATE
 from ingestd.sinks.base import BatchItem, BatchPutter, PutResult, Sink
-from ingestd.sinks.http import HttpSink, parse_retry_after
+from ingestd.sinks.http import HttpSink
+from ingestd.sinks.kit.pacer import parse_retry_after
 
 from tests.support.fake_ingest_server import FakeIngestServer, Fault
 from tests.support.server_app import TOKEN as SERVE_TOKEN
 from tests.support.server_app import running
+from tests.support.wait import wait_until
 
 TOKEN = "tok-3f9c2e71d0"
 KiB, MiB = 1 << 10, 1 << 20
@@ -847,6 +849,21 @@ async def test_calls_during_an_outage_wait_instead_of_spinning(
         assert time.monotonic() - start >= 0.05
     finally:
         await sink.close()
+
+
+async def test_closing_the_sink_ends_its_retries(server: FakeIngestServer, tmp_path: Path) -> None:
+    """A call retrying when the sink is closed (a shutdown) stops at its next attempt
+    instead of opening a new connection pool behind the closed sink."""
+    f = write(tmp_path / "f.jpg", b"x")
+    sink = make_sink(server)
+    sink.backoff_base, sink.backoff_cap = 0.2, 0.2
+    server.script("POST", "batch", Fault(status=503), times=100)
+    task = asyncio.create_task(sink.put_item("ds", item_of(f)))
+    await wait_until(lambda: server.requests[("POST", "batch")] >= 1, what="the first attempt")
+    await sink.close()
+    with pytest.raises(RetriableError, match="closed"):
+        await asyncio.wait_for(task, 5)
+    assert server.requests[("POST", "batch")] <= 2  # at most one attempt already under way
 
 
 async def test_server_restart_mid_upload(server: FakeIngestServer, tmp_path: Path) -> None:

@@ -8,6 +8,9 @@ counts as a failed attempt for every waiter, which then backs off by its own ret
 rule (and gives up to the ledger when its attempts run out). N workers then cost one
 connection attempt per backoff step, not N. The first answer of any kind marks the
 server up again (one info line with how long it was down).
+
+Once the sink is closed, every attempt ends at the gate (a retry must not open a new
+connection pool behind a closed sink).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 from collections.abc import Callable
 
 import structlog
+
+from ingestd.core.errors import RetriableError
 
 log = structlog.get_logger("ingestd.sink.http")
 
@@ -36,15 +41,23 @@ class OutageGate:
         self._next_probe = 0.0
         self._probe: asyncio.Task[object] | None = None
         self._news = asyncio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        news, self._news = self._news, asyncio.Event()
+        news.set()
 
     def _refusal(self) -> str:
         return f"ingestion server {self.where} unreachable ({self.reason})"
 
     async def admit(self) -> str | None:
+        if self.closed:
+            raise RetriableError("the http sink is closed")
         if not self.down:
             return None
         loop = asyncio.get_running_loop()
-        while self.down:
+        while self.down and not self.closed:
             now = loop.time()
             if self._probe is None and now >= self._next_probe:
                 self._probe = asyncio.current_task()
@@ -59,6 +72,8 @@ class OutageGate:
                 continue
             if self.down:
                 return self._refusal()
+        if self.closed:
+            raise RetriableError("the http sink is closed")
         return None
 
     def after(self, reached: bool | None, reason: str) -> None:

@@ -227,6 +227,7 @@ class HttpSink(SinkBase):
 
     async def close(self) -> None:
         self._closed = True
+        self.gate.close()
         await self.client.close()
 
     # --- listing (for `ingestd items`) -----------------------------------------------
