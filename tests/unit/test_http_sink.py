@@ -857,6 +857,7 @@ async def test_closing_the_sink_ends_its_retries(server: FakeIngestServer, tmp_p
     f = write(tmp_path / "f.jpg", b"x")
     sink = make_sink(server)
     sink.backoff_base, sink.backoff_cap = 0.2, 0.2
+    sink.max_attempts = 100  # it must not give up on its own before the close
     server.script("POST", "batch", Fault(status=503), times=100)
     task = asyncio.create_task(sink.put_item("ds", item_of(f)))
     await wait_until(lambda: server.requests[("POST", "batch")] >= 1, what="the first attempt")
