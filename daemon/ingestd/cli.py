@@ -229,7 +229,7 @@ async def _list_items(config: Config, dataset: str) -> list[dict[str, Any]]:
     if isinstance(backend, HttpBackend):
         from ingestd.sinks.http import HttpSink
 
-        sink = HttpSink(backend.url, backend.token())
+        sink = HttpSink.from_backend(backend)
         try:
             return [item async for item in sink.list_items(dataset)]
         finally:

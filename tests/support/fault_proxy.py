@@ -73,7 +73,7 @@ def _shared(path: str) -> bool:
     """Paths that many callers use at once (creating an upload, ensuring a dataset,
     listing): a Retry-After given to one says nothing about another's next request."""
     parts = path.strip("/").split("/")
-    return path.rstrip("/") == "/v1/uploads" or (
+    return path.rstrip("/") in ("/v1/uploads", "/v1/batch") or (
         parts[:2] == ["v1", "datasets"] and (len(parts) == 3 or parts[-1] == "items")
     )
 

@@ -25,7 +25,7 @@ def build_sink(config: Config) -> Sink:
     if isinstance(backend, HttpBackend):
         from ingestd.sinks.http import HttpSink
 
-        return HttpSink(backend.url, backend.token(), workers=config.workers)
+        return HttpSink.from_backend(backend, workers=config.workers)
     if isinstance(backend, DarwinBackend):
         from ingestd.sinks.darwin import DarwinSink
 
