@@ -293,13 +293,13 @@ async def test_a_blob_the_server_refuses_fails_its_items_alone(
     import ingestd.sinks.http.groups as groups
 
     a, b = write(tmp_path / "a.png", b"a" * 3000), write(tmp_path / "b.png", b"b" * 3000)
-    real = groups._read_local
+    real = groups.read_local_many
 
     def corrupt(files: list[FilePayload]) -> list[Any]:
         out = real(files)
         return [x[:-1] + b"!" if f.name == "b.png" else x for f, x in zip(files, out, strict=True)]
 
-    monkeypatch.setattr(groups, "_read_local", corrupt)
+    monkeypatch.setattr(groups, "read_local_many", corrupt)
     results = await sink.put_items(group([item_of(a, name="a.png"), item_of(b, name="b.png")]))
     assert isinstance(results[0], PutResult)
     assert isinstance(results[1], SourceChangedError)

@@ -162,3 +162,19 @@ class SinkBase:
 
     async def close(self) -> None:
         return None
+
+
+class BatchFirstSink(SinkBase):
+    """For a sink whose batch put is its one way to send (a platform where one item is
+    a group of one): put_item is put_items of one."""
+
+    async def put_items(self, items: Sequence[BatchItem]) -> list[PutResult | Exception]:
+        raise NotImplementedError
+
+    async def put_item(
+        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
+    ) -> PutResult:
+        [result] = await self.put_items([BatchItem(dataset, item, previous)])
+        if isinstance(result, Exception):
+            raise result
+        return result

@@ -35,12 +35,12 @@ from ingestd.config import DarwinBackend
 from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
 from ingestd.core.model import ItemPayload, item_key
 from ingestd.sinks.base import (
+    BatchFirstSink,
     BatchItem,
     BatchLimits,
     Capabilities,
     Manifest,
     PutResult,
-    SinkBase,
 )
 from ingestd.sinks.darwin.api import (
     ALREADY_EXISTS,
@@ -78,7 +78,7 @@ class _Work:
     merged: bool = False  # V7 merged our new slot names into an item it held (#937)
 
 
-class DarwinSink(SinkBase):
+class DarwinSink(BatchFirstSink):
     capabilities = Capabilities(
         remote_urls=True,
         metadata_update=False,
@@ -111,14 +111,6 @@ class DarwinSink(SinkBase):
 
     async def close(self) -> None:
         await self.v7.close()
-
-    async def put_item(
-        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
-    ) -> PutResult:
-        [result] = await self.put_items([BatchItem(dataset, item, previous)])
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     async def put_items(self, items: Sequence[BatchItem]) -> list[PutResult | Exception]:
         out: list[PutResult | Exception | None] = [None] * len(items)

@@ -11,19 +11,9 @@ from collections.abc import Sequence
 
 from ingestd.core.errors import SyncError
 from ingestd.core.model import FilePayload, ItemPayload
-from ingestd.sinks.kit.verified import VerifiedFile, read_local
+from ingestd.sinks.kit.verified import VerifiedFile, read_local_many
 
 STREAMS = 4  # streamed objects of a group read at once
-
-
-def _read_local(files: list[FilePayload]) -> list[bytes | SyncError]:
-    out: list[bytes | SyncError] = []
-    for f in files:
-        try:
-            out.append(read_local(f))
-        except SyncError as e:
-            out.append(e)
-    return out
 
 
 async def _read_streams(files: list[FilePayload]) -> list[bytes | SyncError]:
@@ -66,11 +56,11 @@ async def read_group(
     got_streamed: list[bytes | SyncError] = []
     if streamed:
         got_local, got_streamed = await asyncio.gather(
-            asyncio.to_thread(_read_local, [files[k] for k in local]),
+            asyncio.to_thread(read_local_many, [files[k] for k in local]),
             _read_streams([files[k] for k in streamed]),
         )
     elif local:
-        got_local = await asyncio.to_thread(_read_local, [files[k] for k in local])
+        got_local = await asyncio.to_thread(read_local_many, [files[k] for k in local])
     blobs: dict[str, bytes] = {}
     sources: dict[str, FilePayload] = {}
     failed: dict[int, SyncError] = {}

@@ -26,19 +26,18 @@ from ingestd.config import LabelboxBackend
 from ingestd.core.errors import PermanentError, RetriableError, SyncError
 from ingestd.core.model import FilePayload, ItemPayload, item_key
 from ingestd.sinks.base import (
+    BatchFirstSink,
     BatchItem,
     BatchLimits,
     Capabilities,
-    Manifest,
     PutResult,
-    SinkBase,
 )
 from ingestd.sinks.kit.batches import chunked
 from ingestd.sinks.kit.client import ApiClient
 from ingestd.sinks.kit.datasets import DatasetCache
 from ingestd.sinks.kit.errors import worst
 from ingestd.sinks.kit.jobs import JobState, poll_job
-from ingestd.sinks.kit.verified import VerifiedFile, read_local
+from ingestd.sinks.kit.verified import VerifiedFile, read_local_many
 from ingestd.sinks.labelbox import graphql as gq
 from ingestd.sinks.labelbox import rows as rw
 from ingestd.sinks.labelbox import tasks
@@ -91,23 +90,13 @@ def _small_local(f: FilePayload) -> bool:
     return bool(f.local_path) and f.opener is None and f.size <= READ_WHOLE
 
 
-def _read_many(files: list[FilePayload]) -> list[bytes | SyncError]:
-    out: list[bytes | SyncError] = []
-    for f in files:
-        try:
-            out.append(read_local(f))
-        except SyncError as e:
-            out.append(e)
-    return out
-
-
 def _hint(backend: LabelboxBackend) -> str:
     if backend.api_key_file is not None:
         return f"backend.api_key_file {backend.api_key_file}"
     return f"the {backend.api_key_env} environment variable (backend.api_key_env)"
 
 
-class LabelboxSink(SinkBase):
+class LabelboxSink(BatchFirstSink):
     capabilities = Capabilities(remote_urls=True, metadata_update=True, delete=True, batch=GROUP)
 
     # Tunables, as attributes so tests can tighten them.
@@ -155,14 +144,6 @@ class LabelboxSink(SinkBase):
     async def dataset(self, name: str) -> Dataset:
         """The Labelbox dataset items of `name` go to (found or created once)."""
         return await self._datasets.get(name)
-
-    async def put_item(
-        self, dataset: str, item: ItemPayload, previous: Manifest | None = None
-    ) -> PutResult:
-        [result] = await self.put_items([BatchItem(dataset, item, previous)])
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     async def put_items(self, items: Sequence[BatchItem]) -> list[PutResult | Exception]:
         """Prepare every item, upload every file, then one import task per dataset.
@@ -294,7 +275,7 @@ class LabelboxSink(SinkBase):
             ):
                 await ahead.acquire()
                 files = [p.parts[i].file for p, i in batch]
-                datas = await asyncio.to_thread(_read_many, files)
+                datas = await asyncio.to_thread(read_local_many, files)
                 group.create_task(self._send_batch(batch, datas, ahead))
 
     async def _send_batch(
