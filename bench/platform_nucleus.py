@@ -143,6 +143,12 @@ def _timed(cmd: list[str], log: Path, env: dict[str, str], who: str) -> float:
 async def _register_through_sink(url: str, files: int) -> int:
     """The sink's batch put of `files` bucket objects, in groups of the sink's limit
     (what the sync step hands it): the API requests it made."""
+    import logging
+
+    import structlog
+
+    # In this process the sink's debug lines would land in the printed markdown.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     from ingestd.config import NucleusBackend
     from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
     from ingestd.sinks.base import BatchItem
