@@ -1,5 +1,5 @@
 """The conformance suite: every case against every sink (rclone's fstests), each sink
-on its real backend or its platform's fake (adapters/). A case about API keys and
+on its real backend or its platform's fake (tests/support/conformance/). A case about API keys and
 throttling runs for the sinks that have them; a case about an optional feature runs
 for the sinks that declare it, and `test_declared_features_are_implemented` holds every
 sink to what it declares.
@@ -22,7 +22,7 @@ from ingestd.core.model import FilePayload, ItemPayload, SlotPayload, item_key
 from ingestd.sinks.base import BatchItem, BatchPutter, MetadataUpdater, PutResult, Sink
 from PIL import Image
 
-from tests.conformance.adapter import SinkAdapter
+from tests.support.conformance.adapter import SinkAdapter
 
 SINKS = ["local", "memory", "http", "darwin", "labelbox", "nucleus"]
 # The sinks with an API key (a bearer token for `ingestd serve`) and a server that
@@ -40,7 +40,7 @@ DATASET = "conformance"
 
 @pytest.fixture(params=SINKS)
 async def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SinkAdapter]:
-    module = importlib.import_module(f"tests.conformance.adapters.{request.param}")
+    module = importlib.import_module(f"tests.support.conformance.{request.param}")
     async with module.open_adapter(tmp_path / "backend") as a:
         assert a.name == request.param
         yield a

@@ -12,7 +12,7 @@ from ingestd.config import DarwinBackend
 from ingestd.sinks.base import Sink
 from ingestd.sinks.darwin import DarwinSink
 
-from tests.conformance.adapter import Held
+from tests.support.conformance.adapter import Held
 from tests.support.fakes.darwin import API_KEY, STORAGE, TEAM, FakeDarwin
 
 KEY_ENV = "INGESTD_CONFORMANCE_V7_KEY"

@@ -12,7 +12,7 @@ from ingestd.sinks.local import LocalSink
 from ingestd.store import CATALOG_FILE
 from ingestd.store.catalog import Catalog
 
-from tests.conformance.adapter import Held
+from tests.support.conformance.adapter import Held
 
 
 def held_in_store(root: Path, dataset: str) -> dict[str, Held]:

@@ -17,8 +17,8 @@ from ingestd.server.auth import TokenAuth
 from ingestd.sinks.base import Sink
 from ingestd.sinks.http import HttpSink
 
-from tests.conformance.adapter import Held
-from tests.conformance.adapters.local import held_in_store
+from tests.support.conformance.adapter import Held
+from tests.support.conformance.local import held_in_store
 from tests.support.server_app import TOKEN, Running, running
 
 KEY_ENV = "INGESTD_CONFORMANCE_SERVE_TOKEN"

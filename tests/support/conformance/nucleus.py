@@ -12,7 +12,7 @@ from ingestd.config import NucleusBackend
 from ingestd.sinks.base import Sink
 from ingestd.sinks.nucleus import NucleusSink
 
-from tests.conformance.adapter import Held
+from tests.support.conformance.adapter import Held
 from tests.support.fakes.nucleus import FakeNucleus, serve
 
 KEY_ENV = "INGESTD_CONFORMANCE_NUCLEUS_KEY"

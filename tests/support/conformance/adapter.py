@@ -2,7 +2,7 @@
 manner of rclone's fstests: one adapter per sink, and every case runs against every
 sink whose features it concerns.
 
-An adapter module under adapters/ exposes `open_adapter(tmp_path)`, an async context
+An adapter module beside this one (tests/support/conformance/<sink>.py) exposes `open_adapter(tmp_path)`, an async context
 manager yielding a `SinkAdapter`: the real sink, talking to its real backend (the local
 store, `ingestd serve` on 127.0.0.1) or to the platform's fake (tests/support/fakes),
 which the official SDK is proven against in tests/e2e/test_*_sdk.py.

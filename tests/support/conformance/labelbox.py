@@ -13,7 +13,7 @@ from ingestd.config import LabelboxBackend
 from ingestd.sinks.base import Sink
 from ingestd.sinks.labelbox import LabelboxSink
 
-from tests.conformance.adapter import Held
+from tests.support.conformance.adapter import Held
 from tests.support.fakes.labelbox import LabelboxFake
 
 KEY_ENV = "INGESTD_CONFORMANCE_LABELBOX_KEY"

@@ -10,7 +10,7 @@ from pathlib import Path
 from ingestd.sinks.base import Sink
 from ingestd.sinks.memory import MemorySink
 
-from tests.conformance.adapter import Held
+from tests.support.conformance.adapter import Held
 
 
 class MemoryAdapter:

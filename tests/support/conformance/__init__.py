@@ -1,0 +1,1 @@
+"""The adapters of the conformance suite (tests/conformance): one module per sink."""
