@@ -57,6 +57,7 @@ from ingestd.sinks.darwin.calls import V7, DatasetGone
 from ingestd.sinks.darwin.shapes import Shape, preload, shape_of
 from ingestd.sinks.kit.batches import chunked
 from ingestd.sinks.kit.datasets import DatasetCache
+from ingestd.sinks.kit.errors import worst
 
 log = structlog.get_logger("ingestd.sink.darwin")
 
@@ -331,7 +332,7 @@ class DarwinSink(BatchFirstSink):
         results = await asyncio.gather(
             *(one(src, uid) for src, uid in jobs if uid is not None), return_exceptions=True
         )
-        error = _worst([r for r in results if isinstance(r, BaseException)])
+        error = worst([r for r in results if isinstance(r, BaseException)])
         if isinstance(error, asyncio.CancelledError):
             raise error
         if error is None:
@@ -350,13 +351,3 @@ class DarwinSink(BatchFirstSink):
             await self.v7.remove(ds, ids, "delete", what)
         except SyncError as e:
             log.warning("could not delete on V7", dataset=ds.name, what=what, reason=e.reason)
-
-
-def _worst(errors: list[BaseException]) -> BaseException | None:
-    """The error that says most about the item: a cancel, then a changed source, then
-    a rejection, then a transient failure."""
-    for kind in (asyncio.CancelledError, SourceChangedError, PermanentError, RetriableError):
-        for e in errors:
-            if isinstance(e, kind):
-                return e
-    return errors[0] if errors else None

@@ -7,26 +7,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.errors import PermanentError, RetriableError, SyncError
 from ingestd.core.model import FilePayload, ItemPayload
 from ingestd.sinks.base import PutResult
 from ingestd.sinks.http import wire
 from ingestd.sinks.http.blobs import BlobUploader
 from ingestd.sinks.kit.client import Answer
+from ingestd.sinks.kit.errors import worst
 
 FILES_PER_ITEM = 4  # blobs of one item uploaded at once (a DICOM series can have hundreds)
 SINGLES = 4  # items of a group that go one by one, at once
-
-
-def _first_error(results: Sequence[BaseException | None]) -> BaseException | None:
-    """The failure that best describes an item whose files failed in different ways:
-    a changed source (the item is redone anyway) before a rejection before the rest."""
-    errors = [r for r in results if r is not None]
-    for kind in (SourceChangedError, PermanentError, RetriableError):
-        for e in errors:
-            if isinstance(e, kind):
-                return e
-    return errors[0] if errors else None
 
 
 class OneByOne:
@@ -118,6 +108,6 @@ class OneByOne:
 
         # Every file finishes (or fails) before the item fails, so no upload is still
         # running when the caller hears about it.
-        error = _first_error(await asyncio.gather(*(one(f) for f in files)))
+        error = worst(await asyncio.gather(*(one(f) for f in files)))
         if error is not None:
             raise error

@@ -6,7 +6,8 @@ manner of rclone's backend library and Vector's sink framework):
 - `verified.py`: a file's bytes, size and digest checked while they stream;
 - `jobs.py`: an async-job poller that ends on every terminal state;
 - `datasets.py`: find-or-create a dataset once, under a lock;
-- `batches.py`: split a group of items into the platform's request limits.
+- `batches.py`: split a group of items into the platform's request limits;
+- `errors.py`: one item's verdict from the errors of its parts.
 
 A platform sink is then a small API mapping plus a thin class on these parts.
 """
