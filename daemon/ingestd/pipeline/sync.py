@@ -10,6 +10,7 @@ pool (pool.py) claims the items and records the results.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from ingestd.core.model import ItemPayload, ItemPlan
 from ingestd.ledger import Claim, Ledger, LedgerOp, key_conflict_reason
 from ingestd.media.transform import transforms
 from ingestd.pipeline.outcome import Conflict, Outcome, failed
-from ingestd.pipeline.prepare import Preparer, bucket_source_key, register_payload
+from ingestd.pipeline.prepare import PART_ITEMS, Preparer, bucket_source_key, register_payload
 from ingestd.pipeline.send import Sender, old_place
 from ingestd.pipeline.side import WatchSide
 
@@ -32,6 +33,7 @@ class SyncStep:
     def __init__(self, preparer: Preparer, sender: Sender) -> None:
         self.preparer = preparer
         self.sender = sender
+        self._big_prep = asyncio.Lock()
 
     async def sync_one(self, claim: Claim, side: WatchSide) -> tuple[Outcome, LedgerOp]:
         """Do the work for one claim; return its outcome and the ledger op recording it."""
@@ -94,11 +96,36 @@ class SyncStep:
         item's outcome with the op recording it, except that the items the sink took
         are recorded together by the second value."""
         done: list[tuple[Outcome, LedgerOp | None] | None] = [None] * len(claims)
+        recorded: list[tuple[Claim, dict[str, Any], str | None]] = []
+        spools: list[str] = []
+        # A big group spreads its hashing and image checks over every core itself
+        # (Preparer, PART_ITEMS): big groups prepare one at a time, so the first is sent
+        # while the next prepares, instead of all finishing their CPU work together.
+        prep = self._big_prep if len(claims) > PART_ITEMS else contextlib.nullcontext()
+        try:
+            async with prep:
+                todo = await self._group_todo(claims, sides, done)
+                send = await self._group_payloads(claims, sides, todo, done, spools)
+            if send:
+                await self._put_group(claims, sides, send, done, recorded)
+        finally:
+            if spools:
+                await asyncio.to_thread(_remove_all, spools)
+        synced = Ledger.op_synced_many(recorded, time.time()) if recorded else None
+        return [d for d in done if d is not None], synced
+
+    async def _group_todo(
+        self,
+        claims: list[Claim],
+        sides: list[WatchSide],
+        done: list[tuple[Outcome, LedgerOp | None] | None],
+    ) -> list[tuple[int, str, list[str]]]:
+        """(index, source key, digests) of each item with something to send; the
+        outcomes of the unchanged and the unreadable go into `done`."""
         # Bound once: each call on the module's lazy logger builds a logger anew.
         glog = log.bind()
-        recorded: list[tuple[Claim, dict[str, Any], str | None]] = []
         hashed = await self._group_keys(claims, sides)
-        todo: list[tuple[int, str, list[str]]] = []  # (index, source key, digests)
+        todo: list[tuple[int, str, list[str]]] = []
         for i, (claim, side, h) in enumerate(zip(claims, sides, hashed, strict=True)):
             try:
                 if isinstance(h, Exception):
@@ -115,16 +142,7 @@ class SyncStep:
                 todo.append((i, source_key, digests))
             except Exception as e:
                 done[i] = self.failed(claim, side, e)
-        spools: list[str] = []
-        try:
-            send = await self._group_payloads(claims, sides, todo, done, spools)
-            if send:
-                await self._put_group(claims, sides, send, done, recorded)
-        finally:
-            if spools:
-                await asyncio.to_thread(_remove_all, spools)
-        synced = Ledger.op_synced_many(recorded, time.time()) if recorded else None
-        return [d for d in done if d is not None], synced
+        return todo
 
     async def _group_payloads(
         self,
