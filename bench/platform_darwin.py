@@ -26,25 +26,25 @@ Order alternates per run; medians of --runs.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from common import ENV, INGESTD, REPO, Workspace, machine_md, median, runs_arg, spread, table
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from common import ENV, Workspace
+from platform_common import (
+    Sides,
+    alternate,
+    ingestd_sync,
+    print_report,
+    put_remote_items,
+    register_row,
+    runs_and_files,
+)
 
 from tests.support.fakes.darwin import API_KEY, STORAGE, TEAM, FakeDarwin, FakeDarwinThread
 
 KEY_ENV = "INGESTD_BENCH_V7_KEY"
-SDK_PYTHON = REPO / ".cache" / "sdk" / "darwin" / "bin" / "python"
-SIZE = 10 * 1024
-PER_DIR = 100
 UNTHROTTLED = 1_000_000_000  # requests_per_minute: the client-side budget lifted
 
 SDK_SCRIPT = r"""
@@ -58,21 +58,21 @@ if handler.errors or handler.blocked_count:
     sys.exit(f"darwin-py: {len(handler.errors)} errors, {handler.blocked_count} blocked")
 """
 
+# darwin-py may look for ~/.darwin: HOME in the run's folder keeps it out of the user's.
+SIDES = Sides("darwin-py", "darwin", SDK_SCRIPT, KEY_ENV, API_KEY, timeout=1800, own_home=True)
 
-def make_pngs(root: Path, files: int) -> int:
-    """`files` PNGs of random pixels, each about SIZE bytes; returns the bytes written."""
-    from PIL import Image
 
-    side = int((SIZE / 3) ** 0.5)  # RGB noise does not compress: ~3 bytes a pixel
-    total = 0
-    for i in range(files):
-        d = root / f"d{i // PER_DIR:04d}"
-        if i % PER_DIR == 0:
-            d.mkdir(parents=True, exist_ok=True)
-        p = d / f"img{i:06d}.png"
-        Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(p)
-        total += p.stat().st_size
-    return total
+def backend(url: str, **extra: Any) -> dict[str, Any]:
+    """The darwin backend on the fake at `url`, `requests_per_minute` lifted so the
+    client-side throttle does not set the pace."""
+    return {
+        "kind": "darwin",
+        "team": TEAM,
+        "api_key_env": KEY_ENV,
+        "base_url": url,
+        **extra,
+        "requests_per_minute": UNTHROTTLED,
+    }
 
 
 def check_held(fake: FakeDarwin, dataset: str, files: int, who: str) -> None:
@@ -80,56 +80,6 @@ def check_held(fake: FakeDarwin, dataset: str, files: int, who: str) -> None:
     done = [i for i in live.values() if i["status"] == "new"]
     if len(live) != files or len(done) != files:
         raise RuntimeError(f"{who}: the fake holds {len(done)} complete of {files} items")
-
-
-def run_ingestd(ws: Workspace, src: Path, fake: FakeDarwin, dataset: str) -> float:
-    run = ws.fresh("ingestd")
-    cfg = run / "ingestd.yaml"
-    backend = {
-        "kind": "darwin",
-        "team": TEAM,
-        "api_key_env": KEY_ENV,
-        "base_url": fake.url,
-        "requests_per_minute": UNTHROTTLED,
-    }
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(run / "state"),
-                "log": {"level": "info", "format": "json"},
-                "backend": backend,
-                "watches": [{"name": "w", "source": str(src), "dataset": dataset, "settle": "0s"}],
-            },
-            sort_keys=False,
-        )
-    )
-    return _timed([*INGESTD, "sync", "-c", str(cfg)], run / "stderr.log", ENV, "ingestd sync")
-
-
-def run_sdk(ws: Workspace, src: Path, fake: FakeDarwin, dataset: str) -> float:
-    run = ws.fresh("darwin-py")
-    env = {
-        **os.environ,
-        "DARWIN_BASE_URL": fake.url.removesuffix("/api"),
-        "HOME": str(run),  # darwin-py may look for ~/.darwin; keep it out of the user's
-        "BENCH_KEY": API_KEY,
-        "BENCH_DATASET": dataset,
-        "BENCH_ROOT": str(src),
-    }
-    return _timed([str(SDK_PYTHON), "-c", SDK_SCRIPT], run / "stderr.log", env, "darwin-py")
-
-
-def _timed(cmd: list[str], log: Path, env: dict[str, str], who: str) -> float:
-    with open(log, "wb") as err:
-        t = time.perf_counter()
-        proc = subprocess.run(
-            cmd, stdout=err, stderr=err, env=env, cwd=REPO, timeout=1800, check=False
-        )
-        dt = time.perf_counter() - t
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace").splitlines()[-5:]
-        raise RuntimeError(f"{who} exited {proc.returncode}: {tail}")
-    return dt
 
 
 # --- transfer: register ------------------------------------------------------------------
@@ -140,46 +90,16 @@ async def _register_through_sink(url: str, files: int) -> int:
     (what the sync step hands it): the API requests it made."""
     import structlog
     from ingestd.config import DarwinBackend
-    from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
-    from ingestd.sinks.base import BatchItem
     from ingestd.sinks.darwin import DarwinSink
 
     # The sink's log lines go to stderr: stdout is the report.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    backend = DarwinBackend.model_validate(
-        {
-            "kind": "darwin",
-            "team": TEAM,
-            "api_key_env": KEY_ENV,
-            "base_url": url,
-            "storage_slug": STORAGE,
-            "requests_per_minute": UNTHROTTLED,
-        },
-        context={"check_paths": False},
-    )
-    sink = DarwinSink(backend)
-    limits = sink.capabilities.batch
-    assert limits is not None
-    items = []
-    for i in range(files):
-        key = f"raw/d{i // PER_DIR:04d}/img{i:06d}.png"
-        f = FilePayload(key.rsplit("/", 1)[-1], "", SIZE, "", url=f"s3://bkt/{key}", etag=f'"{i}"')
-        items.append(
-            ItemPayload("/" + key.rsplit("/", 1)[0], f.name, (SlotPayload("0", "image", (f,)),), {})
+    sink = DarwinSink(
+        DarwinBackend.model_validate(
+            backend(url, storage_slug=STORAGE), context={"check_paths": False}
         )
-    dataset = f"register-{time.time_ns()}"
-    try:
-        await sink.ensure_dataset(dataset)
-        before = sink.v7.api.requests
-        for at in range(0, files, limits.items):
-            group = [BatchItem(dataset, it) for it in items[at : at + limits.items]]
-            results = await sink.put_items(group)
-            bad = [r for r in results if isinstance(r, Exception)]
-            if bad:
-                raise RuntimeError(f"register through the sink: {bad[0]}")
-        return sink.v7.api.requests - before
-    finally:
-        await sink.close()
+    )
+    return await put_remote_items(sink, files, lambda: sink.v7.api.requests, https=False)
 
 
 def measure_register(fake: FakeDarwin, files: int) -> tuple[float, str]:
@@ -197,8 +117,6 @@ def measure_register(fake: FakeDarwin, files: int) -> tuple[float, str]:
     with Workspace("darwin-register") as ws:
         bucket = emu.create_bucket("v7reg")
         emu.put_many(bucket, ((f"raw/{i:06d}.png", b"x" * 64) for i in range(files)))
-        run = ws.fresh("ingestd")
-        cfg = run / "ingestd.yaml"
         dataset = f"register-{time.time_ns()}"
         watch = {
             "name": "w",
@@ -208,22 +126,16 @@ def measure_register(fake: FakeDarwin, files: int) -> tuple[float, str]:
             "dataset": dataset,
             "settle": "0s",
         }
-        backend = {
-            "kind": "darwin",
-            "team": TEAM,
-            "api_key_env": KEY_ENV,
-            "base_url": fake.url,
-            "storage_slug": STORAGE,
-            "requests_per_minute": UNTHROTTLED,
-        }
-        cfg.write_text(
-            yaml.safe_dump(
-                {"state_dir": str(run / "state"), "backend": backend, "watches": [watch]},
-                sort_keys=False,
-            )
-        )
         before = len(fake.calls)
-        _timed([*INGESTD, "sync", "-c", str(cfg)], run / "stderr.log", {**ENV, **emu.env}, "sync")
+        ingestd_sync(
+            ws.fresh("ingestd"),
+            backend(fake.url, storage_slug=STORAGE),
+            [watch],
+            timeout=SIDES.timeout,
+            env={**ENV, **emu.env},
+            who="sync",
+            log=None,
+        )
         check_held(fake, dataset, files, "ingestd register")
         return (
             len(fake.calls) - before
@@ -234,80 +146,37 @@ def measure_register(fake: FakeDarwin, files: int) -> tuple[float, str]:
 
 
 def measure(files: int = 1000, runs: int = 3) -> dict[str, Any]:
-    if not SDK_PYTHON.exists():
-        raise SystemExit(f"no darwin-py venv at {SDK_PYTHON.parent.parent}: run `bash .ci/run`")
-    os.environ[KEY_ENV] = API_KEY
-    ENV[KEY_ENV] = API_KEY
-    speed: dict[str, list[float]] = {"ingestd": [], "sdk": []}
-    per_file: dict[str, list[float]] = {"ingestd": [], "sdk": []}
+    SIDES.prepare()
     with FakeDarwinThread() as fake, Workspace("darwin") as ws:
-        for i in range(runs):
-            src = ws.fresh("files")
-            make_pngs(src, files)
-            sides = ["ingestd", "sdk"] if i % 2 == 0 else ["sdk", "ingestd"]
-            for side in sides:
-                dataset = f"{side}-{i}"
-                before = len(fake.calls)
-                run = run_ingestd if side == "ingestd" else run_sdk
-                dt = run(ws, src, fake, dataset)
-                check_held(fake, dataset, files, side)
-                speed[side].append(files / dt)
-                per_file[side].append((len(fake.calls) - before) / files)
-                print(
-                    f"run {i + 1}/{runs} {side}: {files / dt:,.0f} files/s, "
-                    f"{per_file[side][-1]:.3f} API requests/file",
-                    file=sys.stderr,
-                )
+
+        def side(who: str, src: Path, dataset: str) -> tuple[float, int]:
+            before = len(fake.calls)
+            sdk_env = {"DARWIN_BASE_URL": fake.url.removesuffix("/api")}
+            dt = SIDES.run(who, ws, src, dataset, backend(fake.url), sdk_env)
+            check_held(fake, dataset, files, who)
+            return dt, len(fake.calls) - before
+
+        samples = alternate(ws, files, runs, side, speed_fmt=",.0f")
         register, how = measure_register(fake, files)
-    ratio = median(speed["ingestd"]) / median(speed["sdk"])
     return {
-        "platform": "darwin",
-        "files": files,
-        "ingestd_files_s": median(speed["ingestd"]),
-        "sdk_files_s": median(speed["sdk"]),
-        "ingestd_requests_per_file": median(per_file["ingestd"]),
-        "sdk_requests_per_file": median(per_file["sdk"]),
+        **samples.headline("darwin", files),
         "register_requests_per_file": register,
         "notes": (
-            f"{runs} runs; files/s spread ingestd {spread(speed['ingestd'])}, darwin-py "
-            f"{spread(speed['sdk'])}; speed ratio {ratio:.2f}×; {how}; ingestd with "
+            f"{runs} runs; {samples.spreads('darwin-py', '.2f')}; {how}; ingestd with "
             "requests_per_minute lifted, darwin-py with its defaults (6 upload threads here)"
         ),
     }
 
 
 def main() -> None:
-    runs = runs_arg(3)
-    args = sys.argv[1:]
-    files = int(args[args.index("--files") + 1]) if "--files" in args else 1000
+    runs, files = runs_and_files()
     r = measure(files=files, runs=runs)
-    print(f"### V7 Darwin: ingestd vs darwin-py `push` ({files:,} × 10 KB PNGs)\n")
-    print(machine_md())
-    print()
-    print(
-        table(
-            ["", "files/s", "API requests/file"],
-            [
-                [
-                    "ingestd",
-                    f"{r['ingestd_files_s']:,.1f}",
-                    f"{r['ingestd_requests_per_file']:.3f}",
-                ],
-                [
-                    "darwin-py 3.6.3 push",
-                    f"{r['sdk_files_s']:,.1f}",
-                    f"{r['sdk_requests_per_file']:.3f}",
-                ],
-                [
-                    "ratio",
-                    f"{r['ingestd_files_s'] / r['sdk_files_s']:.2f}×",
-                    f"{r['ingestd_requests_per_file'] / r['sdk_requests_per_file']:.2f}×",
-                ],
-                ["ingestd, transfer: register", "", f"{r['register_requests_per_file']:.3f}"],
-            ],
-        )
+    print_report(
+        f"V7 Darwin: ingestd vs darwin-py `push` ({files:,} × 10 KB PNGs)",
+        r,
+        "darwin-py 3.6.3 push",
+        extra_rows=[register_row(r)],
     )
-    print(f"\n{r['notes']}")
 
 
 if __name__ == "__main__":
