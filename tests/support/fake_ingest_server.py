@@ -27,6 +27,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from tests.support.ports import listen
+
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\*|\d+)$")
 READ = 1 << 16
@@ -106,14 +108,9 @@ class FakeIngestServer:
         # [\s\S]: a key may hold an encoded newline, which aiohttp decodes before matching.
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)
         # A short shutdown: a stop is an outage or a kill, not a graceful drain.
-        self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.2
+        self._runner, self.port = await listen(
+            app, self.port, handler_cancellation=True, shutdown_timeout=0.2
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await site.start()
-        if not self.port:
-            self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         """Stop listening and drop open connections (an outage or a killed server)."""

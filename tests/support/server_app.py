@@ -20,6 +20,8 @@ from ingestd.server.app import DEFAULT_MAX_BODY, make_app
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from tests.support.ports import listen
+
 TOKEN = "tkn-0123456789abcdef-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -109,12 +111,8 @@ async def running(
     app = make_app(store, tokens, max_body, **kw)
     if outer is not None:
         app.middlewares.insert(0, outer)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel_on_disconnect)
-    await runner.setup()
+    runner, port = await listen(app, handler_cancellation=cancel_on_disconnect)
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
         async with aiohttp.ClientSession() as session:
             yield Running(app, session, port, store)
     finally:

@@ -68,6 +68,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.support.ports import listen
+
 TEAM = "test-team"
 API_KEY = "v7-fake-key-7f3a91c2d8e4b6a0"
 STORAGE = "ext-store"
@@ -182,14 +184,9 @@ class FakeDarwin:
     async def start(self) -> None:
         app = web.Application(client_max_size=1 << 34)
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)
-        self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.2
+        self._runner, self.port = await listen(
+            app, self.port, handler_cancellation=True, shutdown_timeout=0.2
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await site.start()
-        if not self.port:
-            self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         for h in self.holds.values():

@@ -88,6 +88,8 @@ from graphql import (
     value_from_ast_untyped,
 )
 
+from tests.support.ports import listen
+
 CHUNK_MAX = 10_000_000
 GLOBAL_KEY_MAX = 200
 # labelbox-python 7.x's MediaType (labelbox/schema/media_type.py): no DICOM.
@@ -243,11 +245,7 @@ class LabelboxFake:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, port: int = 0) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await listen(self.app, port)
 
     async def stop(self) -> None:
         self._released.set()

@@ -80,6 +80,8 @@ from urllib.parse import unquote
 from aiohttp import web
 from PIL import Image
 
+from tests.support.ports import listen
+
 PREFIX = "/v1/nucleus"
 MAX_FILES = 10
 MAX_SIDE = 5000
@@ -799,11 +801,7 @@ class FakeNucleus:
 @contextlib.asynccontextmanager
 async def serve(fake: FakeNucleus) -> AsyncIterator[str]:
     """Run `fake` on this event loop; yields its base URL (…/v1/nucleus)."""
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await listen(fake.app())
     fake.base_url = f"http://127.0.0.1:{port}{PREFIX}"
     try:
         yield fake.base_url
