@@ -240,3 +240,56 @@ def test_bad_sidecar_fails_only_its_item(env: Env) -> None:
     st = wait_for(lambda: watch_where(env, "w", synced=3, pending=0), what="3 synced")
     assert (st["failed"], st["last_errors"]) == (0, [])
     assert env.stop() == 0
+
+
+def test_a_fifo_sidecar_fails_its_item_and_blocks_nothing(env: Env) -> None:
+    """A FIFO where a sidecar is expected used to hold the planning thread forever (the
+    watch planned nothing more, and SIGTERM never exited): it is opened without
+    blocking, is not read, and fails only its item with the reason."""
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "metadata": {"sidecar": "{name}.json"},
+            }
+        ]
+    )
+    os.mkfifo(drop / "piped.dat.json")
+    write(drop / "piped.dat", b"piped")
+    env.start()
+    write(drop / "after.dat", b"planned after the FIFO")
+    st = wait_for(
+        lambda: watch_where(env, "w", synced=1, failed=1, pending=0),
+        what="piped.dat to fail and after.dat to sync",
+    )
+    [err] = st["last_errors"]
+    assert err["item"] == "/piped.dat"
+    assert "piped.dat.json" in err["error"] and "not a regular file" in err["error"], err
+    assert set(env.items_by_key()) == {"/after.dat"}
+    _assert_stops_promptly(env)
+
+
+def test_a_sidecar_name_too_long_for_the_file_system_means_no_sidecar(env: Env) -> None:
+    """A 255-byte file name plus ".json" cannot exist: the item has no sidecar, and it
+    syncs (it used to fail with "File name too long")."""
+    drop = env.drop()
+    env.write_config(
+        [
+            {
+                "name": "w",
+                "source": str(drop),
+                "dataset": "ds",
+                "metadata": {"sidecar": "{name}.json"},
+            }
+        ]
+    )
+    env.start()
+    name = "n" * 251 + ".dat"  # 255 bytes: the longest name ext4 and tmpfs hold
+    write(drop / name, b"long name")
+    wait_for(lambda: watch_where(env, "w", synced=1, pending=0), what="the long name to sync")
+    item = env.items_by_key()[f"/{name}"]
+    assert item["metadata"] == {}
+    assert env.stop() == 0

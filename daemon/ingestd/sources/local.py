@@ -10,6 +10,7 @@ every event kind subscribed, bursts overflow the kernel queue (docs/design.md, m
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 from typing import TYPE_CHECKING, Literal
 
 from watchdog.events import (
@@ -459,16 +460,38 @@ class LocalFiles:
 
 
 def read_sidecar(root: str, relpath: str) -> Sidecar | None:
-    """Stat and parse a sidecar file; None when there is none."""
+    """Stat and parse a sidecar file; None when there is none.
+
+    Opened without blocking and read only when it is a regular file: a FIFO of that
+    name would otherwise hold the planning thread (and with it the watch, and a
+    SIGTERM) until something wrote to it. A name too long for the file system (a
+    255-byte file name plus ".json") cannot be a sidecar: there is none."""
     path = os.path.join(root, relpath)
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return None
+        return Sidecar(relpath, 0, 0, None, f"cannot be read: {e.strerror}")
+    try:
+        with os.fdopen(fd, "rb") as fh:
             st = os.fstat(fh.fileno())
+            if S_ISDIR(st.st_mode):
+                return None
+            if not S_ISREG(st.st_mode):
+                return Sidecar(
+                    relpath,
+                    0,
+                    st.st_mtime_ns,
+                    None,
+                    "is not a regular file (a FIFO, socket or device); replace it with "
+                    "a JSON file or remove it",
+                )
             if st.st_size > MAX_SIDECAR_BYTES:
                 return Sidecar(relpath, st.st_size, st.st_mtime_ns, None, "larger than 1 MiB")
             raw = fh.read(MAX_SIDECAR_BYTES + 1)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
     except OSError as e:
         return Sidecar(relpath, 0, 0, None, f"cannot be read: {e.strerror}")
     return parse_sidecar(relpath, st.st_size, st.st_mtime_ns, raw)
