@@ -28,6 +28,9 @@ from ingestd.pipeline.side import WatchSide
 
 log = structlog.get_logger("ingestd.sync")
 
+# Bucket objects of a group whose stat (one request each) runs at once.
+REMOTE_STATS_AT_ONCE = 16
+
 
 class SyncStep:
     def __init__(self, preparer: Preparer, sender: Sender) -> None:
@@ -157,12 +160,13 @@ class SyncStep:
         pool, bucket objects as references. An item that cannot be prepared fails alone."""
         send: list[tuple[int, str, ItemPayload]] = []
         checked: list[tuple[int, str, tuple[WatchSide, ItemPlan, list[str], str]]] = []
+        remote: list[tuple[int, str]] = []
         for i, source_key, digests in todo:
             side, plan = sides[i], claims[i].plan
             assert plan is not None
             try:
                 if not side.source.features.local_paths:  # registered by URL
-                    send.append((i, source_key, await register_payload(side, plan)))
+                    remote.append((i, source_key))
                 elif side.media is not None and any(
                     transforms(s.type, side.media) for s in plan.slots
                 ):
@@ -173,6 +177,25 @@ class SyncStep:
                     send.append((i, source_key, self.preparer.as_is(side, plan, digests)))
             except Exception as e:
                 done[i] = self.failed(claims[i], side, e)
+        if remote:
+            # Each reference costs a stat of its object (a request to the bucket): a
+            # group's run at once, bounded, not one after another.
+            stats = asyncio.Semaphore(REMOTE_STATS_AT_ONCE)
+
+            async def reference(i: int) -> ItemPayload:
+                plan = claims[i].plan
+                assert plan is not None
+                async with stats:
+                    return await register_payload(sides[i], plan)
+
+            refs = await asyncio.gather(*(reference(i) for i, _ in remote), return_exceptions=True)
+            for (i, source_key), r in zip(remote, refs, strict=True):
+                if isinstance(r, Exception):
+                    done[i] = self.failed(claims[i], sides[i], r)
+                elif isinstance(r, BaseException):  # cancelled: the daemon is stopping
+                    raise r
+                else:
+                    send.append((i, source_key, r))
         if checked:
             built = await self.preparer.checked_many([job for _, _, job in checked])
             for (i, source_key, _), b in zip(checked, built, strict=True):
