@@ -204,8 +204,8 @@ def test_two_symlink_loops_followed(env: Env) -> None:
         _assert_stops_promptly(env)
 
 
-def test_bad_sidecar_fails_only_its_item(env: Env) -> None:
-    drop = env.drop()
+def _sidecar_watch(env: Env, drop: Path) -> None:
+    """One watch "w" on `drop` whose items take their metadata from `<name>.json`."""
     env.write_config(
         [
             {
@@ -216,6 +216,11 @@ def test_bad_sidecar_fails_only_its_item(env: Env) -> None:
             }
         ]
     )
+
+
+def test_bad_sidecar_fails_only_its_item(env: Env) -> None:
+    drop = env.drop()
+    _sidecar_watch(env, drop)
     env.start()
     write(drop / "bad.dat.json", b'{"label": "cat",,}')
     write(drop / "bad.dat", b"bad")
@@ -247,16 +252,7 @@ def test_a_fifo_sidecar_fails_its_item_and_blocks_nothing(env: Env) -> None:
     watch planned nothing more, and SIGTERM never exited): it is opened without
     blocking, is not read, and fails only its item with the reason."""
     drop = env.drop()
-    env.write_config(
-        [
-            {
-                "name": "w",
-                "source": str(drop),
-                "dataset": "ds",
-                "metadata": {"sidecar": "{name}.json"},
-            }
-        ]
-    )
+    _sidecar_watch(env, drop)
     os.mkfifo(drop / "piped.dat.json")
     write(drop / "piped.dat", b"piped")
     env.start()
@@ -276,16 +272,7 @@ def test_a_sidecar_name_too_long_for_the_file_system_means_no_sidecar(env: Env) 
     """A 255-byte file name plus ".json" cannot exist: the item has no sidecar, and it
     syncs (it used to fail with "File name too long")."""
     drop = env.drop()
-    env.write_config(
-        [
-            {
-                "name": "w",
-                "source": str(drop),
-                "dataset": "ds",
-                "metadata": {"sidecar": "{name}.json"},
-            }
-        ]
-    )
+    _sidecar_watch(env, drop)
     env.start()
     name = "n" * 251 + ".dat"  # 255 bytes: the longest name ext4 and tmpfs hold
     write(drop / name, b"long name")
