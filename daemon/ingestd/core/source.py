@@ -70,6 +70,9 @@ class Features:
     events: bool = False
     local_paths: bool = False
     urls: bool = False
+    # Why the source is watched the way it is (events or polling), in words for status
+    # and the start-up log, e.g. "nfs4 mount at /mnt/scans: polled every 5s".
+    mode_reason: str = ""
 
 
 @dataclass(slots=True)
