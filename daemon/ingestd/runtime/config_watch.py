@@ -2,9 +2,14 @@
 
 Editors rarely write a file in place: vim and many others write a new file and rename
 it over the old one, and Kubernetes swaps a `..data` symlink. So the folder holding the
-file is watched (not the file's inode), any event there is a hint, and the file's
-content decides: a reload is asked for only when the bytes differ from what was last
-loaded, and only once the writes have been quiet for a moment.
+file is watched (not the file's inode), an event naming the file is a hint, and the
+file's content decides: a reload is asked for only when the bytes differ from what was
+last loaded, and only once the writes have been quiet for a moment.
+
+Only events that can change the content are subscribed: created, moved, deleted and
+closed-after-write. watchdog >= 4 also reports opens and closes without a write; those
+came from our own reads too, so each read hinted the next one (the config was opened
+several times a second, forever, after one edit or a `cat`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,35 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 log = structlog.get_logger("ingestd.config")
 
 QUIET = 0.3  # seconds without events before the file is read
+
+# Every write ends with a close-after-write, so FileModifiedEvent adds nothing but
+# attribute changes (it also subscribes IN_ATTRIB: a chmod or touch). The Dir* kinds
+# cover a ConfigMap's timestamped folders and `..data` when it is a real folder.
+EVENT_FILTER = [
+    FileCreatedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
 
 
 def content_digest(path: Path) -> str | None:
@@ -69,7 +97,12 @@ class ConfigWatcher:
             loop.call_soon_threadsafe(self._hint.set)
 
         observer = Observer()
-        observer.schedule(_Hint(names, deliver), str(self.path.parent), recursive=False)
+        observer.schedule(
+            _Hint(names, deliver),
+            str(self.path.parent),
+            recursive=False,
+            event_filter=EVENT_FILTER,
+        )
         try:
             await asyncio.to_thread(observer.start)
         except OSError as e:
