@@ -18,6 +18,7 @@ from ingestd.config import (
     ConfigError,
     HttpBackend,
     LocalBackend,
+    config_warnings,
     find_config,
     json_schema,
     load_config,
@@ -26,6 +27,7 @@ from ingestd.core.errors import SyncError
 from ingestd.ledger import LEDGER_FILE, Ledger
 from ingestd.observe.status import raw_watches, state_dir_of, status_data, status_report
 from ingestd.runtime.service import AlreadyRunning, running_pid
+from ingestd.server.options import add_serve_arguments, serve_command
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -59,15 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset")
     _config_arg(p)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("serve", help="the ingestion HTTP server over a store")
-    p.add_argument("--store", default="var/datasets", help="store folder (default: var/datasets)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8750)
-    p.add_argument("--token-file", help="bearer tokens, one per line (also: $INGESTD_SERVE_TOKENS)")
-    p.add_argument(
-        "--max-body", type=int, default=8 << 30, help="largest request body in bytes (8 GiB)"
-    )
-    p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    add_serve_arguments(sub.add_parser("serve", help="the ingestion HTTP server over a store"))
     p = sub.add_parser("reload", help="ask the running daemon to re-read its config (SIGHUP)")
     _config_arg(p)
     p = sub.add_parser("retry", help="queue failed items again")
@@ -108,6 +102,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if cmd == "check":
         config, path = _load(args)
+        for warning in config_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{path}: ok ({len(config.watches)} watches, backend {config.backend.kind})")
         return EXIT_OK
     if cmd == "run":
@@ -253,16 +249,9 @@ async def _list_items(config: Config, dataset: str) -> list[dict[str, Any]]:
 
 def _serve(args: argparse.Namespace) -> int:
     from ingestd.runtime import logs
-    from ingestd.server.app import ServeError, load_tokens, serve
 
     logs.setup("info", args.log_format)
-    try:
-        tokens = load_tokens(args.token_file, os.environ.get("INGESTD_SERVE_TOKENS"))
-        asyncio.run(serve(Path(args.store), args.host, args.port, tokens, args.max_body))
-    except ServeError as e:
-        print(f"ingestd serve: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    return EXIT_OK
+    return serve_command(args)
 
 
 def _retry(args: argparse.Namespace) -> int:

@@ -31,18 +31,19 @@ from aiohttp import hdrs, web
 
 from ingestd.dashboard import add_dashboard_routes
 from ingestd.server import routes
-from ingestd.server.auth import ServeError, TokenAuth, check_bind, load_tokens
+from ingestd.server.auth import ServeError, TokenAuth, check_transport, load_tokens
 from ingestd.server.batch import BATCH_MAX, post_batch
 from ingestd.server.common import BYTES_IN as _BYTES_IN
 from ingestd.server.common import ERROR_CODE as _ERROR_CODE
 from ingestd.server.common import STATE, ApiError, ServerState, error
 from ingestd.server.common import route as _route
 from ingestd.server.common import state as _state
+from ingestd.server.tls import ServerTls
 from ingestd.server.uploads import UploadBusy, UploadNotFound, Uploads
 from ingestd.store import Store, StoreIOError
 
 # The CLI imports these from here: the server's whole public face in one module.
-__all__ = ["STATE", "ServeError", "load_tokens", "make_app", "serve"]
+__all__ = ["STATE", "ServeError", "ServerTls", "load_tokens", "make_app", "serve"]
 
 T = TypeVar("T")
 
@@ -262,37 +263,67 @@ async def serve(
     max_body: int = DEFAULT_MAX_BODY,
     *,
     ready: Callable[[str, int], None] | None = None,
+    tls: ServerTls | None = None,
+    allow_plain_http: bool = False,
 ) -> None:
-    """Run the server until SIGTERM/SIGINT (or cancellation). Raises ServeError
-    before binding when a non-loopback address is asked for without tokens."""
-    check_bind(host, tokens)
+    """Run the server until SIGTERM/SIGINT (or cancellation); SIGHUP re-reads the TLS
+    certificate and key. Raises ServeError before binding when the address, the
+    credentials and TLS do not go together (auth.check_transport)."""
+    check_transport(
+        host,
+        tokens,
+        tls=tls is not None,
+        client_certs=tls is not None and tls.mutual,
+        allow_plain_http=allow_plain_http,
+    )
     app = make_app(store_root, tokens, max_body)
     # access_log=None: our own middleware logs each request, without headers.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        ssl_context = tls.context if tls is not None else None
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound = runner.addresses[0]
         log.info(
-            "listening", host=bound[0], port=bound[1], store=str(store_root), auth=bool(tokens)
+            "listening",
+            host=bound[0],
+            port=bound[1],
+            store=str(store_root),
+            auth=bool(tokens),
+            tls=tls is not None,
+            client_certs=tls is not None and tls.mutual,
         )
         if ready is not None:
             ready(bound[0], bound[1])
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        handled = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                handled.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-                pass
-        try:
-            await stop.wait()
-        finally:
-            for sig in handled:
-                loop.remove_signal_handler(sig)
+        await _until_stopped(tls)
         log.info("stopping")
     finally:
         await runner.cleanup()
+
+
+async def _until_stopped(tls: ServerTls | None) -> None:
+    """Wait for SIGTERM or SIGINT; meanwhile SIGHUP reloads the TLS pair. On the
+    loop's thread, so no handshake sees the context while it changes."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handlers: list[tuple[signal.Signals, Callable[[], object]]] = [
+        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stop.set),
+    ]
+    # Without TLS there is nothing to re-read, but SIGHUP must not end the server
+    # (its default action) when a unit's ExecReload sends it.
+    hup = tls.reload if tls is not None else lambda: log.info("sighup_nothing_to_reload")
+    handlers.append((signal.SIGHUP, hup))
+    handled = []
+    for sig, handler in handlers:
+        try:
+            loop.add_signal_handler(sig, handler)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+    try:
+        await stop.wait()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)

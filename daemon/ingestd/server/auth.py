@@ -1,5 +1,6 @@
 """Bearer tokens for `ingestd serve`: where they come from, how requests are checked,
-and which addresses the server may bind without them.
+which addresses the server may bind without them, and where they may travel without
+TLS.
 
 Tokens are secrets: nothing here puts them in a message, a repr or a log line.
 """
@@ -72,6 +73,28 @@ def check_bind(host: str, tokens: Sequence[str]) -> None:
         raise ServeError(
             f"refusing to listen on {host or 'all interfaces'} without a token: "
             f"use --token-file or ${TOKENS_ENV}, or bind to 127.0.0.1"
+        )
+
+
+def check_transport(
+    host: str, tokens: Sequence[str], *, tls: bool, client_certs: bool, allow_plain_http: bool
+) -> None:
+    """Who may reach the server, and whether its secrets cross the network in clear.
+
+    Off loopback the server needs a credential: tokens, or client certificates (mutual
+    TLS, which needs TLS). Tokens off loopback need TLS, since a bearer token seen on
+    the wire is a token anyone can use; `allow_plain_http` is the operator saying the
+    network in between is private or a TLS proxy terminates in front of the server."""
+    if client_certs and not tls:
+        raise ServeError("--client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+    if not client_certs:
+        check_bind(host, tokens)
+    if tokens and not tls and not allow_plain_http and not is_loopback(host):
+        raise ServeError(
+            f"refusing to listen on {host or 'all interfaces'} with bearer tokens over "
+            "plain HTTP: anyone on the network path could read a token and use it. Use "
+            "--tls-cert and --tls-key (docs/tls.md), or --allow-plain-http when a TLS "
+            "proxy in front of the server or a private network protects the traffic"
         )
 
 
