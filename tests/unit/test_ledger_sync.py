@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -225,3 +226,133 @@ def test_a_key_used_by_two_items_keeps_its_type(ledger: Ledger) -> None:
     # a, which set the key first, may no longer change its type: b uses it too
     assert apply(ledger, make_plan("a.jpg", 1, 2, {"n": "one"})) == "failed"
     assert '"n"' in ledger.item_row("w", "a.jpg")["last_error"]
+
+
+# -- faults that are not the item's (issue 14, point 1) ----------------------------------
+
+
+def _limit_pages(ledger: AsyncLedger, extra: int | None) -> None:
+    """SQLite's own size cap: at the current size, every write that grows the file fails
+    with the real "database or disk is full" (None lifts it)."""
+    conn = ledger.sync.conn
+    if extra is None:
+        conn.execute("PRAGMA max_page_count=1073741823")
+        return
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={pages + extra}")
+
+
+async def test_a_full_ledger_is_a_problem_until_a_probe_write_commits(tmp_path: Path) -> None:
+    ledger = AsyncLedger(tmp_path / "state")
+    await ledger.open()
+    woken: list[bool] = []
+    ledger.add_writable_listener(lambda: woken.append(True))
+    await ledger.call(_limit_pages, ledger, 0)
+    ops = [
+        Ledger.op_apply_plan(
+            "w",
+            "ds",
+            make_plan(f"big{i:04d}-{'x' * 200}.jpg", i, i),
+            [],
+            type_conflicts,
+            value_type,
+            0,
+        )
+        for i in range(300)
+    ]
+    # SQLite rolls the transaction back itself, so the error raised may be the failed
+    # ROLLBACK's; the ledger finds the disk-full cause in its context.
+    with pytest.raises(sqlite3.Error):
+        await ledger.write_many(ops)
+    assert not ledger.writable.is_set()
+    assert ledger.problem is not None and "ledger.sqlite cannot be written: disk full" in (
+        ledger.problem
+    )
+    await asyncio.sleep(1.5)  # a probe or two fail meanwhile: still held
+    assert ledger.problem is not None and not woken
+    await ledger.call(_limit_pages, ledger, None)
+    await asyncio.wait_for(ledger.wait_writable(), 5)
+    assert ledger.problem is None and woken == [True]
+    await ledger.write_many(ops)  # kept by the caller, written now
+    assert (await ledger.call(ledger.sync.counts))["w"].pending == 300
+    await ledger.close()
+
+
+async def test_pool_keeps_an_outcome_it_cannot_record_and_sends_nothing_meanwhile(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    ledger = AsyncLedger(tmp_path / "state")
+    await ledger.open()
+    (root / "a.jpg").write_bytes(b"a")
+    st = os.stat(root / "a.jpg")
+    plan = make_plan("a.jpg", st.st_size, st.st_mtime_ns, {"k": "v" * 3000})
+    await ledger.write(Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, 0))
+    sink = MemorySink()
+    pool = SyncPool(ledger, sink, {"w": WatchSide(LocalFolderSource(root), 0.1, False)}, workers=2)
+    # Full before the outcome is written: op_synced's row (with its manifest) must grow.
+    await ledger.call(_limit_pages, ledger, 0)
+    task = asyncio.create_task(pool.run(poll=0.05))
+    deadline = time.monotonic() + 10
+    while ledger.problem is None:
+        assert time.monotonic() < deadline, "the outcome's write never failed"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(1.0)
+    puts = [c for c in sink.calls if c[0] == "put_item"]
+    assert len(puts) == 1, "an item whose outcome was not recorded was sent again"
+    assert pool.inflight == 1
+    await ledger.call(_limit_pages, ledger, None)
+    deadline = time.monotonic() + 10
+    while not (await ledger.call(_all_synced(1), ledger.sync)):
+        assert time.monotonic() < deadline, "the kept outcome was never written"
+        await asyncio.sleep(0.02)
+    assert len([c for c in sink.calls if c[0] == "put_item"]) == 1
+    await pool.stop(1)
+    task.cancel()
+    await ledger.close()
+
+
+async def test_out_of_space_holds_the_pool_probes_one_item_and_wakes_all(
+    tmp_path: Path,
+) -> None:
+    from ingestd.core.errors import SPACE
+
+    sink = MemorySink()
+    full = RetriableError("the local store at /x is out of disk space", condition=SPACE)
+    sink.fail_next(10_000, full)
+    root = tmp_path / "src"
+    root.mkdir()
+    ledger = AsyncLedger(tmp_path / "state")
+    await ledger.open()
+    ops = []
+    for i in range(12):
+        (root / f"f{i}.jpg").write_bytes(b"%d" % i)
+        st = os.stat(root / f"f{i}.jpg")
+        plan = make_plan(f"f{i}.jpg", st.st_size, st.st_mtime_ns)
+        ops.append(Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, 0))
+    await ledger.write_many(ops)
+    pool = SyncPool(ledger, sink, {"w": WatchSide(LocalFolderSource(root), 0.1, False)}, workers=3)
+    task = asyncio.create_task(pool.run(poll=0.05))
+    deadline = time.monotonic() + 10
+    while pool.problem is None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert "out of disk space; free space there" in pool.problem
+    n0 = len(sink.calls)
+    await asyncio.sleep(3.0)
+    # One probe a second (the calls the hold found in flight aside), not 12 items each
+    # backing off on its own.
+    assert 1 <= len(sink.calls) - n0 <= 5
+    rows = [await ledger.call(ledger.sync.item_row, "w", f"f{i}.jpg") for i in range(12)]
+    assert all(r["attempts"] == 0 for r in rows), "a held item counted an attempt"
+    sink.fail_next(0, full)
+    sink._failures.clear()
+    freed = time.monotonic()
+    while not (await ledger.call(_all_synced(12), ledger.sync)):
+        assert time.monotonic() < freed + 5, "items did not all continue after the probe"
+        await asyncio.sleep(0.02)
+    assert pool.problem is None
+    await pool.stop(1)
+    task.cancel()
+    await ledger.close()

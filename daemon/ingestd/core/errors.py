@@ -11,12 +11,21 @@ class SyncError(Exception):
         self.reason = reason
 
 
-class RetriableError(SyncError):
-    """Try again later: network trouble, 429, 5xx, a busy disk."""
+# RetriableError.condition: a state of the whole sink or spool, not of the item, that a
+# probe of one item tells the end of (the sync pool holds, then wakes all at once).
+SPACE = "space"  # out of disk space (ENOSPC, EDQUOT, HTTP 507)
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+
+class RetriableError(SyncError):
+    """Try again later: network trouble, 429, 5xx, a busy disk. `condition` (e.g.
+    SPACE) when the cause is the sink's, shared by every item, not this item's."""
+
+    def __init__(
+        self, reason: str, retry_after: float | None = None, *, condition: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.condition = condition
 
 
 class PermanentError(SyncError):

@@ -5,20 +5,85 @@ them on one thread and commits whatever queued up while the previous transaction
 as a single transaction. After a crash the ledger alone says what still needs doing:
 an item is `pending` until a sink has confirmed it, and nothing about progress lives
 only in memory.
+
+When the ledger cannot be written (disk full, read-only, I/O error), nothing is
+dropped: writers keep their work and `wait_writable()`; `problem` says so in words
+(status shows it); one probe loop tries a tiny real write every second or two and,
+once one commits, wakes every waiter and the `add_writable_listener` callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
+from ingestd.ledger.db import LEDGER_FILE, ensure_settings, set_setting
 from ingestd.ledger.ledger import Failed, Ledger
 
 T = TypeVar("T")
+
+log = structlog.get_logger("ingestd.ledger")
+
+PROBE_FIRST = 1.0  # seconds before the first probe write, and its backoff's growth...
+PROBE_CAP = 2.0  # ...up to this: space that comes back is noticed within ~2 s
+_UNWRITABLE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "I/O error",
+    errno.EACCES: "permission denied",
+}
+# SQLite's words for the same conditions (its errors carry no errno).
+_UNWRITABLE_SQLITE = (
+    ("database or disk is full", "disk full"),
+    ("readonly database", "read-only"),
+    ("disk i/o error", "disk I/O error"),
+    ("unable to open database file", "cannot open the file"),
+)
+
+
+def unwritable_reason(e: BaseException) -> str | None:
+    """Why `e` means the ledger cannot be written at all, in a few words, or None when
+    it is some other failure. Follows the chain: a failed ROLLBACK after a disk-full
+    COMMIT hides the real cause in its context."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, sqlite3.Error):
+            text = str(cause).lower()
+            for words, reason in _UNWRITABLE_SQLITE:
+                if words in text:
+                    return reason
+        elif isinstance(cause, OSError) and cause.errno in _UNWRITABLE_ERRNOS:
+            return _UNWRITABLE_ERRNOS[cause.errno]
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _mount_of(path: Path) -> str:
+    """The mount point holding `path` (where space must be freed)."""
+    p = os.path.realpath(path)
+    while not os.path.ismount(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    ensure_settings(conn)
+    set_setting(conn, "writable_probe", repr(time.time()))
 
 
 class AsyncLedger:
@@ -32,6 +97,13 @@ class AsyncLedger:
         self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
+        # None while writes commit; a sentence naming the file and the fix otherwise
+        # (read by status, per watch).
+        self.problem: str | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._prober: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -41,6 +113,59 @@ class AsyncLedger:
     def sync(self) -> Ledger:
         assert self._ledger is not None, "ledger not opened"
         return self._ledger
+
+    @property
+    def path(self) -> Path:
+        return self._state_dir / LEDGER_FILE
+
+    def add_writable_listener(self, fn: Callable[[], None]) -> None:
+        """Call `fn` (on the event loop) each time the ledger is writable again."""
+        self._listeners.append(fn)
+
+    async def wait_writable(self) -> None:
+        await self.writable.wait()
+
+    def is_unwritable(self, e: BaseException) -> bool:
+        """Whether a write failed because the ledger cannot be written (the caller keeps
+        its work and waits for `wait_writable()`)."""
+        return unwritable_reason(e) is not None or not self.writable.is_set()
+
+    def _unwritable(self, reason: str) -> None:
+        """Writes fail for want of space (or a writable disk): say so once, probe."""
+        if self.problem is None:
+            self.problem = (
+                f"ledger {self.path} cannot be written: {reason}; free space on (or fix) "
+                f"{_mount_of(self._state_dir)}; work is kept and retried every second"
+            )
+            log.error("ledger cannot be written", path=str(self.path), reason=reason)
+        self.writable.clear()
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = PROBE_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                (result,) = await loop.run_in_executor(
+                    self._executor, self.sync.transaction, [_probe]
+                )
+                if isinstance(result, Failed):
+                    raise result.error
+            except Exception as e:
+                log.debug("ledger still not writable", error=str(e))
+                delay = min(delay * 1.5, PROBE_CAP)
+                continue
+            break
+        self.problem = None
+        self.writable.set()
+        log.info("ledger writable again", path=str(self.path))
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception:
+                log.exception("writable listener failed")
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a read (or a non-batched write) on the ledger thread."""
@@ -76,6 +201,8 @@ class AsyncLedger:
                         self._executor, self.sync.transaction, [op for op, _ in batch]
                     )
                 except BaseException as e:  # the whole commit failed (disk full, ...)
+                    if (reason := unwritable_reason(e)) is not None:
+                        self._unwritable(reason)
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(e if isinstance(e, Exception) else RuntimeError(e))
@@ -83,6 +210,10 @@ class AsyncLedger:
                         raise
                     continue
                 for (_, fut), result in zip(batch, results, strict=True):
+                    # A statement can fail for want of space while the commit of the
+                    # rest (nothing) succeeds: the same condition.
+                    if isinstance(result, Failed) and (reason := unwritable_reason(result.error)):
+                        self._unwritable(reason)
                     if fut.done():
                         continue
                     if isinstance(result, Failed):
@@ -95,6 +226,8 @@ class AsyncLedger:
     async def close(self) -> None:
         while self._flushing or self._batch:
             await asyncio.sleep(0.01)
+        if self._prober is not None:
+            self._prober.cancel()
         if self._ledger is not None:
             await self.call(self._ledger.close)
         self._executor.shutdown(wait=True)

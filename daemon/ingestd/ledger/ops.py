@@ -235,6 +235,38 @@ def op_retry_later(
     return op
 
 
+def op_retry_held(
+    claim: Claim, reason: str, condition: str, at: float, now: float
+) -> Callable[[sqlite3.Connection], None]:
+    """A failure for a condition of the whole sink (out of space): not an attempt of
+    the item's, no growing backoff; `error_kind` names the condition, so that
+    op_wake_pending finds the items once it clears."""
+
+    def op(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE items SET next_attempt=?, last_error=?, error_kind=?, updated_at=?"
+            " WHERE watch=? AND source_id=? AND status='pending'",
+            (at, reason, condition, now, claim.watch, claim.source_id),
+        )
+
+    return op
+
+
+def op_wake_pending(condition: str, now: float) -> Callable[[sqlite3.Connection], int]:
+    """The condition cleared (a probe item went through): every pending item whose last
+    failure was that condition is due now. Items backing off for reasons of their own
+    keep their backoff. Returns how many were woken."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        return conn.execute(
+            "UPDATE items SET next_attempt=? WHERE status='pending' AND error_kind=?"
+            " AND next_attempt > ?",
+            (now, condition, now),
+        ).rowcount
+
+    return op
+
+
 def op_failed(
     claim: Claim, reason: str, kind: str, now: float
 ) -> Callable[[sqlite3.Connection], None]:

@@ -22,11 +22,15 @@ from ingestd.core.errors import (
     SourceChangedError,
 )
 from ingestd.ledger import Claim, Ledger, LedgerOp
+from ingestd.ledger.ops import op_retry_held
 
 log = structlog.get_logger("ingestd.sync")
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
+# An item that failed for a sink condition (out of space) is due again this soon: the
+# pool sends one such item a second as the probe, and wakes the rest when it succeeds.
+HELD_RETRY = 1.0
 
 
 def backoff_delay(attempts: int, retry_after: float | None = None) -> float:
@@ -41,6 +45,7 @@ class Outcome:
     result: str  # synced | unchanged | deleted | retry | failed | changed | abandoned
     bytes: int = 0
     error: str | None = None
+    condition: str | None = None  # RetriableError.condition of the failure
 
 
 class Conflict(PermanentError):
@@ -92,6 +97,12 @@ def failed(
         return Outcome(claim, "changed", error=e.reason), op
     if isinstance(e, Abandoned):
         return abandoned(claim)
+    if isinstance(e, RetriableError) and e.condition is not None:
+        # The pool says so once for all items (SyncPool.problem); not an attempt.
+        bound.debug("sync held", reason=e.reason, condition=e.condition)
+        now = time.time()
+        op = op_retry_held(claim, e.reason, e.condition, now + HELD_RETRY, now)
+        return Outcome(claim, "retry", error=e.reason, condition=e.condition), op
     if isinstance(e, RetriableError):
         delay = backoff_delay(claim.attempts, e.retry_after)
         # During an outage the sink logs it once; one line per item would flood.

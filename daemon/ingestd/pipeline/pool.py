@@ -12,6 +12,14 @@ the sink allows, each group one task: one thread hop hashes it, one sink call st
 it, one ledger transaction records it. Groups fill from the backlog, not from the
 workers: `workers` bounds the sink calls at once, not the rows per call. Each item's
 outcome is still its own.
+
+Faults that are not the item's hold the pool rather than each item backing off alone.
+An outcome that cannot be recorded (the ledger's disk is full) keeps its item claimed,
+so it is not sent again, and is written once the ledger is writable; meanwhile nothing
+new is claimed. An item that fails for a condition of the sink (out of space:
+RetriableError.condition) holds the pool: `problem` says so, one item a second goes
+as the probe, and when one goes through every item held by the condition is due at
+once (op_wake_pending) and the pool runs at full speed again.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+import structlog
+
 from ingestd.ledger import AsyncLedger, Claim, LedgerOp
+from ingestd.ledger.ops import op_wake_pending
 from ingestd.media.transform import transforms
 from ingestd.pipeline.outcome import Outcome, abandoned, crashed
 from ingestd.pipeline.prepare import Preparer
@@ -37,6 +48,9 @@ from ingestd.sinks.base import BatchLimits, Sink
 # ready while one is sent.
 AHEAD = 2
 GROUPS_AHEAD = 2
+PROBE_EVERY = 1.0  # seconds between probe items while the pool is held
+
+log = structlog.get_logger("ingestd.sync")
 
 
 class _Slots:
@@ -101,6 +115,12 @@ class SyncPool:
         self._sender = Sender(sink, self._slots)
         self._preparer = Preparer(self._stop_event, spool_root, self._sender.transfer)
         self._step = SyncStep(self._preparer, self._sender)
+        # A sink condition holding the pool (e.g. "space"), what status says of it, the
+        # probe item in flight and when the next may go.
+        self._held: str | None = None
+        self.problem: str | None = None
+        self._probe: tuple[str, str] | None = None
+        self._next_probe = 0.0
 
     @property
     def sink(self) -> Sink:
@@ -138,20 +158,35 @@ class SyncPool:
         `ingestd retry` from another process and backoff timers are picked up."""
         while not self._stopping:
             self._wake.clear()
-            free = self._depth() - self._busy
+            if not self.ledger.writable.is_set():
+                # Outcomes cannot be recorded: new claims would only be sent again.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ledger.wait_writable(), poll)
+                continue
+            free = self._free()
             claims: list[Claim] = []
             if free > 0:
                 claims = await self._claim(free, [])
                 limits = self._sender.batches()
-                if limits and limits.linger > 0 and 0 < len(claims) < min(free, limits.items):
+                if (
+                    limits
+                    and limits.linger > 0
+                    and self._held is None
+                    and 0 < len(claims) < min(free, limits.items)
+                ):
                     # A short backlog: give the group `linger` to fill before it goes.
                     await asyncio.sleep(limits.linger)
                     claims += await self._claim(free - len(claims), claims)
+                if claims and self._held is not None:
+                    self._probe = (claims[0].watch, claims[0].source_id)
+                    self._next_probe = time.monotonic() + PROBE_EVERY
                 self._dispatch(claims)
-            if claims and self._busy < self._depth():
+            if claims and self._busy < self._depth() and self._held is None:
                 continue
             timeout = poll
-            if free > 0 and not claims:
+            if self._held is not None and self._probe is None:
+                timeout = min(poll, max(0.0, self._next_probe - time.monotonic()))
+            elif free > 0 and not claims:
                 # Items in flight are still pending in the ledger, and due: without them
                 # excluded the wait would be 0 until they finish (a busy loop).
                 nxt = await self.ledger.call(
@@ -161,6 +196,57 @@ class SyncPool:
                     timeout = min(poll, max(0.0, nxt - time.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _free(self) -> int:
+        """Items to claim now: up to the depth, or while held one probe at a time."""
+        free = self._depth() - self._busy
+        if self._held is None:
+            return free
+        if self._probe is not None or time.monotonic() < self._next_probe:
+            return 0
+        return min(free, 1)
+
+    def _note(self, outcome: Outcome) -> list[LedgerOp]:
+        """Hold the pool on an outcome failed for a sink condition; release it on a
+        success while held. The ops to record with the outcome (the wake-up)."""
+        claim = outcome.claim
+        if outcome.condition is not None:
+            self._next_probe = time.monotonic() + PROBE_EVERY
+            if self._held is None:
+                self._held = outcome.condition
+                self.problem = (
+                    f"{outcome.error}; free space there; one item is retried every second "
+                    "and all continue when it succeeds"
+                )
+                log.error(
+                    "sync held: the sink is out of space",
+                    watch=claim.watch,
+                    item=claim.key,
+                    reason=outcome.error,
+                )
+            return []
+        if self._held is not None and outcome.result == "synced":
+            held, self._held, self.problem = self._held, None, None
+            log.info("sync resumed: the sink takes items again", watch=claim.watch, item=claim.key)
+            self.wake()
+            return [op_wake_pending(held, time.time())]
+        return []
+
+    async def _record(self, ops: list[LedgerOp]) -> None:
+        """Write outcome ops. While the ledger cannot be written they are kept (and so
+        their items stay claimed, not sent again) and written once it can."""
+        while True:
+            try:
+                await self.ledger.write_many(ops)
+                return
+            except Exception as e:
+                if not self.ledger.is_unwritable(e):
+                    # Not the disk: the item is claimed again later; not at once, which
+                    # would loop as fast as the op fails.
+                    log.exception("recording outcomes failed", items=len(ops))
+                    await asyncio.sleep(PROBE_EVERY)
+                    return
+            await self.ledger.wait_writable()
 
     async def _claim(self, n: int, also: list[Claim]) -> list[Claim]:
         """Up to `n` due items, none of those in flight or in `also`."""
@@ -271,9 +357,11 @@ class SyncPool:
                 # its result is committed, so recording overlaps the next upload.
                 self._busy -= 1
                 self._wake.set()
-            await self.ledger.write(op)
+            await self._record([op, *self._note(outcome)])
         finally:
             self._inflight.pop(k, None)
+            if self._probe == k:
+                self._probe = None
             self._wake.set()
         self._report(outcome)
 
@@ -293,10 +381,17 @@ class SyncPool:
                 self._busy -= len(claims)
                 self._wake.set()
             ops = [op for _, op in done if op is not None]
-            await self.ledger.write_many([synced, *ops] if synced is not None else ops)
+            if synced is not None:
+                ops.insert(0, synced)
+            for outcome, _ in done:
+                ops += self._note(outcome)
+            await self._record(ops)
         finally:
             for c in claims:
-                self._inflight.pop((c.watch, c.source_id), None)
+                k = (c.watch, c.source_id)
+                self._inflight.pop(k, None)
+                if self._probe == k:
+                    self._probe = None
             self._wake.set()
         for outcome, _ in done:
             self._report(outcome)

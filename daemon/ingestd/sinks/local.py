@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError
+from ingestd.core.errors import SPACE, PermanentError, RetriableError, SourceChangedError
 from ingestd.core.model import FilePayload, ItemPayload
 from ingestd.sinks.base import (
     BatchItem,
@@ -177,8 +177,11 @@ class LocalSink(SinkBase):
                 await asyncio.to_thread(writer.abort)
 
     def _write_error(self, e: StoreIOError) -> RetriableError:
-        if e.errno == errno.ENOSPC:
-            return RetriableError(f"local store at {self.root} is out of disk space")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The store's, not the item's: the sync pool probes with one item.
+            return RetriableError(
+                f"the local store at {self.root} is out of disk space", condition=SPACE
+            )
         return RetriableError(
             f"cannot write to local store at {self.root}: {e.strerror} ({e.filename})"
         )
@@ -255,7 +258,7 @@ class LocalSink(SinkBase):
             upserted = store.catalog.upsert_items(entries)
         except sqlite3.Error as e:  # locked past busy_timeout, disk full, I/O error
             for i in todo:
-                results[i] = RetriableError(f"local store catalog at {self.root} failed: {e}")
+                results[i] = self._catalog_error(e)
         else:
             for i, u in zip(todo, upserted, strict=True):
                 key = items[i][1].key
@@ -288,7 +291,15 @@ class LocalSink(SinkBase):
         try:
             return fn(store)
         except sqlite3.Error as e:  # locked past busy_timeout, disk full, I/O error
-            raise RetriableError(f"local store catalog at {self.root} failed: {e}") from e
+            raise self._catalog_error(e) from e
+
+    def _catalog_error(self, e: sqlite3.Error) -> RetriableError:
+        if "disk is full" in str(e):
+            return RetriableError(
+                f"the local store at {self.root} is out of disk space (catalog: {e})",
+                condition=SPACE,
+            )
+        return RetriableError(f"local store catalog at {self.root} failed: {e}")
 
     def _shutdown(self) -> None:
         if self._own_executor:

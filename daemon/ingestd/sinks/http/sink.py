@@ -315,6 +315,6 @@ class HttpSink(SinkBase):
             e = RetriableError(f"the server's batch answer does not list {len(sent)} results")
             return {i: e for i in indices}
         return {
-            i: wire.result(dataset, item, r, files)
+            i: wire.result(dataset, item, r, files, self.url)
             for i, (dataset, item), r in zip(indices, sent, results, strict=True)
         }

@@ -12,7 +12,13 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
-from ingestd.core.errors import PermanentError, RetriableError, SourceChangedError, SyncError
+from ingestd.core.errors import (
+    SPACE,
+    PermanentError,
+    RetriableError,
+    SourceChangedError,
+    SyncError,
+)
 from ingestd.core.model import FilePayload, ItemPayload
 from ingestd.sinks.base import PutResult
 from ingestd.sinks.kit.client import Answer
@@ -70,9 +76,19 @@ def message_of(answer: Answer) -> str:
         return "no message"
 
 
-def rejection(url: str, key_hint: str, answer: Answer, what: str) -> PermanentError:
+def no_space(url: str, what: str) -> RetriableError:
+    """HTTP 507: the server's store is full; the sync pool holds and probes."""
+    return RetriableError(
+        f"the ingestion server at {url} is out of disk space (HTTP 507, {what})",
+        condition=SPACE,
+    )
+
+
+def rejection(url: str, key_hint: str, answer: Answer, what: str) -> SyncError:
     """What a refused request means (the kit client's `reject`)."""
     status = answer.status
+    if status == 507:
+        return no_space(url, what)
     if status == 401:
         return PermanentError(
             f"{what}: the ingestion server at {url} refused the token (HTTP 401); "
@@ -143,7 +159,7 @@ def frame(
 
 
 def result(
-    dataset: str, item: ItemPayload, r: Any, files: dict[str, FilePayload]
+    dataset: str, item: ItemPayload, r: Any, files: dict[str, FilePayload], url: str = ""
 ) -> PutResult | SyncError:
     """One item's result of a batch answer, as put_item would return or raise it."""
     if not isinstance(r, dict) or not isinstance(r.get("status"), int):
@@ -162,6 +178,8 @@ def result(
         return changed(files[r["expected"]], r.get("actual"))
     if code == "missing_blobs":
         return RetriableError(f"{what}: the server misses blobs it was sent ({message})")
+    if status == 507:
+        return no_space(url or "?", what)
     if status in (408, 429) or status >= 500:
         return RetriableError(f"{what}: HTTP {status} ({message})")
     return PermanentError(f"{what}: rejected by the server (HTTP {status}, {code}): {message}")
