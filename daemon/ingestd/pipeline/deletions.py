@@ -17,7 +17,20 @@ if TYPE_CHECKING:
 async def apply_gone(runner: WatchRunner, gone: list[str], *, full_pass: bool) -> None:
     """Record `gone` paths, unless the guard refuses them (a watch problem until the
     files are back or `max_delete` is raised). A full pass that got this far clears the
-    watch's problem."""
+    watch's problem. While the ledger cannot be written this waits for it; on any other
+    failure the paths go back to the runner's gone set for the next try."""
+    while True:
+        try:
+            await _apply_gone(runner, gone, full_pass=full_pass)
+            return
+        except Exception as e:
+            if not runner.ledger.is_unwritable(e):
+                runner.gone.update(gone)
+                raise
+        await runner.ledger.wait_writable()
+
+
+async def _apply_gone(runner: WatchRunner, gone: list[str], *, full_pass: bool) -> None:
     w = runner.watch
     ledger = runner.ledger
     now = time.time()

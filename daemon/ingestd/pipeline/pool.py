@@ -87,6 +87,76 @@ class _Slots:
                 free -= 1
 
 
+class _Hold:
+    """A sink condition holding the pool (out of space): what status says of it, the
+    probe item in flight, and when the next probe may go."""
+
+    def __init__(self) -> None:
+        self.condition: str | None = None
+        self.problem: str | None = None
+        self.probe: tuple[str, str] | None = None
+        self.next_probe = 0.0
+
+    def free(self, free: int) -> int:
+        """Items to claim now, of `free`: all, or while held one probe at a time."""
+        if self.condition is None:
+            return free
+        if self.probe is not None or time.monotonic() < self.next_probe:
+            return 0
+        return min(free, 1)
+
+    def probing(self, claims: list[Claim]) -> None:
+        if claims and self.condition is not None:
+            self.probe = (claims[0].watch, claims[0].source_id)
+            self.next_probe = time.monotonic() + PROBE_EVERY
+
+    def done(self, key: tuple[str, str]) -> None:
+        if self.probe == key:
+            self.probe = None
+
+    def note(self, outcome: Outcome) -> list[LedgerOp]:
+        """Hold on an outcome failed for a sink condition; release on a success while
+        held. The ops to record with the outcome: the wake-up of the held items."""
+        claim = outcome.claim
+        if outcome.condition is not None:
+            self.next_probe = time.monotonic() + PROBE_EVERY
+            if self.condition is None:
+                self.condition = outcome.condition
+                self.problem = (
+                    f"{outcome.error}; free space there; one item is retried every second "
+                    "and all continue when it succeeds"
+                )
+                log.error(
+                    "sync held: the sink is out of space",
+                    watch=claim.watch,
+                    item=claim.key,
+                    reason=outcome.error,
+                )
+            return []
+        if self.condition is not None and outcome.result == "synced":
+            held, self.condition, self.problem = self.condition, None, None
+            log.info("sync resumed: the sink takes items again", watch=claim.watch, item=claim.key)
+            return [op_wake_pending(held, time.time())]
+        return []
+
+
+async def _record(ledger: AsyncLedger, ops: list[LedgerOp]) -> None:
+    """Write outcome ops. While the ledger cannot be written they are kept (and so their
+    items stay claimed, not sent again) and written once it can."""
+    while True:
+        try:
+            await ledger.write_many(ops)
+            return
+        except Exception as e:
+            if not ledger.is_unwritable(e):
+                # Not the disk: the items are claimed again later; not at once, which
+                # would loop as fast as the op fails.
+                log.exception("recording outcomes failed", items=len(ops))
+                await asyncio.sleep(PROBE_EVERY)
+                return
+        await ledger.wait_writable()
+
+
 class SyncPool:
     def __init__(
         self,
@@ -115,16 +185,16 @@ class SyncPool:
         self._sender = Sender(sink, self._slots)
         self._preparer = Preparer(self._stop_event, spool_root, self._sender.transfer)
         self._step = SyncStep(self._preparer, self._sender)
-        # A sink condition holding the pool (e.g. "space"), what status says of it, the
-        # probe item in flight and when the next may go.
-        self._held: str | None = None
-        self.problem: str | None = None
-        self._probe: tuple[str, str] | None = None
-        self._next_probe = 0.0
+        self._hold = _Hold()
 
     @property
     def sink(self) -> Sink:
         return self._sender.sink
+
+    @property
+    def problem(self) -> str | None:
+        """What holds the pool (the sink out of space), for status; None normally."""
+        return self._hold.problem
 
     @property
     def inflight(self) -> int:
@@ -163,7 +233,7 @@ class SyncPool:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.ledger.wait_writable(), poll)
                 continue
-            free = self._free()
+            free = self._hold.free(self._depth() - self._busy)
             claims: list[Claim] = []
             if free > 0:
                 claims = await self._claim(free, [])
@@ -171,21 +241,20 @@ class SyncPool:
                 if (
                     limits
                     and limits.linger > 0
-                    and self._held is None
+                    and self._hold.condition is None
                     and 0 < len(claims) < min(free, limits.items)
                 ):
                     # A short backlog: give the group `linger` to fill before it goes.
                     await asyncio.sleep(limits.linger)
                     claims += await self._claim(free - len(claims), claims)
-                if claims and self._held is not None:
-                    self._probe = (claims[0].watch, claims[0].source_id)
-                    self._next_probe = time.monotonic() + PROBE_EVERY
+                self._hold.probing(claims)
                 self._dispatch(claims)
-            if claims and self._busy < self._depth() and self._held is None:
+            held = self._hold.condition is not None
+            if claims and self._busy < self._depth() and not held:
                 continue
             timeout = poll
-            if self._held is not None and self._probe is None:
-                timeout = min(poll, max(0.0, self._next_probe - time.monotonic()))
+            if held and self._hold.probe is None:
+                timeout = min(poll, max(0.0, self._hold.next_probe - time.monotonic()))
             elif free > 0 and not claims:
                 # Items in flight are still pending in the ledger, and due: without them
                 # excluded the wait would be 0 until they finish (a busy loop).
@@ -197,56 +266,11 @@ class SyncPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _free(self) -> int:
-        """Items to claim now: up to the depth, or while held one probe at a time."""
-        free = self._depth() - self._busy
-        if self._held is None:
-            return free
-        if self._probe is not None or time.monotonic() < self._next_probe:
-            return 0
-        return min(free, 1)
-
     def _note(self, outcome: Outcome) -> list[LedgerOp]:
-        """Hold the pool on an outcome failed for a sink condition; release it on a
-        success while held. The ops to record with the outcome (the wake-up)."""
-        claim = outcome.claim
-        if outcome.condition is not None:
-            self._next_probe = time.monotonic() + PROBE_EVERY
-            if self._held is None:
-                self._held = outcome.condition
-                self.problem = (
-                    f"{outcome.error}; free space there; one item is retried every second "
-                    "and all continue when it succeeds"
-                )
-                log.error(
-                    "sync held: the sink is out of space",
-                    watch=claim.watch,
-                    item=claim.key,
-                    reason=outcome.error,
-                )
-            return []
-        if self._held is not None and outcome.result == "synced":
-            held, self._held, self.problem = self._held, None, None
-            log.info("sync resumed: the sink takes items again", watch=claim.watch, item=claim.key)
-            self.wake()
-            return [op_wake_pending(held, time.time())]
-        return []
-
-    async def _record(self, ops: list[LedgerOp]) -> None:
-        """Write outcome ops. While the ledger cannot be written they are kept (and so
-        their items stay claimed, not sent again) and written once it can."""
-        while True:
-            try:
-                await self.ledger.write_many(ops)
-                return
-            except Exception as e:
-                if not self.ledger.is_unwritable(e):
-                    # Not the disk: the item is claimed again later; not at once, which
-                    # would loop as fast as the op fails.
-                    log.exception("recording outcomes failed", items=len(ops))
-                    await asyncio.sleep(PROBE_EVERY)
-                    return
-            await self.ledger.wait_writable()
+        ops = self._hold.note(outcome)
+        if ops:
+            self.wake()  # released: full speed
+        return ops
 
     async def _claim(self, n: int, also: list[Claim]) -> list[Claim]:
         """Up to `n` due items, none of those in flight or in `also`."""
@@ -357,11 +381,10 @@ class SyncPool:
                 # its result is committed, so recording overlaps the next upload.
                 self._busy -= 1
                 self._wake.set()
-            await self._record([op, *self._note(outcome)])
+            await _record(self.ledger, [op, *self._note(outcome)])
         finally:
             self._inflight.pop(k, None)
-            if self._probe == k:
-                self._probe = None
+            self._hold.done(k)
             self._wake.set()
         self._report(outcome)
 
@@ -385,13 +408,12 @@ class SyncPool:
                 ops.insert(0, synced)
             for outcome, _ in done:
                 ops += self._note(outcome)
-            await self._record(ops)
+            await _record(self.ledger, ops)
         finally:
             for c in claims:
                 k = (c.watch, c.source_id)
                 self._inflight.pop(k, None)
-                if self._probe == k:
-                    self._probe = None
+                self._hold.done(k)
             self._wake.set()
         for outcome, _ in done:
             self._report(outcome)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ingestd.core.errors import (
+    SPACE,
     Abandoned,
     PermanentError,
     RetriableError,
@@ -99,11 +101,38 @@ class Preparer:
         """Local files sent as they are (nothing to read: no thread hop)."""
         return build_payload(side, plan, digests, "")
 
+    def spool_full(self, e: BaseException) -> RetriableError | None:
+        """The spool's disk is full (the cause anywhere in `e`'s chain: media code wraps
+        it): the sync pool's out-of-space hold, not the item's failure."""
+        seen: set[int] = set()
+        cause: BaseException | None = e
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = os.path.join(self.spool_root or tempfile.gettempdir(), "spool")
+                return RetriableError(
+                    f"the spool at {where} is out of disk space (downloads and derived "
+                    "media are made there)",
+                    condition=SPACE,
+                )
+            cause = cause.__cause__ or cause.__context__
+        return None
+
     async def payload(
         self, side: WatchSide, plan: ItemPlan, digests: list[str], spool: str, spooled: bool
     ) -> ItemPayload:
         """The item as sent. `spooled`: some slot is derived by the media rules (in the
         media pool, into `spool`); otherwise local files go as they are, no thread hop."""
+        try:
+            return await self._payload(side, plan, digests, spool, spooled)
+        except Exception as e:
+            if (full := self.spool_full(e)) is not None:
+                raise full from e
+            raise
+
+    async def _payload(
+        self, side: WatchSide, plan: ItemPlan, digests: list[str], spool: str, spooled: bool
+    ) -> ItemPayload:
         if not side.source.features.local_paths:
             if self.transfer(side) == "register":
                 return await register_payload(side, plan)
@@ -127,7 +156,11 @@ class Preparer:
                 for p in _parts(jobs)
             )
         )
-        return [r for part in done for r in part]
+        return [
+            full if isinstance(r, Exception) and (full := self.spool_full(r)) else r
+            for part in done
+            for r in part
+        ]
 
     async def _copy_payload(self, side: WatchSide, plan: ItemPlan, spool: str) -> ItemPayload:
         """Bucket objects with their bytes: streamed to the sink when sent as they are
