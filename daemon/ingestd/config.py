@@ -436,6 +436,11 @@ class DicomConfig(_Strict):
     )
 
 
+# Unset poll_interval: a bucket listing costs requests (and money); a polled folder is
+# a share where files should not wait long, and unchanged folders are not re-listed.
+BUCKET_POLL_INTERVAL = 60.0
+FOLDER_POLL_INTERVAL = 5.0
+
 _WATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -461,7 +466,17 @@ class Watch(_Strict):
         description="buckets: register (reference the object URL; the default where the "
         "backend takes remote URLs) or copy (move the bytes)",
     )
-    poll_interval: Duration = Field(default=60.0, description="buckets: listing interval")
+    poll_interval: Duration = Field(
+        default=BUCKET_POLL_INTERVAL,
+        description="how often a polled source is listed: a bucket prefix, or a folder on a "
+        f"network or FUSE mount or with watch_mode: poll (default {BUCKET_POLL_INTERVAL:g}s "
+        f"for buckets, {FOLDER_POLL_INTERVAL:g}s for folders)",
+    )
+    watch_mode: Literal["auto", "events", "poll"] = Field(
+        default="auto",
+        description="folders: auto (poll network and FUSE mounts, inotify events "
+        "elsewhere), events, or poll",
+    )
     dataset: str
     path: str = "/"
     preserve_folders: bool = True
@@ -507,12 +522,29 @@ class Watch(_Strict):
     @model_validator(mode="after")
     def _bucket_only(self) -> Watch:
         if self.bucket is None:
-            for key in ("source_options", "transfer", "poll_interval"):
+            for key in ("source_options", "transfer"):
                 if key in self.model_fields_set:
                     raise ValueError(
                         f"{key} applies to bucket sources only; {self.source} is a folder"
                     )
+        elif self.watch_mode == "events":
+            raise ValueError(
+                "watch_mode: events applies to folders only; a bucket prefix has no "
+                "events and is listed every poll_interval"
+            )
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _poll_default(cls, data: Any) -> Any:
+        # Unset means the default for the kind of source: a folder is polled only where
+        # inotify is blind (a share), and files there should not wait a minute.
+        if isinstance(data, dict) and data.get("poll_interval") is None:
+            source = data.get("source")
+            bucket = isinstance(source, str) and "://" in source
+            interval = BUCKET_POLL_INTERVAL if bucket else FOLDER_POLL_INTERVAL
+            data = {**data, "poll_interval": interval}
+        return data
 
     @property
     def bucket(self) -> BucketUrl | None:
