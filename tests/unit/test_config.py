@@ -153,3 +153,52 @@ def test_schema_lists_the_keys() -> None:
     watch = schema["$defs"]["Watch"]
     assert watch["additionalProperties"] is False
     assert {"settle", "include", "metadata", "max_delete"} <= set(watch["properties"])
+
+
+def test_poll_interval_defaults_by_kind_and_is_taken_for_folders(tmp_path: Path) -> None:
+    watches = [
+        {"name": "f", "source": ".", "dataset": "d"},
+        {"name": "b", "source": "s3://my-bucket/p", "dataset": "d"},
+        {"name": "g", "source": ".", "dataset": "d", "poll_interval": "2s"},
+        {"name": "n", "source": ".", "dataset": "d", "poll_interval": None},
+    ]
+    config = parse_config({"watches": watches}, tmp_path)
+    intervals = {w.name: w.poll_interval for w in config.watches}
+    assert intervals == {"f": 5.0, "b": 60.0, "g": 2.0, "n": 5.0}
+    assert {w.watch_mode for w in config.watches} == {"auto"}
+    (problem,) = _problems(
+        {"watches": [{"name": "a", "source": ".", "dataset": "d", "poll_interval": "0.5s"}]},
+        tmp_path,
+    )
+    assert problem.startswith("watches[0].poll_interval:") and "at least 1s" in problem
+
+
+def test_watch_mode(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "watches": [
+                {"name": "p", "source": ".", "dataset": "d", "watch_mode": "poll"},
+                {"name": "e", "source": ".", "dataset": "d", "watch_mode": "events"},
+                {"name": "b", "source": "s3://my-bucket/p", "dataset": "d", "watch_mode": "poll"},
+            ]
+        },
+        tmp_path,
+    )
+    assert [w.watch_mode for w in config.watches] == ["poll", "events", "poll"]
+    (problem,) = _problems(
+        {"watches": [{"name": "a", "source": ".", "dataset": "d", "watch_mode": "inotify"}]},
+        tmp_path,
+    )
+    assert problem.startswith("watches[0].watch_mode:"), problem
+    (problem,) = _problems(
+        {
+            "watches": [
+                {"name": "a", "source": "s3://my-bucket/p", "dataset": "d", "watch_mode": "events"}
+            ]
+        },
+        tmp_path,
+    )
+    assert "watch_mode: events applies to folders only" in problem
+    # Not an item setting: editing it restarts the watch without planning items again.
+    a = config.watches[0]
+    assert a.model_copy(update={"watch_mode": "events"}).plan_identity() == a.plan_identity()
