@@ -512,11 +512,11 @@ class Watch(_Strict):
         if "://" in v:
             return str(parse_bucket_url(v))
         path = _resolve_path(Path(v), info)
-        if (info.context or {}).get("check_paths", True):
-            if not path.exists():
-                raise ValueError(f"folder {path} does not exist; create it or fix the path")
-            if not path.is_dir():
-                raise ValueError(f"{path} is not a folder")
+        # A folder that is not there yet is no error: a mount may arrive after the
+        # daemon starts, and the watch waits for it (`config_warnings` says so). Something
+        # else at that path is a mistake the daemon cannot wait out.
+        if (info.context or {}).get("check_paths", True) and path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is not a folder")
         return str(path)
 
     @model_validator(mode="after")
@@ -785,6 +785,16 @@ def load_config(path: Path, *, check_paths: bool = True) -> Config:
         return parse_config(data, path.resolve().parent, check_paths=check_paths)
     except ConfigError as e:
         raise ConfigError(path, e.problems) from None
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but worth saying before the daemon runs: each local source folder
+    that does not exist yet (its watch waits for it, creating nothing)."""
+    return [
+        f"watch {w.name!r}: folder {w.source} does not exist yet; the watch waits for it"
+        for w in config.watches
+        if w.bucket is None and not os.path.isdir(w.source)
+    ]
 
 
 def json_schema() -> dict[str, Any]:

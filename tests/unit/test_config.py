@@ -77,13 +77,14 @@ def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
 
 def test_every_problem_is_named_by_field(tmp_path: Path) -> None:
     (tmp_path / "drop").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
     problems = _problems(
         {
             "wokers": 3,
             "backend": {"kind": "nope"},
             "watches": [
                 {"name": "a", "source": "drop", "dataset": "d", "settle": "-1s", "colour": 1},
-                {"name": "a", "source": "missing", "dataset": "d"},
+                {"name": "a", "source": "a-file", "dataset": "d"},
                 {"name": "b", "source": "drop", "dataset": "d/e", "path": "/x/../y"},
             ],
         },
@@ -96,7 +97,7 @@ def test_every_problem_is_named_by_field(tmp_path: Path) -> None:
         "watches[0].settle: must not be negative",
         "watches[0].colour: unknown key",
         "watches[1].name: 'a' is already used by watches[0]",
-        "watches[1].source: folder",
+        "watches[1].source: " + str(tmp_path / "a-file") + " is not a folder",
         "watches[2].dataset:",
         "watches[2].path:",
     ):

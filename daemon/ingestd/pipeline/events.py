@@ -75,7 +75,7 @@ class EventHints:
     def on_overflow(self) -> None:
         self.runner.overflows += 1
         self.log.warning("filesystem events were lost (inotify queue overflow); rescanning")
-        self.runner.request_rescan()
+        self.runner.request_rescan("overflow")
 
     async def _subtree_loop(self) -> None:
         while True:

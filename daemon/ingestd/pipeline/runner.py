@@ -16,6 +16,8 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -33,6 +35,34 @@ from ingestd.plan.groups import GroupMembership
 from ingestd.sources import open_source
 
 log = structlog.get_logger("ingestd.watch")
+
+STOP_TIMEOUT = 2.0  # a stopping runner waits this long for its tasks (a stuck thread stays)
+
+# Why a full pass ran, as `status` shows it.
+REASONS = ("start", "timer", "request", "overflow", "folder appeared", "backlog full")
+
+
+@dataclass(frozen=True, slots=True)
+class Rescan:
+    """The last full pass that completed. `found`: files it listed new or changed, and
+    known files it found gone. `repaired`: those of them no event had announced, i.e.
+    not held for settling after a hint and not already noted gone; for a source without
+    events every one counts. (A pass handing on every file after a settings change
+    counts every file; a file planned in the moment between its settling and its
+    ledger record may count once too.)"""
+
+    at: float  # wall-clock time the pass ended
+    reason: str
+    found: int
+    repaired: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "reason": self.reason,
+            "found": self.found,
+            "repaired": self.repaired,
+        }
 
 
 class _Takes:
@@ -56,9 +86,15 @@ class _Takes:
         return self.runner.filter.prunes_dir(reldir)
 
 
+# The parts that stand alone already live apart (events.py, plan_queue.py, settling.py,
+# deletions.py); what is left shares the runner's state.
+# long: one watch's whole life: start, passes and what status shows of them, deletions
 class WatchRunner:
     backoff_base = 5.0  # first retry after a failed pass, at most
     backoff_cap = 300.0
+    # Set while the watch's root is missing: the first time ("waiting for") differs
+    # from a root that went away (an unmounted disk).
+    root_missing = False
 
     def __init__(
         self,
@@ -99,6 +135,12 @@ class WatchRunner:
         self.scans = 0
         self.last_pass: PassStats | None = None  # the last pass that completed
         self.overflows = 0
+        self.last_overflow: float | None = None  # wall-clock time of the last event overflow
+        self.last_rescan: Rescan | None = None
+        self._reasons: list[str] = []  # why rescans were asked for since the last one
+        self._listed = False  # a full pass completed since the runner started
+        self._settings_checked = False
+        self.problem: str | None = None  # a failure of the runner itself (not the source)
         self.failures = 0  # passes failed in a row
         self.files_seen = 0  # files noticed new or changed (each version counted once)
         # The settings changed since the items were planned: full passes hand on every
@@ -109,7 +151,11 @@ class WatchRunner:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Install the observer first, then list, so nothing created meanwhile is missed."""
+        """Install the observer first, then list, so nothing created meanwhile is missed.
+        Whatever fails here (no folder yet, the ledger) is shown and retried by the pass
+        loop, which runs in any case: a watch never stops for a failed start. Without a
+        folder the observer cannot start; the health check installs it once the folder
+        is there."""
         name = self.watch.name
         if self.hints is not None:
             await self.hints.start_observer()
@@ -117,21 +163,46 @@ class WatchRunner:
             asyncio.create_task(self.settling.run(), name=f"settle:{name}"),
             asyncio.create_task(self.plans.run(), name=f"plan:{name}"),
         ]
-        await self.check_settings()
-        await self.scan("")
+        try:
+            await self._full_pass("start")
+        except Exception as e:
+            self.failures += 1
+            self.log.exception("watch start failed; trying again with backoff", error=str(e))
         if self._observe or not self.events:
             self._tasks.append(asyncio.create_task(self._pass_loop(), name=f"pass:{name}"))
         if self.hints is not None:
             self._tasks += self.hints.tasks()
 
     async def stop(self) -> None:
+        """Cancel the watch's tasks and wait for them at most STOP_TIMEOUT: a task stuck
+        on a thread (a hung mount, a planner that never returns) is left behind rather
+        than holding up the daemon's stop."""
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+            if stuck:
+                self.log.warning(
+                    "watch tasks did not stop in time; leaving them",
+                    tasks=sorted(t.get_name() for t in stuck),
+                )
         with contextlib.suppress(Exception):
-            await self.source.close()
+            await asyncio.wait_for(self.source.close(), STOP_TIMEOUT)
+
+    async def _full_pass(self, reason: str) -> None:
+        """A full pass, after the settings check if that has not succeeded yet. An
+        exception (the ledger) is the runner's problem until a pass completes."""
+        try:
+            if not self._settings_checked:
+                await self.check_settings()
+                self._settings_checked = True
+            await self.scan("", reason=reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.problem = f"{type(e).__name__}: {e}; trying again with backoff"
+            raise
+        self.problem = None
 
     async def check_settings(self) -> None:
         """Compare the watch's settings with those its items were made with (the config
@@ -151,8 +222,24 @@ class WatchRunner:
             self.log.info("item settings changed; planning every file again")
             self.replan = True
 
-    def request_rescan(self) -> None:
+    def request_rescan(self, reason: str = "request") -> None:
+        """A full pass soon. `reason` is one of REASONS; an overflow is also timed."""
+        if reason == "overflow":
+            self.last_overflow = time.time()
+        if reason not in self._reasons:
+            self._reasons.append(reason)
         self._rescan.set()
+
+    def live(self) -> dict[str, Any]:
+        """What the running watch adds to `status`: how it is watched, its last event
+        overflow and its last full pass."""
+        features = self.source.features
+        return {
+            "mode": "events" if features.events else "poll",
+            "mode_reason": features.mode_reason,
+            "last_overflow": self.last_overflow,
+            "last_rescan": self.last_rescan.as_json() if self.last_rescan else None,
+        }
 
     def hint_changed(self, relpaths: Sequence[str]) -> None:
         """The sync step saw these files change under it: look again."""
@@ -173,6 +260,9 @@ class WatchRunner:
         (from at most `backoff_base` up to `backoff_cap`, jittered)."""
         w = self.watch
         interval = w.rescan if self.events else w.poll_interval
+        if self.root_missing:
+            # Looking for a folder costs one stat: keep looking often, without backoff.
+            return min(interval, self.backoff_base)
         if self.failures:
             base = min(interval, self.backoff_base)
             step = min(self.backoff_cap, base * 2 ** min(self.failures - 1, 20))
@@ -189,8 +279,10 @@ class WatchRunner:
             self._rescan.clear()
             # Requests may come in bursts; a listing may be long: at most one per second.
             await asyncio.sleep(max(0.0, self._last_pass + 1.0 - time.monotonic()))
+            reasons, self._reasons = self._reasons, []
+            reason = "overflow" if "overflow" in reasons else (reasons or ["timer"])[0]
             try:
-                await self.scan("")
+                await self._full_pass(reason)
             except Exception:  # recording the pass failed (the ledger): try again
                 self.failures += 1
                 self.log.exception("pass failed; trying again with backoff")
@@ -201,17 +293,18 @@ class WatchRunner:
         """One full pass; whether the listing completed."""
         return await self.scan("")
 
-    async def scan(self, subdir: str) -> bool:
+    async def scan(self, subdir: str, *, reason: str = "request") -> bool:
         """One listing pass of `subdir` ('' for all): plan what is ready, judge what is
-        gone. A failure becomes the watch's problem and is retried; it deletes nothing."""
+        gone. A failure becomes the watch's problem and is retried; it deletes nothing.
+        A full pass that completes is `last_rescan`, with `reason` (one of REASONS)."""
         self._passing += 1
         try:
-            return await self._scan(subdir)
+            return await self._scan(subdir, reason)
         finally:
             self._passing -= 1
             self._last_pass = time.monotonic()
 
-    async def _scan(self, subdir: str) -> bool:
+    async def _scan(self, subdir: str, reason: str) -> bool:
         self.scans += 1
         pass_no = self.scans
         started = time.monotonic()
@@ -219,6 +312,7 @@ class WatchRunner:
         gone: list[str] = []
         changed = listed = errors = 0
         groups: dict[str, PlanWork] = {}  # group folders the listing is still inside
+        unheld = 0  # changed files settling did not hold: no event had announced them
         try:
             async for batch in self.source.changes(
                 subdir, self.known, self.takes, everything=replan
@@ -229,7 +323,7 @@ class WatchRunner:
                 errors += len(batch.errors)
                 for rel in batch.errors:
                     self.log.warning("cannot read folder or file during scan", path=rel)
-                await self._take(batch.changed, pass_no, groups, batch.last_key)
+                unheld += await self._take(batch.changed, pass_no, groups, batch.last_key)
             for work in groups.values():
                 await self._plan(work)
         except SourceError as e:
@@ -237,6 +331,7 @@ class WatchRunner:
             return False
         self.failures = 0
         self.settling.end_pass(pass_no)
+        unannounced = sum(1 for g in gone if g not in self.gone)
         self.gone.update(gone)
         if subdir:
             self.gone_at = time.monotonic()
@@ -249,6 +344,16 @@ class WatchRunner:
                 self._full_pass_planned_all()
         seconds = round(time.monotonic() - started, 3)
         self.last_pass = PassStats(listed, changed, len(gone), errors, seconds)
+        if not subdir:
+            if self.root_missing:
+                reason = "folder appeared"
+                self.log.info("source folder is there; watching it", source=self.source.where)
+            self.root_missing = False
+            self._listed = True
+            repaired = unheld + unannounced
+            self.last_rescan = Rescan(time.time(), reason, changed + len(gone), repaired)
+            if self.events and repaired and reason not in ("start", "folder appeared"):
+                self.log.info("rescan found what events had missed", reason=reason, files=repaired)
         self.log.debug(
             "scan done",
             subdir=subdir or "/",
@@ -261,9 +366,10 @@ class WatchRunner:
 
     async def _take(
         self, changed: list[Entry], pass_no: int, groups: dict[str, PlanWork], last: str | None
-    ) -> None:
+    ) -> int:
         """Files a listing found new or changed: to settling, and what is ready to plan.
-        A ready marker means its folder is complete: planned without waiting."""
+        A ready marker means its folder is complete: planned without waiting. Returns
+        how many settling did not hold already."""
         offered: list[Entry] = []
         for e in changed:
             m = self.planner.membership(e.relpath)
@@ -289,16 +395,25 @@ class WatchRunner:
             # a group folder, all its files have been seen and it can be judged.
             for g in [g for g in groups if not last.startswith(g + "/")]:
                 await self._plan(groups.pop(g))
+        return new
 
     async def _pass_failed(self, e: SourceError) -> None:
         self.failures += 1
-        if e.kind == "missing":
+        if e.kind == "missing" and not self._listed:
+            # Never seen since the start: a mount that has not arrived yet, say. The
+            # daemon must not create it (files would land under the mount point).
+            problem = (
+                f"waiting for folder {self.source.where} (not there yet; nothing is "
+                "created, an unmounted mount point must stay empty)"
+            )
+        elif e.kind == "missing":
             problem = (
                 f"{e.message}; nothing is deleted while it is missing, and it is checked "
                 "again on every rescan"
             )
         else:
             problem = f"{e.kind}: {e.message}; retried with backoff, nothing is deleted meanwhile"
+        self.root_missing = e.kind == "missing"
         now = time.time()
         if await self.ledger.write(Ledger.op_set_problem(self.watch.name, problem, now)):
             self.log.error("listing failed", source=self.source.where, problem=problem)
@@ -323,7 +438,7 @@ class WatchRunner:
 
     def _settler_overflow(self) -> None:
         self._settler_overflows += 1
-        self.request_rescan()
+        self.request_rescan("backlog full")
 
     # -- planning -------------------------------------------------------------------------
 
