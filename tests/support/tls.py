@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,7 +28,7 @@ from tests.support.daemon import REPO
 from tests.support.serve import SERVE, HttpAnswer, Server
 from tests.support.wait import wait_for
 
-__all__ = ["CA", "Issued", "TlsServer", "peer_serial"]
+__all__ = ["CA", "Handshakes", "Issued", "TlsServer", "listen_tls", "peer_serial"]
 
 _DAY = dt.timedelta(days=1)
 
@@ -238,3 +239,24 @@ class TlsServer(Server):
             return HttpAnswer(resp.status, dict(resp.getheaders()), resp.read())
         finally:
             conn.close()
+
+
+class Handshakes:
+    """Counts the TLS handshakes a server context sees (its SNI callback runs once per
+    ClientHello; clients send SNI for host names, so connect to `localhost`)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.count = 0
+        context.sni_callback = self._hello
+
+    def _hello(self, sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        self.count += 1
+
+
+async def listen_tls(app: web.Application, context: ssl.SSLContext) -> tuple[web.AppRunner, int]:
+    """`app` over TLS on 127.0.0.1, any free port: the runner (for cleanup) and port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    return runner, int(runner.addresses[0][1])

@@ -11,6 +11,10 @@ server up again (one info line with how long it was down).
 
 Once the sink is closed, every attempt ends at the gate (a retry must not open a new
 connection pool behind a closed sink).
+
+A certificate problem (tls.py: the reason starts with "TLS: ") is an outage like any
+other: it lasts until someone fixes a certificate or the config, so one probe at a
+time tells when, and nothing else is sent meanwhile. `problem` is what status shows.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import structlog
 from ingestd.core.errors import RetriableError
 
 log = structlog.get_logger("ingestd.sink.http")
+
+TLS_PREFIX = "TLS: "  # how a certificate problem's reason starts (tls.TLS)
 
 
 class OutageGate:
@@ -47,6 +53,20 @@ class OutageGate:
         self.closed = True
         news, self._news = self._news, asyncio.Event()
         news.set()
+
+    @property
+    def tls(self) -> bool:
+        """The server cannot be reached because of a TLS (certificate) problem."""
+        return self.down and self.reason.startswith(TLS_PREFIX)
+
+    @property
+    def problem(self) -> str | None:
+        """The outage in words while there is one (for status), else None."""
+        if not self.down:
+            return None
+        if self.tls:
+            return f"{self.reason} (ingestion server {self.where})"
+        return self._refusal()
 
     def _refusal(self) -> str:
         return f"ingestion server {self.where} unreachable ({self.reason})"
@@ -98,12 +118,18 @@ class OutageGate:
         log.info("ingestion server reachable again", url=self.where, down_for=round(down_for, 1))
 
     def _unreachable(self, reason: str, probe: bool) -> None:
+        tls = reason.startswith(TLS_PREFIX)
+        # One warning an outage, and one more when a certificate problem replaces
+        # another cause (e.g. the server came back with an expired certificate).
+        news = not self.down or (tls and reason != self.reason)
         self.reason = reason
+        if news:
+            what = "TLS problem" if tls else "unreachable"
+            log.warning(f"ingestion server {what}", url=self.where, reason=reason)
         if not self.down:
             self.down = True
             self._since = time.monotonic()
             self._failures = 1
-            log.warning("ingestion server unreachable", url=self.where, reason=reason)
         elif probe:
             # Failed probes only: requests already under way when the outage began
             # must not push the next probe minutes away.

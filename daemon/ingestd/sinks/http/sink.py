@@ -21,6 +21,7 @@ error reasons, not in the URL.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -42,8 +43,10 @@ from ingestd.sinks.http.blobs import BlobUploader
 from ingestd.sinks.http.gate import OutageGate
 from ingestd.sinks.http.groups import item_bytes, read_group
 from ingestd.sinks.http.single import OneByOne
+from ingestd.sinks.http.tls import CONDITION as TLS_CONDITION
+from ingestd.sinks.http.tls import TlsApiClient, client_context
 from ingestd.sinks.kit.batches import chunked
-from ingestd.sinks.kit.client import Answer, ApiClient
+from ingestd.sinks.kit.client import Answer
 from ingestd.sinks.kit.datasets import DatasetCache
 
 if TYPE_CHECKING:
@@ -76,6 +79,7 @@ class HttpSink(SinkBase):
         chunk_size: int = 8 << 20,
         timeout: float = 60.0,
         key_hint: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -91,7 +95,7 @@ class HttpSink(SinkBase):
         self.gate = OutageGate(
             self.url, lambda: (self.client.backoff_base, self.client.backoff_cap)
         )
-        self.client = ApiClient(
+        self.client = TlsApiClient(
             self.url,
             headers,
             per_minute=None,
@@ -103,6 +107,8 @@ class HttpSink(SinkBase):
             timeout=timeout,
             connections=max(2, workers),
             gate=self.gate,
+            ssl_context=ssl_context,
+            host=parts.hostname,
         )
         self.blobs = BlobUploader(
             self._request,
@@ -127,7 +133,12 @@ class HttpSink(SinkBase):
             hint = f"the token file {backend.token_file} (backend.token_file)"
         else:
             hint = "backend.token_env or backend.token_file (no token is configured)"
-        return cls(backend.url, backend.token(), workers=workers, key_hint=hint)
+        context = None
+        if backend.url.startswith("https:"):
+            context = client_context(backend.ca_file, backend.client_cert, backend.client_key)
+        return cls(
+            backend.url, backend.token(), workers=workers, key_hint=hint, ssl_context=context
+        )
 
     def __repr__(self) -> str:  # never the token
         return f"HttpSink({self.url!r})"
@@ -163,13 +174,29 @@ class HttpSink(SinkBase):
         and its recovery info): callers can log their own retries quietly meanwhile."""
         return not self.gate.down
 
+    @property
+    def problem(self) -> str | None:
+        """Why the server cannot be reached now (a TLS problem names the certificate's
+        fault), or None: what status shows while items wait."""
+        return self.gate.problem
+
     def _url(self, path: str) -> URL:
         return URL(self.url + path, encoded=True)  # segments are already percent-encoded
 
     async def _request(self, method: str, path: str, what: str, **kw: Any) -> Answer:
         if self._closed:
             raise RetriableError("the http sink is closed")
-        return await self.client.request(method, self._url(path), what=what, **kw)
+        try:
+            return await self.client.request(method, self._url(path), what=what, **kw)
+        except RetriableError as e:
+            if not self.gate.tls or getattr(e, "condition", None) is not None:
+                raise
+            # The server's certificate (or our trust in it), not this item: the sync
+            # pool holds every item and probes with one (RetriableError.condition; set
+            # as an attribute so this works whichever of the two changes lands first).
+            tls = RetriableError(f"{what} at {self.url}: {self.gate.reason}")
+            tls.condition = TLS_CONDITION
+            raise tls from e
 
     # --- the Sink interface ----------------------------------------------------------
 
