@@ -177,11 +177,51 @@ class HttpBackend(_Strict):
         default=None, description="environment variable holding the token"
     )
     token_file: Path | None = Field(default=None, description="file holding the token")
+    # TLS settings change how the server is reached, not where items go: excluded from
+    # model_dump so backend_identity stays (fixing ca_file re-sends nothing), while an
+    # edit still differs (==) and so rebuilds the sink on reload.
+    ca_file: Path | None = Field(
+        default=None,
+        exclude=True,
+        description="PEM CA certificate(s) to trust for an https url instead of the "
+        "system's (a private CA)",
+    )
+    client_cert: Path | None = Field(
+        default=None, exclude=True, description="this daemon's certificate (PEM), mutual TLS"
+    )
+    client_key: Path | None = Field(
+        default=None, exclude=True, description="the private key of client_cert (PEM)"
+    )
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _http_url(v, "http://ingest.example:8750", "token_env or token_file")
+
+    @field_validator("ca_file", "client_cert", "client_key", mode="after")
+    @classmethod
+    def _tls_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _secret_file(v, info)
+
+    @model_validator(mode="after")
+    def _tls(self, info: ValidationInfo) -> HttpBackend:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together (mutual TLS)")
+        tls_files = self.ca_file or self.client_cert
+        if tls_files is not None and not self.url.startswith("https:"):
+            raise ValueError("ca_file, client_cert and client_key need an https:// url")
+        if tls_files is not None and (info.context or {}).get("check_paths", True):
+            import ssl  # only here: most configs have no TLS files
+
+            context = ssl.create_default_context()
+            try:
+                if self.ca_file is not None:
+                    context.load_verify_locations(cafile=self.ca_file)
+                if self.client_cert is not None:
+                    context.load_cert_chain(self.client_cert, self.client_key)
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(f"the TLS files do not load as PEM ({e})") from None
+        return self
 
     @field_validator("token_env")
     @classmethod
