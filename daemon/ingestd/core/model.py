@@ -1,7 +1,7 @@
 """The shared vocabulary: entries a source reports and the items a plan produces.
 
 This module sits at the bottom of the import graph (it imports nothing from the
-package) so that sources, plan, ledger, sync and sinks can all speak the same types
+package but core.rawnames) so that sources, plan, ledger, sync and sinks can all speak the same types
 without importing each other.
 """
 
@@ -11,6 +11,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ingestd.core.rawnames import display
 
 SlotType = Literal["image", "video", "frames", "dicom", "file"]
 
@@ -89,8 +91,9 @@ class PlannedSlot:
 
 
 def item_key(path: str, name: str) -> str:
-    """The dataset-wide identity of an item: its folder joined with its name."""
-    return f"{path.rstrip('/')}/{name}"
+    """The dataset-wide identity of an item: its folder joined with its name. Bytes of
+    a file name that are not UTF-8 show as %XX (core.rawnames), as the backend has them."""
+    return display(f"{path.rstrip('/')}/{name}")
 
 
 @dataclass(frozen=True, slots=True)

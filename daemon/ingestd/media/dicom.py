@@ -87,6 +87,8 @@ from pydicom.uid import (
 )
 
 from ingestd.core.errors import MediaError, SourceChangedError
+from ingestd.core.rawnames import shown
+from ingestd.core.regular import check_regular, open_regular_file
 
 __all__ = [
     "DicomHeader",
@@ -127,7 +129,7 @@ class DicomHeader:
 
 
 def _name(path: str) -> str:
-    return os.path.basename(path) or path
+    return shown(os.path.basename(path) or path)  # reasons reach the ledger: no surrogates
 
 
 # Files in the wild carry values that break the standard's rules (IS "1A", over-long
@@ -207,10 +209,13 @@ def _read(path: str, *, header_only: bool, specific_tags: list[int] | None = Non
         # header read; deferring them keeps memory flat.
         kwargs["defer_size"] = "64 KB"
     with _reading(path):
+        # pydicom opens by name (deferred values are read again by name): check just
+        # before, so a FIFO swapped in after hashing fails instead of blocking.
+        check_regular(path)
         try:
             return pydicom.dcmread(path, **kwargs)
         except InvalidDicomError:
-            with open(path, "rb") as fh:
+            with open_regular_file(path) as fh:
                 head = fh.read(_PROBE_BYTES)
             if not _looks_like_bare_dicom(head):
                 raise _not_dicom(path) from None
@@ -221,7 +226,7 @@ def _read_header(path: str, specific_tags: list[int]) -> Dataset:
     """The header from an in-memory prefix when it holds the whole header (the parse
     stopped at the pixel data, or the prefix is the whole file), else from the file."""
     with _reading(path):
-        with open(path, "rb") as fh:
+        with open_regular_file(path) as fh:
             head = fh.read(_HEADER_PREFIX)
         whole = len(head) < _HEADER_PREFIX
         buf = io.BytesIO(head)

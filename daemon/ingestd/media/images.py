@@ -18,7 +18,7 @@ import hashlib
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +26,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from PIL.JpegImagePlugin import get_sampling
 
 from ingestd.core.errors import MediaError, SourceChangedError
+from ingestd.core.rawnames import shown
+from ingestd.core.regular import open_regular_file
 
 __all__ = [
     "MAX_PIXELS",
@@ -99,13 +101,30 @@ class ImageInfo:
 
 
 def _name(path: str) -> str:
-    return os.path.basename(path) or path
+    return shown(os.path.basename(path) or path)  # reasons reach the ledger: no surrogates
 
 
-def _open(path: str) -> Image.Image:
-    """Lazy open (reads the header only), with every failure turned into a reason."""
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[Image.Image]:
+    """Lazy open (reads the header only), with every failure turned into a reason. The
+    file is opened regular-only (core.regular): a FIFO swapped in for an image after it
+    was hashed fails the item instead of blocking the media pool."""
     try:
-        return Image.open(path)
+        fh = open_regular_file(path)
+    except FileNotFoundError:
+        raise SourceChangedError(f"{path} vanished before it could be read") from None
+    except IsADirectoryError:
+        raise SourceChangedError(f"{path} is now a folder") from None
+    except OSError as e:
+        raise MediaError(f"{_name(path)}: cannot read the image: {e.strerror}") from None
+    # Pillow leaves a file object it was handed open; `with fh` closes it.
+    with fh, _open_image(path, fh) as im:
+        yield im
+
+
+def _open_image(path: str, fh: Any) -> Image.Image:
+    try:
+        return Image.open(fh)
     except FileNotFoundError:
         raise SourceChangedError(f"{path} vanished before it could be read") from None
     except IsADirectoryError:

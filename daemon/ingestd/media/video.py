@@ -37,6 +37,8 @@ from ingestd.core.errors import (
     RetriableError,
     SourceChangedError,
 )
+from ingestd.core.rawnames import shown
+from ingestd.core.regular import open_regular
 
 __all__ = [
     "TIME_TOLERANCE",
@@ -161,17 +163,19 @@ def sampling_rate(requested: float, native: float) -> float:
 def _check_readable(path: str) -> None:
     # OpenCV says only "could not open"; say why when the reason is not the content.
     # The classes mirror sync.prepare: a vanished file is still moving, not broken.
+    # Regular files only (core.regular): OpenCV would block on a FIFO swapped in after
+    # hashing; a NotRegularFile fails the item instead.
+    where = shown(path)
     try:
-        with open(path, "rb"):
-            pass
+        os.close(open_regular(path))
     except FileNotFoundError:
-        raise SourceChangedError(f"{path} vanished before it could be read") from None
+        raise SourceChangedError(f"{where} vanished before it could be read") from None
     except IsADirectoryError:
-        raise SourceChangedError(f"{path} is now a folder") from None
+        raise SourceChangedError(f"{where} is now a folder") from None
     except PermissionError:
-        raise PermanentError(f"cannot read {path}: permission denied") from None
+        raise PermanentError(f"cannot read {where}: permission denied") from None
     except OSError as e:
-        raise RetriableError(f"cannot read {path}: {e.strerror}") from None
+        raise RetriableError(f"cannot read {where}: {e.strerror}") from None
 
 
 def _open(path: str) -> cv2.VideoCapture:

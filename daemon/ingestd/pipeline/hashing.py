@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from ingestd.core.errors import Abandoned, PermanentError, RetriableError, SourceChangedError
 from ingestd.core.fingerprint import fingerprint
 from ingestd.core.model import FilePayload, ItemPayload, ItemPlan, SlotPayload
+from ingestd.core.rawnames import shown
+from ingestd.core.regular import open_regular
 from ingestd.media.transform import transform_slot
 from ingestd.pipeline.side import WatchSide
 
@@ -134,47 +136,49 @@ def _check_unchanged(path: str, size: int, mtime_ns: int) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise SourceChangedError(f"{path} vanished while it was prepared") from None
+        raise SourceChangedError(f"{shown(path)} vanished while it was prepared") from None
     if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-        raise SourceChangedError(f"{path} changed while it was prepared")
+        raise SourceChangedError(f"{shown(path)} changed while it was prepared")
 
 
 def hash_checked(
     path: str, size: int, mtime_ns: int, follow_symlinks: bool, stop: threading.Event | None
 ) -> str:
     """The file's sha256 digest, provided it is still `size` bytes modified at
-    `mtime_ns` before and after it is read (else SourceChangedError)."""
+    `mtime_ns` before and after it is read (else SourceChangedError). Only a regular
+    file is opened, without blocking: a FIFO, socket or device fails the item
+    (core.regular.NotRegularFile) instead of holding the worker until a writer comes."""
+    where = shown(path)  # messages reach the ledger: no lone surrogates
     try:
         before = os.stat(path, follow_symlinks=follow_symlinks)
         if (before.st_size, before.st_mtime_ns) != (size, mtime_ns):
-            raise SourceChangedError(f"{path} changed after it settled")
+            raise SourceChangedError(f"{where} changed after it settled")
         h = hashlib.sha256()
-        flags = os.O_RDONLY | (0 if follow_symlinks else os.O_NOFOLLOW)
-        fd = os.open(path, flags)
+        fd = open_regular(path, follow_symlinks=follow_symlinks)
         try:
             with os.fdopen(fd, "rb", buffering=0) as fh:
                 fd = -1
                 while chunk := fh.read(CHUNK):
                     h.update(chunk)
                     if stop is not None and stop.is_set():
-                        raise Abandoned(path)
+                        raise Abandoned(where)
                 after = os.fstat(fh.fileno())
         finally:
             if fd >= 0:
                 os.close(fd)
     except FileNotFoundError:
-        raise SourceChangedError(f"{path} vanished before it could be read") from None
+        raise SourceChangedError(f"{where} vanished before it could be read") from None
     except PermissionError:
         raise PermanentError(
-            f"cannot read {path}: permission denied; fix its permissions (e.g. chmod a+r). "
+            f"cannot read {where}: permission denied; fix its permissions (e.g. chmod a+r). "
             "It is retried when the file changes or on `ingestd retry`"
         ) from None
     except IsADirectoryError:
-        raise SourceChangedError(f"{path} is now a folder") from None
+        raise SourceChangedError(f"{where} is now a folder") from None
     except OSError as e:
         if e.errno in (40,):  # ELOOP: a symlink where we do not follow them
-            raise PermanentError(f"cannot read {path}: {e.strerror}") from None
-        raise RetriableError(f"cannot read {path}: {e.strerror}") from None
+            raise PermanentError(f"cannot read {where}: {e.strerror}") from None
+        raise RetriableError(f"cannot read {where}: {e.strerror}") from None
     if (after.st_size, after.st_mtime_ns) != (size, mtime_ns):
-        raise SourceChangedError(f"{path} changed while it was read")
+        raise SourceChangedError(f"{where} changed while it was read")
     return f"sha256:{h.hexdigest()}"

@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from ingestd.config import GroupConfig, Watch
 from ingestd.core.fingerprint import fingerprint
 from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot, SlotType
+from ingestd.core.rawnames import display
 from ingestd.media.detect import slot_type_for
 from ingestd.plan.layout import PlanError, _check_relpath, dataset_folder, plan_fingerprint
 from ingestd.plan.metadata import (
@@ -247,13 +248,15 @@ class _Group:
     watch: Watch
     group: GroupConfig
     group_dir: str
-    name: str  # the directory's name
+    name: str  # the directory's name, as the backend sees it (core.rawnames.display)
     parent: str  # the directory's parent relative to the root ('' at the root)
     sidecar: Sidecar | None
     metadata: dict[str, Any]  # static < path pattern < sidecar
 
     def planned(self, entry: Entry) -> PlannedFile:
-        return PlannedFile(entry.name, entry.relpath, entry.size, entry.mtime_ns, entry.etag)
+        return PlannedFile(
+            display(entry.name), entry.relpath, entry.size, entry.mtime_ns, entry.etag
+        )
 
 
 # long: one pass over a group's members that builds slots, metadata and the fingerprint together; split, the steps would pass half-built items around
@@ -365,7 +368,7 @@ def _context(watch: Watch, group: GroupConfig, group_dir: str, sidecar: Sidecar 
         _path_fields(rules.path_pattern, group_dir),
         sidecar.data if sidecar is not None else None,
     )
-    return _Group(watch, group, group_dir, name, parent, sidecar, metadata)
+    return _Group(watch, group, group_dir, display(name), parent, sidecar, metadata)
 
 
 def _path_fields(pattern: str | None, group_dir: str) -> dict[str, str] | None:
@@ -378,8 +381,9 @@ def _path_fields(pattern: str | None, group_dir: str) -> dict[str, str] | None:
     """
     if pattern is None:
         return None
-    fields = bind_path_pattern(pattern, group_dir + "/")
-    return fields if fields is not None else bind_path_pattern(pattern, group_dir)
+    shown = display(group_dir)  # field values reach the backend: bytes as %XX
+    fields = bind_path_pattern(pattern, shown + "/")
+    return fields if fields is not None else bind_path_pattern(pattern, shown)
 
 
 def _finish(
@@ -502,10 +506,10 @@ def _plan_channels(
             f"{counts[reference] - 1} other(s) are {_size(reference)}{others_text}; "
             "all channels must be images of the same width and height"
         )
-    names = [e.name for e in files]
+    names = [display(e.name) for e in files]
     slots = tuple(
         PlannedSlot(
-            name=entry.name,
+            name=names[i],
             type="image",
             files=(ctx.planned(entry),),
             # One cell holding every slot: channels are layers of one view, not views.

@@ -11,6 +11,7 @@ from typing import Any
 from ingestd.config import Watch
 from ingestd.core.fingerprint import fingerprint
 from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot, SlotType
+from ingestd.core.rawnames import display
 from ingestd.media.detect import slot_type_for
 from ingestd.plan.metadata import Sidecar, bind_path_pattern, build_metadata, is_sidecar_name
 
@@ -32,7 +33,8 @@ def dataset_folder(watch_path: str, preserve_folders: bool, parent: str) -> str:
     `watch_path` is the watch's normalised `path` (`/` or `/a/b`); `parent` is the
     file's folder relative to the watch root (`""` at the root). With
     `preserve_folders` the source's sub-folders are mirrored under `watch_path`;
-    without, every item lands directly in `watch_path`.
+    without, every item lands directly in `watch_path`. A folder name that is not
+    UTF-8 shows as the backend sees it (core.rawnames.display: `d%FF`).
     """
     if not watch_path.startswith("/") or (watch_path != "/" and watch_path.endswith("/")):
         raise ValueError(f"watch path {watch_path!r} is not normalised (/ or /a/b)")
@@ -40,6 +42,7 @@ def dataset_folder(watch_path: str, preserve_folders: bool, parent: str) -> str:
         raise ValueError(f"parent {parent!r} must be relative, without a trailing /")
     if not preserve_folders or not parent:
         return watch_path
+    parent = display(parent)
     return f"/{parent}" if watch_path == "/" else f"{watch_path}/{parent}"
 
 
@@ -88,7 +91,9 @@ def plan_file(
 
     Names are taken as they are, control characters included: a POSIX name cannot hold
     `/` or NUL, and everything else must survive to the store; rejecting names a given
-    backend cannot show is the sink's call, not the planner's.
+    backend cannot show is the sink's call, not the planner's. The one translation is
+    of bytes that are not UTF-8 (a relpath holds them in core.rawnames' text form):
+    the item's name, folder and path fields show them as %XX (`caf%E9.jpg`).
 
     Raises PlanError when the sidecar cannot be used, and ValueError when the caller
     breaks the contract (malformed relpath, a sidecar entry planned as an item, a
@@ -99,7 +104,7 @@ def plan_file(
     # The config has compiled the pattern and template already, so these cannot fail.
     is_sidecar = rules.sidecar is not None and is_sidecar_name(rules.sidecar, entry.name)
     path_fields = (
-        bind_path_pattern(rules.path_pattern, entry.relpath)
+        bind_path_pattern(rules.path_pattern, display(entry.relpath))
         if rules.path_pattern is not None
         else None
     )
@@ -114,7 +119,7 @@ def plan_file(
         )
 
     path = dataset_folder(watch.path, watch.preserve_folders, entry.parent)
-    name = entry.name
+    name = display(entry.name)
     slots = (
         PlannedSlot(
             name="0",

@@ -48,7 +48,15 @@ class BucketSource:
 
     features = Features(events=False, local_paths=False, urls=True)
 
-    def __init__(self, handle: StoreHandle) -> None:
+    def __init__(self, handle: StoreHandle, poll_interval: float | None = None) -> None:
+        if poll_interval is not None:
+            every = f"{poll_interval:g}s" if poll_interval < 60 else f"{poll_interval / 60:g}m"
+            self.features = Features(
+                events=False,
+                local_paths=False,
+                urls=True,
+                mode_reason=f"bucket prefixes have no events: polled every {every}",
+            )
         self.handle = handle
         self.url: BucketUrl = handle.url
         self.where = str(handle.url)

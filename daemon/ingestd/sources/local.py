@@ -5,6 +5,10 @@ Events are only hints ("look here again"); the walk compares what is on disk wit
 ledger's entries. The observer is installed before the first walk so nothing created
 during the walk is missed, and subscribes only to created/closed/moved/deleted: with
 every event kind subscribed, bursts overflow the kernel queue (docs/design.md, measured).
+
+This module is the boundary of file names (core/rawnames.py): every relpath it hands
+out is in text form (bytes that are not UTF-8 escaped, so the ledger can hold them) and
+every path it opens goes back through `to_os`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISDIR, S_ISREG
+from stat import S_ISBLK, S_ISCHR, S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
 from typing import TYPE_CHECKING, Literal
 
 from watchdog.events import (
@@ -35,6 +39,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from ingestd.core.model import Entry, SlotType
+from ingestd.core.rawnames import shown, to_os, to_text
+from ingestd.core.regular import NotRegularFile, open_regular, open_regular_file
 from ingestd.core.source import (
     NOT_A_FILE,
     Changes,
@@ -47,13 +53,22 @@ from ingestd.core.source import (
     SourceError,
     Stat,
 )
-from ingestd.media.detect import sniff
+from ingestd.media.detect import type_of_prefix
 from ingestd.plan.metadata import MAX_SIDECAR_BYTES, Sidecar, parse_sidecar
+from ingestd.sources.local_poll import DirMemory, WatchMode
 
 if TYPE_CHECKING:
     from ingestd.media.dicom import DicomHeader
 
 CHUNK = 1 << 20
+
+
+def _is_file(mode: int) -> bool:
+    """What the watch lists as a file: regular files, and FIFOs, sockets and devices,
+    which are never read (core.regular) but fail their item with the reason, so they
+    are seen in status rather than silently left out. Not folders, nor symbolic links
+    that are not followed."""
+    return S_ISREG(mode) or S_ISFIFO(mode) or S_ISSOCK(mode) or S_ISCHR(mode) or S_ISBLK(mode)
 
 
 _EVENT_FILTER = [
@@ -99,7 +114,7 @@ class _Handler(FileSystemEventHandler):
             return None
         if not p.startswith(self._root + os.sep):
             return None
-        return p[len(self._root) + 1 :].replace(os.sep, "/")
+        return to_text(p[len(self._root) + 1 :].replace(os.sep, "/"))
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         # Runs on watchdog's thread: translate and hand off, nothing more.
@@ -132,21 +147,70 @@ class ScanResult:
     root_missing: bool = False
 
 
+def _list_dir(
+    reldir: str, absdir: str, takes: PathTest, follow: bool, result: ScanResult
+) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """One folder's files the watch takes, and its sub-folders to walk. Names are in
+    core.rawnames' text form. FIFOs, sockets and devices are listed too, so that each
+    fails as an item with the reason instead of being silently left out. An entry that
+    cannot be stat'ed goes to `result.errors`; the others are listed."""
+    files: list[tuple[str, int, int]] = []
+    subdirs: list[str] = []
+    accepts = takes.accepts
+    prefix = f"{reldir}/" if reldir else ""
+    with os.scandir(absdir) as it:
+        for de in it:
+            rel = prefix + to_text(de.name)
+            try:
+                if de.is_dir(follow_symlinks=follow):
+                    if not takes.prunes_dir(rel):
+                        subdirs.append(rel)
+                    continue
+                if not accepts(rel):
+                    continue
+                s = de.stat(follow_symlinks=follow)
+            except FileNotFoundError:
+                continue  # vanished between listing and stat
+            except (OSError, ValueError):
+                # e.g. a symlink loop when following links: report, go on
+                result.errors.append(rel)
+                continue
+            if _is_file(s.st_mode):
+                files.append((rel, s.st_size, s.st_mtime_ns))
+    return files, subdirs
+
+
 class LocalFolderSource:
-    """A folder on this machine. Events, local paths; no URLs."""
+    """A folder on this machine: local paths, no URLs; events (inotify), or polled
+    when `mode` says so (a network or FUSE mount: sources/local_poll.py). A polled
+    source remembers folders between passes to skip listing unchanged ones; a full
+    pass every `rescan` seconds lists everything."""
 
-    features = Features(events=True, local_paths=True, urls=False)
-
-    def __init__(self, root: Path | str, *, follow_symlinks: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        follow_symlinks: bool = False,
+        mode: WatchMode | None = None,
+        rescan: float = 600.0,
+    ) -> None:
         self.root = str(root)
         self.where = self.root
         self.follow_symlinks = follow_symlinks
         self.files = LocalFiles(self.root, follow_symlinks)
+        polled = mode is not None and mode.poll
+        self.features = Features(
+            events=not polled,
+            local_paths=True,
+            urls=False,
+            mode_reason=mode.reason if mode is not None else "",
+        )
+        self._memory = DirMemory(rescan) if polled else None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._overflow_cb: Callable[[], None] | None = None
 
     def path_of(self, relpath: str) -> str:
-        return os.path.join(self.root, relpath) if relpath else self.root
+        return os.path.join(self.root, to_os(relpath)) if relpath else self.root
 
     def url_of(self, relpath: str) -> str:
         raise NotImplementedError("a local folder has no URLs (Features.urls is False)")
@@ -246,25 +310,33 @@ class LocalFolderSource:
         entries one directory at a time, so memory follows the largest directory, not
         the tree. Changed and new files go to `emit_changed` in chunks (every file with
         `emit_all`, to plan them all again); gone files are returned together so a
-        deletion guard can judge the whole pass."""
+        deletion guard can judge the whole pass. A polled source skips folders its
+        DirMemory says cannot have changed (whole-watch passes only)."""
         result = ScanResult()
         if not os.path.isdir(self.root):
             result.root_missing = True
             return result
+        memory = self._memory if not subdir else None
+        if memory is not None:
+            memory.begin(force_full=emit_all)
         visited: set[str] = set()
         chunk: list[Entry] = []
-        for reldir, files in self._walk(subdir, takes, result):
+        for reldir, files in self._walk(subdir, takes, result, memory):
             visited.add(reldir)
+            if files is None:  # skipped: unchanged since a listing that matched the ledger
+                continue
             known_here = known.in_dir(reldir)
             for bad in result.errors:
                 known_here.pop(bad, None)  # unreadable is not gone
-            result.files += len(files)
+            before = len(chunk)
             # The hot loop of a rescan: tuples only, an Entry just for what changed.
             for rel, size, mtime_ns in files:
                 if known_here.pop(rel, None) != (size, mtime_ns) or emit_all:
                     chunk.append(Entry(rel, size, mtime_ns))
             if known_here:
                 result.gone.extend(known_here)
+            if memory is not None and (known_here or len(chunk) > before):
+                memory.busy(reldir)
             if len(chunk) >= 1000:
                 result.changed += len(chunk)
                 emit_changed(chunk)
@@ -276,47 +348,39 @@ class LocalFolderSource:
             if any(reldir == e or reldir.startswith(e + "/") for e in result.errors):
                 continue  # unreadable folders are not deletions
             result.gone.extend(known.in_dir(reldir))
+        if memory is not None:
+            memory.end(complete=not result.root_missing)
         return result
 
     def _walk(
-        self, subdir: str, takes: PathTest, result: ScanResult
-    ) -> Iterator[tuple[str, list[tuple[str, int, int]]]]:
-        """Per folder: (reldir, [(relpath, size, mtime_ns)]) of the files the watch takes."""
+        self, subdir: str, takes: PathTest, result: ScanResult, memory: DirMemory | None
+    ) -> Iterator[tuple[str, list[tuple[str, int, int]] | None]]:
+        """Per folder: (reldir, [(relpath, size, mtime_ns)]) of the files the watch takes,
+        or (reldir, None) for a folder `memory` lets this pass skip (its files are
+        counted here). A folder or entry that cannot be read is in `result.errors`; the
+        rest of the walk goes on."""
         seen_dirs: set[tuple[int, int]] = set()
         stack = [subdir]
         while stack:
             reldir = stack.pop()
-            absdir = os.path.join(self.root, reldir) if reldir else self.root
-            files: list[tuple[str, int, int]] = []
-            follow = self.follow_symlinks
-            accepts = takes.accepts
-            prefix = f"{reldir}/" if reldir else ""
+            absdir = self.path_of(reldir)
+            mtime_ns = 0
             try:
-                if self.follow_symlinks:
+                if self.follow_symlinks or memory is not None:
                     st = os.stat(absdir)
-                    ident = (st.st_dev, st.st_ino)
-                    if ident in seen_dirs:
-                        continue  # a symlink loop, or the same folder reached twice
-                    seen_dirs.add(ident)
-                with os.scandir(absdir) as it:
-                    for de in it:
-                        rel = prefix + de.name
-                        try:
-                            if de.is_dir(follow_symlinks=follow):
-                                if not takes.prunes_dir(rel):
-                                    stack.append(rel)
-                                continue
-                            if not accepts(rel):
-                                continue
-                            s = de.stat(follow_symlinks=follow)
-                        except OSError as e:
-                            if isinstance(e, FileNotFoundError):
-                                continue  # vanished between listing and stat
-                            # e.g. a symlink loop when following links: report, go on
-                            result.errors.append(rel)
-                            continue
-                        if S_ISREG(s.st_mode):
-                            files.append((rel, s.st_size, s.st_mtime_ns))
+                    mtime_ns = st.st_mtime_ns
+                    if self.follow_symlinks:
+                        ident = (st.st_dev, st.st_ino)
+                        if ident in seen_dirs:
+                            continue  # a symlink loop, or the same folder reached twice
+                        seen_dirs.add(ident)
+                    if memory is not None and (kept := memory.unchanged(reldir, mtime_ns)):
+                        result.files += kept.files
+                        stack.extend(kept.subdirs)
+                        yield reldir, None
+                        continue
+                errors = len(result.errors)
+                files, subdirs = _list_dir(reldir, absdir, takes, self.follow_symlinks, result)
             except FileNotFoundError:
                 if reldir == subdir and not subdir:
                     result.root_missing = True
@@ -325,7 +389,15 @@ class LocalFolderSource:
                 continue
             except OSError:
                 result.errors.append(reldir)
+                if memory is not None:
+                    memory.forget(reldir)
                 continue
+            stack.extend(subdirs)
+            result.files += len(files)
+            if memory is not None:
+                memory.listed(reldir, mtime_ns, subdirs, len(files))
+                if len(result.errors) > errors:
+                    memory.busy(reldir)  # an unreadable entry: look again next pass
             yield reldir, files
 
     # -- reads for the sync step ----------------------------------------------------------
@@ -343,7 +415,7 @@ class LocalFolderSource:
                 # unchanged-less so the sync step reports the real reason.
                 out.append((-1, -1))
                 continue
-            out.append((s.st_size, s.st_mtime_ns) if S_ISREG(s.st_mode) else None)
+            out.append((s.st_size, s.st_mtime_ns) if _is_file(s.st_mode) else None)
         return out
 
     async def stat(self, relpath: str) -> Entry | None:
@@ -351,18 +423,17 @@ class LocalFolderSource:
         return st if isinstance(st, Entry) else None
 
     def _open_version(self, entry: Entry) -> int:
-        """A descriptor on exactly the version `entry` describes (regular files only:
-        O_NONBLOCK keeps a FIFO from blocking the open)."""
-        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if self.follow_symlinks else os.O_NOFOLLOW)
+        """A descriptor on exactly the version `entry` describes (regular files only,
+        core.regular: a FIFO fails the item instead of blocking the open)."""
         path = self.path_of(entry.relpath)
         try:
-            fd = os.open(path, flags)
-        except (FileNotFoundError, NotADirectoryError):
-            raise SourceChanged(f"{path} vanished") from None
+            fd = open_regular(path, follow_symlinks=self.follow_symlinks)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise SourceChanged(f"{shown(path)} vanished") from None
         st = os.fstat(fd)
-        if not S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+        if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
             os.close(fd)
-            raise SourceChanged(f"{path} is no longer the version listed")
+            raise SourceChanged(f"{shown(path)} is no longer the version listed")
         return fd
 
     async def open(self, entry: Entry, *, chunk: int = CHUNK) -> AsyncIterator[bytes]:
@@ -372,13 +443,14 @@ class LocalFolderSource:
                 yield data
             st = os.fstat(fd)
             if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
-                raise SourceChanged(f"{self.path_of(entry.relpath)} changed while it was read")
+                raise SourceChanged(f"{self.where}/{entry.relpath} changed while it was read")
         finally:
             os.close(fd)
 
     async def read_range(self, relpath: str, start: int, end: int) -> bytes:
         def read() -> bytes:
-            with open(self.path_of(relpath), "rb") as fh:
+            path = self.path_of(relpath)
+            with open_regular_file(path, follow_symlinks=self.follow_symlinks) as fh:
                 fh.seek(start)
                 return fh.read(max(0, end - start))
 
@@ -405,7 +477,7 @@ class LocalFiles:
         self.follow_symlinks = follow_symlinks
 
     def _path(self, relpath: str) -> str:
-        return os.path.join(self.root, relpath) if relpath else self.root
+        return os.path.join(self.root, to_os(relpath)) if relpath else self.root
 
     def read_sidecar(self, relpath: str) -> tuple[Sidecar, Entry] | None:
         sidecar = read_sidecar(self.root, relpath)
@@ -414,30 +486,38 @@ class LocalFiles:
         return sidecar, Entry(relpath, sidecar.size, sidecar.mtime_ns)
 
     def sniff(self, relpath: str) -> SlotType | None:
-        return sniff(self._path(relpath))
+        # media.detect.sniff opens by name and would block on a FIFO: read the prefix
+        # from a regular-only descriptor. Unreadable is unknown; the sync step says why.
+        try:
+            with open_regular_file(self._path(relpath), follow_symlinks=self.follow_symlinks) as fh:
+                head = fh.read(132)
+        except (OSError, NotRegularFile):
+            return None
+        return type_of_prefix(head)
 
     def image_size(self, relpath: str) -> tuple[int, int]:
         from ingestd.media.images import image_size
 
-        return image_size(self._path(relpath))
+        return image_size(self._path(relpath))  # opens regular files only
 
     def dicom_header(self, relpath: str, keywords: Sequence[str]) -> DicomHeader:
         from ingestd.media.dicom import read_header
 
-        return read_header(self._path(relpath), keywords)
+        return read_header(self._path(relpath), keywords)  # opens regular files only
 
     def names(self, parent: str, start: str) -> set[str] | None:
         try:
-            return {n for n in os.listdir(self._path(parent)) if n.startswith(start)}
+            names = os.listdir(self._path(parent))
         except OSError:
             return None
+        return {t for t in map(to_text, names) if t.startswith(start)}
 
     def stat(self, relpath: str) -> Entry | Literal["not-a-file"] | None:
         try:
             st = os.stat(self._path(relpath), follow_symlinks=self.follow_symlinks)
         except OSError:
             return None
-        if S_ISREG(st.st_mode):
+        if _is_file(st.st_mode):  # a FIFO too: it fails as its item, with the reason
             return Entry(relpath, st.st_size, st.st_mtime_ns)
         return NOT_A_FILE
 
@@ -447,12 +527,13 @@ class LocalFiles:
             with os.scandir(self._path(reldir)) as it:
                 for de in it:
                     try:
-                        if not de.is_file(follow_symlinks=self.follow_symlinks):
-                            continue
                         st = de.stat(follow_symlinks=self.follow_symlinks)
                     except OSError:
                         continue
-                    rel = f"{reldir}/{de.name}" if reldir else de.name
+                    if not _is_file(st.st_mode):
+                        continue
+                    name = to_text(de.name)
+                    rel = f"{reldir}/{name}" if reldir else name
                     out.append(Entry(rel, st.st_size, st.st_mtime_ns))
         except (FileNotFoundError, NotADirectoryError):
             return []
@@ -466,7 +547,7 @@ def read_sidecar(root: str, relpath: str) -> Sidecar | None:
     name would otherwise hold the planning thread (and with it the watch, and a
     SIGTERM) until something wrote to it. A name too long for the file system (a
     255-byte file name plus ".json") cannot be a sidecar: there is none."""
-    path = os.path.join(root, relpath)
+    path = os.path.join(root, to_os(relpath))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
