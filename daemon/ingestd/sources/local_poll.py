@@ -46,15 +46,15 @@ def choose_mode(
             return WatchMode(
                 False,
                 f"{events}: watch_mode: events, although {mount.mount_point} is a "
-                f"{mount.fs_type} mount (changes made by other machines are seen only "
-                "at rescans)",
+                f"network or FUSE mount ({mount.fs_type}); changes made by other "
+                "machines are seen only at rescans",
             )
         return WatchMode(False, f"{events}: watch_mode: events")
     if mount is not None:
         return WatchMode(
             True,
-            f"{polled}: {mount.mount_point} is a {mount.fs_type} mount (inotify does not "
-            "see writes made by other machines)",
+            f"{polled}: {mount.mount_point} is a network or FUSE mount ({mount.fs_type}); "
+            "inotify does not see writes made by other machines",
         )
     return WatchMode(False, events)
 
@@ -112,7 +112,7 @@ class DirMemory:
     def listed(self, reldir: str, mtime_ns: int, subdirs: list[str], files: int) -> None:
         prev = self._dirs.get(reldir)
         stable = prev is not None and prev.mtime_ns == mtime_ns
-        self._dirs[reldir] = _Dir(mtime_ns, stable, tuple(subdirs), files, busy=False)
+        self._dirs[reldir] = _Dir(mtime_ns, stable, False, tuple(subdirs), files)
 
     def busy(self, reldir: str) -> None:
         """The listing of `reldir` found something to do: list it again next pass."""
