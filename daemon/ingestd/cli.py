@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,12 @@ from ingestd.config import (
 )
 from ingestd.core.errors import SyncError
 from ingestd.ledger import LEDGER_FILE, Ledger
-from ingestd.observe.status import raw_watches, state_dir_of, status_data, status_report
+from ingestd.observe.status import (
+    live_status,
+    raw_watches,
+    state_dir_of,
+    status_report,
+)
 from ingestd.runtime.service import AlreadyRunning, running_pid
 from ingestd.server.options import add_serve_arguments, serve_command
 
@@ -38,6 +44,13 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
         "--config",
         help="config file (default: $INGESTD_CONFIG, ./ingestd.yaml, /etc/ingestd/config.yaml)",
     )
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="per watch: synced, pending, failed, last errors")
     _config_arg(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--failed",
+        nargs="?",
+        const="",
+        metavar="WATCH",
+        help="list every failed item with its reason (of one watch, or all), a page at a time",
+    )
+    p.add_argument("--limit", type=_positive, default=50, help="items per page (default 50)")
+    p.add_argument("--offset", type=int, default=0, help="items to skip (with --failed)")
+    p.add_argument("--page", type=_positive, help="page number from 1 (instead of --offset)")
     p = sub.add_parser("items", help="list a dataset's items in the configured store")
     p.add_argument("dataset")
     _config_arg(p)
@@ -174,22 +197,37 @@ def _sync(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     path = find_config(args.config)
+    rejected: list[dict[str, str]] = []
     try:
         config = load_config(path, check_paths=False)
-        data = status_data(config, path)
+        state_dir, watches = config.state_dir, [(w.name, w.dataset) for w in config.watches]
     except ConfigError as e:
         if not path.exists():
             raise
         # Status must work while the file on disk holds a refused edit: the running
         # daemon reports the problems; without one, they are shown here.
-        data = status_report(state_dir_of(path), path, raw_watches(path))
-        if not data["daemon"]["running"]:
-            data["config"]["rejected"] = [{"field": p.field, "error": p.error} for p in e.problems]
+        state_dir, watches = state_dir_of(path), raw_watches(path)
+        rejected = [{"field": p.field, "error": p.error} for p in e.problems]
+    if args.failed is not None:
+        return _status_failed(args, state_dir, [name for name, _ in watches])
+    data, why = live_status(state_dir)
+    if data is None:
+        data = status_report(state_dir, path, watches)
+        data["daemon"]["live_unavailable"] = why
+        if rejected and not data["daemon"]["running"]:
+            data["config"]["rejected"] = rejected
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return EXIT_OK
+    _print_status(data)
+    return EXIT_OK
+
+
+def _print_status(data: dict[str, Any]) -> None:
     d = data["daemon"]
     print("daemon: " + (f"running (pid {d['pid']})" if d["running"] else "not running"))
+    if not d.get("live"):
+        print(f"  live status unavailable: {d.get('live_unavailable')}; counts from the ledger")
     print(f"config: {data['config']['path']}")
     for r in data["config"]["rejected"]:
         where = f"{r['field']}: " if r["field"] else ""
@@ -199,10 +237,63 @@ def _status(args: argparse.Namespace) -> int:
             f"{w['name']} → {w['dataset']}: {w['synced']} synced, {w['pending']} pending, "
             f"{w['failed']} failed"
         )
+        if w.get("mode"):
+            reason = f" ({w['mode_reason']})" if w.get("mode_reason") else ""
+            print(f"  watched by {w['mode']}{reason}")
         if w["problem"]:
             print(f"  problem: {w['problem']}")
+        rescan = w.get("last_rescan")
+        if rescan:
+            print(
+                f"  last rescan: {_when(rescan['at'])} ({rescan['reason']}), found "
+                f"{rescan['found']}, of which events had missed {rescan['repaired']}"
+            )
+        if w.get("last_overflow"):
+            print(f"  last event overflow: {_when(w['last_overflow'])}")
         for e in w["last_errors"]:
             print(f"  {e['item']!r}: {e['error']}")
+        # last_errors lists failed items first, then pending ones that hit an error.
+        more = w["failed"] - min(w["failed"], len(w["last_errors"]))
+        if more:
+            print(f"  … and {more} more: ingestd status --failed {w['name']}")
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _status_failed(args: argparse.Namespace, state_dir: Path, names: list[str]) -> int:
+    """`status --failed [WATCH]`: every failed item with its reason, a page at a time,
+    from the ledger (whether or not the daemon runs)."""
+    watch = args.failed or None
+    if watch is not None and watch not in names:
+        print(f"no watch named {watch!r} (watches: {', '.join(names)})", file=sys.stderr)
+        return EXIT_CONFIG
+    offset = (args.page - 1) * args.limit if args.page else max(0, args.offset)
+    total, page = 0, []
+    if (state_dir / LEDGER_FILE).exists():
+        ledger = Ledger(state_dir, readonly=True)
+        try:
+            total, page = ledger.failed_items(watch, args.limit, offset)
+        finally:
+            ledger.close()
+    following = offset + len(page) if offset + len(page) < total else None
+    if args.json:
+        out = {"watch": watch, "total": total, "offset": offset, "limit": args.limit}
+        print(json.dumps({**out, "next_offset": following, "items": page}, indent=2))
+        return EXIT_OK
+    for it in page:
+        print(f"{it['watch']}\t{it['item']}\t{it['error']}")
+    if not page:
+        print(f"no failed items{f' in watch {watch!r}' if watch else ''} at offset {offset}")
+    else:
+        print(f"failed items {offset + 1}-{offset + len(page)} of {total}", file=sys.stderr)
+    if following is not None:
+        which = f" {watch}" if watch else ""
+        print(
+            f"next: ingestd status --failed{which} --limit {args.limit} --offset {following}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -78,6 +78,11 @@ class Ledger:
     def last_errors(self, watch: str, limit: int = 10) -> list[dict[str, str]]:
         return reads.last_errors(self.conn, watch, limit)
 
+    def failed_items(
+        self, watch: str | None, limit: int, offset: int = 0
+    ) -> tuple[int, list[dict[str, Any]]]:
+        return reads.failed_items(self.conn, watch, limit, offset)
+
     def watch_problems(self) -> dict[str, str]:
         return reads.watch_problems(self.conn)
 

@@ -71,6 +71,34 @@ def last_errors(conn: sqlite3.Connection, watch: str, limit: int = 10) -> list[d
     return [{"item": key or source_id, "error": err} for key, source_id, err in rows]
 
 
+def failed_items(
+    conn: sqlite3.Connection, watch: str | None, limit: int, offset: int = 0
+) -> tuple[int, list[dict[str, Any]]]:
+    """(how many failed items, one page of them) of a watch or of all, each with its
+    reason. Ordered by (watch, source_id), the primary key: a page does not shift when
+    other failed items are retried or fail again meanwhile."""
+    where, args = ("watch=? AND status='failed'", [watch]) if watch else ("status='failed'", [])
+    (total,) = conn.execute(f"SELECT count(*) FROM items WHERE {where}", args).fetchone()
+    rows = conn.execute(
+        "SELECT watch, source_id, key, last_error, error_kind, attempts, updated_at"
+        f" FROM items WHERE {where} ORDER BY watch, source_id LIMIT ? OFFSET ?",
+        [*args, limit, offset],
+    )
+    page = [
+        {
+            "watch": w,
+            "item": key or source_id,
+            "source_id": source_id,
+            "error": err,
+            "kind": kind,
+            "attempts": attempts,
+            "updated_at": updated_at,
+        }
+        for w, source_id, key, err, kind, attempts, updated_at in rows
+    ]
+    return int(total), page
+
+
 def watch_problems(conn: sqlite3.Connection) -> dict[str, str]:
     return dict(conn.execute("SELECT watch, problem FROM watch_state WHERE problem IS NOT NULL"))
 

@@ -1,10 +1,18 @@
-"""The status report (`ingestd status --json`, the control endpoint's /api/status):
-read from the ledger, so it works whether or not the daemon runs."""
+"""The status report (`ingestd status --json`, the control endpoint's /api/status).
+
+Two parts: the ledger's (counts, last errors, recorded watch problems), readable
+whether or not the daemon runs, and the running daemon's live part (how each watch is
+watched, its last overflow and rescan, problems only the process knows: a ledger it
+cannot write, a sink that holds the work). `ingestd status` asks the daemon's control
+endpoint for both and falls back to the ledger's part, saying that the live part is
+unavailable and why."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,8 +22,13 @@ import yaml
 from ingestd.config import Config, Problem
 from ingestd.core.pidfile import running_pid
 from ingestd.ledger import LEDGER_FILE, Ledger
+from ingestd.observe.listen import ADDR_FILE
 
 REJECTED_FILE = "config-rejected.json"
+LIVE_TIMEOUT = 2.0  # seconds `status` waits for the daemon before using the ledger alone
+
+# The live fields of a watch, null when no running daemon answered.
+LIVE_FIELDS = ("mode", "mode_reason", "last_overflow", "last_rescan")
 
 
 def write_rejected(state_dir: Path, problems: Sequence[Problem]) -> None:
@@ -59,6 +72,7 @@ def status_report(
                 "failed": counts[name].failed if name in counts else 0,
                 "last_errors": ledger.last_errors(name) if ledger else [],
                 "problem": problems.get(name),
+                **dict.fromkeys(LIVE_FIELDS),
             }
             for name, dataset in watch_list
         ]
@@ -66,7 +80,7 @@ def status_report(
         if ledger is not None:
             ledger.close()
     return {
-        "daemon": {"running": pid is not None, "pid": pid},
+        "daemon": {"running": pid is not None, "pid": pid, "live": False},
         "config": {
             "path": str(path),
             "rejected": read_rejected(state_dir) if pid is not None else [],
@@ -99,3 +113,53 @@ def state_dir_of(path: Path) -> Path:
         raw = "var/state"
     state = Path(os.path.expanduser(str(raw)))
     return state if state.is_absolute() else Path(path).resolve().parent / state
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def live_status(
+    state_dir: Path, timeout: float = LIVE_TIMEOUT
+) -> tuple[dict[str, Any] | None, str]:
+    """The running daemon's /api/status, found through state_dir/control.addr, or
+    (None, why not) in words."""
+    try:
+        address = (Path(state_dir) / ADDR_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None, "no control endpoint (the daemon is not running, or status.listen is null)"
+    except OSError as e:
+        return None, f"cannot read {ADDR_FILE}: {e.strerror}"
+    conn: http.client.HTTPConnection
+    if address.startswith("unix:"):
+        conn = _UnixConnection(address[len("unix:") :], timeout)
+    else:
+        rest = address.removeprefix("http://")
+        host, _, port = rest.rpartition(":")
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request("GET", "/api/status", headers={"Accept": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            return None, f"the control endpoint at {address} answered HTTP {response.status}"
+        data = json.loads(body)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return None, f"the control endpoint at {address} did not answer ({e})"
+    finally:
+        conn.close()
+    if not isinstance(data, dict) or not isinstance(data.get("watches"), list):
+        return None, f"the control endpoint at {address} answered something else"
+    return data, ""

@@ -270,8 +270,20 @@ class App:
     # -- what the control endpoint asks ------------------------------------------------------
 
     def status_json(self) -> dict[str, Any]:
+        """The ledger's report with the live part merged in. Runs on a worker thread
+        (control.py): it only reads plain attributes of the runners, pool and ledger."""
         data = status_data(self.config, self.config_path)
         data["config"]["rejected"] = [{"field": p.field, "error": p.error} for p in self.rejected]
+        data["daemon"]["live"] = True
+        # The ledger and the sink are shared: their trouble is every watch's.
+        shared = [self.ledger.problem, self.pool.problem if self.pool is not None else None]
+        for w in data["watches"]:
+            runner = self.runners.get(w["name"])
+            if runner is None:  # just removed by a reload
+                continue
+            w.update(runner.live())
+            problems = [p for p in (w["problem"], runner.problem, *shared) if p]
+            w["problem"] = "; ".join(dict.fromkeys(problems)) or None
         return data
 
     async def retry(self, watch: str | None, source_id: str | None) -> int:
