@@ -280,3 +280,85 @@ def test_a_sidecar_name_too_long_for_the_file_system_means_no_sidecar(env: Env) 
     item = env.items_by_key()[f"/{name}"]
     assert item["metadata"] == {}
     assert env.stop() == 0
+
+
+def _write_raw(path: bytes, data: bytes) -> None:
+    """A file by a bytes path: a name that is not UTF-8 cannot be written via a str."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def test_names_that_are_not_utf8_sync_and_stay_synced(env: Env) -> None:
+    """A file and a folder whose names are not UTF-8 used to become nothing (the ledger
+    refused the name) or fail every pass; they sync as %XX names, a restart sends
+    nothing again, and deleting one is noticed."""
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds", "on_delete": "delete"}])
+    raw = os.fsencode(drop)
+    os.mkdir(raw + b"/d\xff")
+    _write_raw(raw + b"/caf\xe9.dat", b"cafe")
+    _write_raw(raw + b"/d\xff/x.dat", b"inside")
+    write(drop / "plain.dat", b"plain")
+    env.start()
+    write(drop / "later.dat", b"later")  # through the watcher, beside the odd names
+    _write_raw(raw + b"/d\xff/y\xfe.dat", b"y")
+    expected = {"/caf%E9.dat", "/d%FF/x.dat", "/d%FF/y%FE.dat", "/plain.dat", "/later.dat"}
+    wait_for(lambda: set(env.items_by_key()) == expected, what=f"items {sorted(expected)}")
+    st = wait_for(lambda: watch_where(env, "w", synced=5, pending=0), what="5 synced")
+    assert (st["failed"], st["problem"], st["last_errors"]) == (0, None, []), st
+    items = env.items_by_key()
+    assert items["/caf%E9.dat"]["name"] == "caf%E9.dat"
+    assert items["/d%FF/x.dat"]["path"] == "/d%FF"
+    assert items["/caf%E9.dat"]["slots"][0]["files"][0]["digest"] == sha256_digest(b"cafe")
+    assert items["/d%FF/x.dat"]["slots"][0]["files"][0]["digest"] == sha256_digest(b"inside")
+    digests = {k: v["slots"][0]["files"][0]["digest"] for k, v in items.items()}
+    puts = {k: len(synced_lines(env, k)) for k in expected}
+    assert set(puts.values()) == {1}, puts
+
+    # A restart lists the names again and finds them in the ledger: nothing is re-sent.
+    assert env.stop() == 0
+    env.restart()
+    st = wait_for(
+        lambda: (w := env.watch_status("w")).get("last_rescan") and w,
+        what="the restarted daemon's first full pass",
+    )
+    assert (st["synced"], st["pending"], st["failed"]) == (5, 0, 0), st
+    after = env.items_by_key()
+    assert {k: v["slots"][0]["files"][0]["digest"] for k, v in after.items()} == digests
+    assert all(v["version"] == 1 for v in after.values())
+
+    # Deleting the odd file is seen, and with on_delete: delete the item goes too.
+    os.unlink(raw + b"/caf\xe9.dat")
+    wait_for(
+        lambda: "/caf%E9.dat" not in env.items_by_key(),
+        what="/caf%E9.dat deleted from the dataset",
+    )
+    assert {k: len(synced_lines(env, k)) for k in expected} == puts
+    assert env.stop() == 0
+
+
+def test_fifos_fail_as_items_and_block_nothing(env: Env) -> None:
+    """A FIFO named like an image or a plain file was opened for reading (hashing,
+    sniffing) and blocked that worker, and SIGTERM, until something wrote to it. Each
+    now fails as its item with the reason; the other files sync; the daemon stops."""
+    drop = env.drop()
+    env.write_config([{"name": "w", "source": str(drop), "dataset": "ds"}])
+    os.mkfifo(drop / "x.jpg")  # present at the first pass
+    write(drop / "a.dat", b"a")
+    env.start()
+    os.mkfifo(drop / "y.dat")  # seen by the watcher
+    write(drop / "b.dat", b"b")
+    st = wait_for(
+        lambda: watch_where(env, "w", synced=2, failed=2, pending=0),
+        what="the FIFOs to fail and a.dat, b.dat to sync",
+    )
+    errors = {e["item"]: e["error"] for e in st["last_errors"]}
+    assert set(errors) == {"/x.jpg", "/y.dat"}, errors
+    for item, error in errors.items():
+        assert item.lstrip("/") in error, error
+        assert "not a regular file" in error and "replace it with a file or remove it" in error
+    assert set(env.items_by_key()) == {"/a.dat", "/b.dat"}
+    _assert_stops_promptly(env)
