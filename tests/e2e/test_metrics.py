@@ -123,7 +123,11 @@ def test_api_status_is_the_status_json(env: Env) -> None:
     api: dict[str, Any] = json.loads(body)
     cli = env.status()
     assert api == cli
-    assert api["daemon"] == {"running": True, "pid": env.daemon.pid if env.daemon else None}
+    assert api["daemon"] == {
+        "running": True,
+        "pid": env.daemon.pid if env.daemon else None,
+        "live": True,
+    }
     assert api["watches"][0]["last_errors"][0]["item"] == "/bad.jpg"
 
 
