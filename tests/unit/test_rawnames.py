@@ -83,3 +83,38 @@ def test_sqlite_stores_the_text_form() -> None:
     db.execute("insert into t values (?)", (to_text(name),))
     [(back,)] = db.execute("select p from t").fetchall()
     assert to_os(back) == name
+
+
+def test_plans_show_bytes_as_percent_and_keep_the_source_name() -> None:
+    from ingestd.config import Watch
+    from ingestd.core.model import Entry, item_key
+    from ingestd.plan.groups import plan_group
+    from ingestd.plan.layout import plan_file
+
+    folder, name = to_text(os.fsdecode(b"d\xff")), to_text(os.fsdecode(b"caf\xe9.jpg"))
+    rel = f"{folder}/{name}"
+    w = Watch.model_validate(
+        {
+            "name": "w",
+            "source": "/tmp",
+            "dataset": "d",
+            "metadata": {"path_pattern": "{folder}/*"},
+        },
+        context={"check_paths": False},
+    )
+    plan = plan_file(w, Entry(rel, 4, 1), None)
+    assert (plan.path, plan.name, plan.key) == ("/d%FF", "caf%E9.jpg", "/d%FF/caf%E9.jpg")
+    assert plan.source_id == rel  # the ledger tracks the file by its lossless name
+    [f] = plan.slots[0].files
+    assert (f.name, f.relpath) == ("caf%E9.jpg", rel)
+    assert plan.metadata == {"folder": "d%FF"}
+    assert item_key("/" + folder, name) == plan.key
+
+    g = Watch.model_validate(
+        {"name": "g", "source": "/tmp", "dataset": "d", "group": {"mode": "channels"}},
+        context={"check_paths": False},
+    )
+    [gp] = plan_group(g, folder, [Entry(rel, 4, 1)], sizes={rel: (2, 2)})
+    assert (gp.path, gp.name, gp.source_id) == ("/", "d%FF", folder)
+    assert [s.name for s in gp.slots] == ["caf%E9.jpg"]
+    assert gp.slots[0].files[0].relpath == rel
