@@ -478,6 +478,10 @@ class Writer(threading.Thread):
         size = self.rng.randint(*self.sizes)
         return f"{self.prefix} {self._n}\n".encode() + self.rng.randbytes(size)
 
+    def expected(self) -> dict[str, str]:
+        """What the store should hold now: key -> digest."""
+        return {"/" + rel: d for rel, d in self.current.items()}
+
     def _record(self, rel: str, data: bytes) -> None:
         d = digest_of(data)
         self.current[rel] = d
@@ -674,6 +678,16 @@ def final_items(config: Path, store: Path, r: Result) -> list[tuple[str, int, st
     return read_catalog(store) or []
 
 
+def blob_ok(store: Path, digest: str) -> bool:
+    """The store's blob for this digest exists and hashes to it (store/blobs.py layout)."""
+    hexd = digest.partition(":")[2]
+    path = store / "blobs" / "sha256" / hexd[:2] / hexd
+    try:
+        return file_digest(path) == digest
+    except OSError:
+        return False
+
+
 def evaluate(
     r: Result,
     items: list[tuple[str, int, str | None]],
@@ -681,6 +695,7 @@ def evaluate(
     history: dict[str, set[str]],
     events: list[dict[str, Any]],
     *,
+    store: Path,
     deleted_count_stale: bool,
     ignore_keys: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> None:
@@ -698,6 +713,8 @@ def evaluate(
             continue
         d = got[0][1]
         if d == want:
+            if not blob_ok(store, want):
+                lost.append(f"{key}: the store's blob is missing or does not hash to {want}")
             continue
         rel = key[1:]
         if d in history.get(rel, set()) or d in every:
@@ -734,6 +751,10 @@ def evaluate(
         synced_lines=sum(sends.values()),
         store_items=len(items),
     )
+    tmp = store / "tmp"
+    leftovers = len(os.listdir(tmp)) if tmp.is_dir() else 0
+    if leftovers:
+        r.notes.append(f"{leftovers} temp files left in the store's tmp/")
     errors = [e for e in events if e.get("level") in ("error", "critical")]
     if errors:
         kinds = Counter(str(e.get("event"))[:60] for e in errors)
@@ -779,7 +800,9 @@ def sc_sigkill(ws: Workspace, o: Opts, r: Result) -> None:
     drop.mkdir()
     cfg = write_config(root, drop=drop, state=state, store=store)
     rng = random.Random(o.seed)
-    wr = Writer(drop, random.Random(o.seed + 1), max_files=preload + 100, big_share=0.03)
+    wr = Writer(
+        drop, random.Random(o.seed + 1), max_files=preload + 150, pace=0.005, big_share=0.05
+    )
     for _ in range(preload):
         wr.create()
     d = Daemon(cfg, root / "ingestd.log")
@@ -790,8 +813,11 @@ def sc_sigkill(ws: Workspace, o: Opts, r: Result) -> None:
         for k in range(rounds):
             time.sleep(rng.uniform(0.4, 2.0))  # the experiment's input: when to kill
             rows = read_catalog(store) or []
+            want = wr.expected()
             d.kill()
-            kills.append({"kill": k, "store_items": len(rows), "writer_files": len(wr.current)})
+            have = {key: dg for key, _, dg in rows}
+            behind = sum(have.get(key) != dg for key, dg in want.items())
+            kills.append({"kill": k, "store_items": len(rows), "files_behind": behind})
             time.sleep(rng.uniform(0.1, 0.6))  # down: the writer goes on
             if k < rounds - 1:
                 d.start()
@@ -804,13 +830,18 @@ def sc_sigkill(ws: Workspace, o: Opts, r: Result) -> None:
         quiesce(cfg, r)
         stop_and_time(d, r)
         r.details.update(kills=kills, writer_ops=dict(wr.ops))
-        r.notes.append(f"{rounds} kills; writer ops {sum(wr.ops.values())}")
+        busy = sum(1 for x in kills if x["files_behind"])
+        r.notes.append(
+            f"{rounds} kills ({busy} with the store behind the folder);"
+            f" writer ops {sum(wr.ops.values())}"
+        )
         evaluate(
             r,
             final_items(cfg, store, r),
             truth.files,
             wr.history,
             d.events(),
+            store=store,
             deleted_count_stale=True,
         )
     finally:
@@ -853,7 +884,7 @@ def sc_overflow(ws: Workspace, o: Opts, r: Result) -> None:
                 time.sleep(0.05)
         finally:
             _set_sysctl(knob, original)
-        ok = converge(store, lambda: dict(wr.current), time.monotonic(), 60)
+        ok = converge(store, wr.expected, time.monotonic(), 60)
         if ok is None:
             r.notes.append("the 100 files before the burst did not sync within 60s")
         # the burst: new folders, as fast as possible, with overwrites and deletes of the
@@ -896,6 +927,7 @@ def sc_overflow(ws: Workspace, o: Opts, r: Result) -> None:
             truth.files,
             wr.history,
             d.events(),
+            store=store,
             deleted_count_stale=True,
         )
     finally:
@@ -967,7 +999,15 @@ def sc_backend_restart(ws: Workspace, o: Opts, r: Result) -> None:
         items = final_items(cfg, server.store, r)
         r.details.update(server_down_s=downs, writer_ops=dict(wr.ops))
         r.notes.append(f"{kills} server kills, down {', '.join(map(str, downs))} s")
-        evaluate(r, items, truth.files, wr.history, d.events(), deleted_count_stale=True)
+        evaluate(
+            r,
+            items,
+            truth.files,
+            wr.history,
+            d.events(),
+            store=server.store,
+            deleted_count_stale=True,
+        )
     finally:
         wr.stop()
         d.kill()
@@ -1072,7 +1112,7 @@ def sc_disk_full(ws: Workspace, o: Opts, r: Result, where: str) -> None:
     d = Daemon(cfg, root / "ingestd.log")
     try:
         d.start()
-        pre = converge(store, lambda: dict(wr.current), time.monotonic(), 60)
+        pre = converge(store, wr.expected, time.monotonic(), 60)
         if pre is None:
             r.notes.append("the files before the fault did not sync within 60s")
         fs.fill()
@@ -1115,6 +1155,7 @@ def sc_disk_full(ws: Workspace, o: Opts, r: Result, where: str) -> None:
             truth.files,
             wr.history,
             d.events(),
+            store=store,
             deleted_count_stale=True,
         )
     finally:
@@ -1227,6 +1268,7 @@ def sc_bad_names(ws: Workspace, o: Opts, r: Result) -> None:
         synced = {k: dg for k, _, dg in rows}
         truth = scan_truth(drop, sidecars=True)
         outcome: dict[str, str] = {}
+        reasons: dict[str, str] = {}
         for key, (needles, may_sync) in bad.items():
             if may_sync and key in synced:
                 ok = synced[key] == truth.raw.get(key)
@@ -1235,9 +1277,13 @@ def sc_bad_names(ws: Workspace, o: Opts, r: Result) -> None:
                     r.lost += 1
             elif any(n and n in listing for n in needles):
                 outcome[key] = "listed as failed"
+                reasons[key] = failure_reason(listing, sj, needles)
             else:
                 outcome[key] = "unreported"
         r.details["bad_entries"] = outcome
+        r.details["failure_reasons"] = reasons
+        if any(not v for v in reasons.values()):
+            r.notes.append("a failed bad entry is listed without a reason")
         unreported = [k for k, v in outcome.items() if v == "unreported"]
         if unreported:
             r.fail(
@@ -1255,12 +1301,26 @@ def sc_bad_names(ws: Workspace, o: Opts, r: Result) -> None:
             want,
             history,
             d.events(),
+            store=store,
             deleted_count_stale=False,
             ignore_keys=set(bad),
         )
         r.lost += lost_before
     finally:
         d.kill()
+
+
+def failure_reason(listing: str, status: dict[str, Any] | None, needles: list[str]) -> str:
+    """The reason shown for a failed entry: from status --json last_errors, else the
+    first line of the listing that names it."""
+    for w in (status or {}).get("watches", []):
+        for e in w.get("last_errors", []):
+            if any(n and n in str(e.get("item")) for n in needles):
+                return str(e.get("error") or "")[:200]
+    for line in listing.splitlines():
+        if any(n and n in line for n in needles):
+            return line.strip()[:200]
+    return ""
 
 
 RUNNERS: dict[str, Callable[[Workspace, Opts, Result], None]] = {
