@@ -148,19 +148,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ingestd.runtime import logs
-    from ingestd.runtime.app import App
+    from ingestd.runtime.app import App, run_app
 
     config, path = _load(args)
     logs.setup(config.log.level, config.log.format)
-    rc = asyncio.run(App(config, path).run())
+    rc = run_app(App(config, path))
     _exit_without_stragglers(rc)
     return rc
 
 
 def _exit_without_stragglers(rc: int) -> None:
     """The ledger is committed and closed by now. A thread still copying a huge file into
-    the store only writes a temp file the store discards on its next start, so exit
-    instead of waiting for it (SIGTERM must end the daemon within 10 s)."""
+    the store only writes a temp file the store discards on its next start, and one
+    stuck in a blocking call (a hung mount) may never return, so exit instead of
+    waiting for it (SIGTERM must end the daemon within 10 s)."""
     if any(
         t.is_alive() and not t.daemon
         for t in threading.enumerate()

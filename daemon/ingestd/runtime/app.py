@@ -9,6 +9,7 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ log = structlog.get_logger("ingestd")
 
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates
 SHUTDOWN_GRACE = 6.0  # in-flight uploads get this long; the whole stop stays under 10 s
+SINK_CLOSE_TIMEOUT = 1.0  # closing the sink's connections, at most
 
 
 class App:
@@ -114,14 +116,22 @@ class App:
             self.wake_pool()
 
     async def close(self) -> None:
+        """Stop everything within a bound, then close the ledger. Runners stop while
+        the pool's in-flight items have their grace: each part waits for its own tasks
+        a bounded time and leaves a task stuck on a thread behind (`run_app` then exits
+        without waiting for that thread)."""
         for task in self._starts.values():
             task.cancel()
-        for runner in self.runners.values():
-            await runner.stop()
+        stops = [asyncio.create_task(r.stop()) for r in self.runners.values()]
         if self.pool is not None:
             await self.pool.stop(SHUTDOWN_GRACE)
+        if stops:
+            await asyncio.wait(stops)  # each runner's stop is bounded (runner.STOP_TIMEOUT)
         if self.sink is not None:
-            await self.sink.close()
+            try:
+                await asyncio.wait_for(self.sink.close(), SINK_CLOSE_TIMEOUT)
+            except Exception as e:  # its connections die with the process anyway
+                log.warning("closing the sink failed", error=str(e) or type(e).__name__)
         await self.ledger.close()
 
     # -- supervision ------------------------------------------------------------------------
@@ -302,3 +312,33 @@ class App:
 
     def add_outcome_listener(self, fn: Callable[[Outcome], None]) -> None:
         self._outcome_listeners.append(fn)
+
+
+def run_app(app: App) -> int:
+    """`asyncio.run(app.run())`, except that its end never waits for executor threads.
+
+    asyncio.run joins the default executor's threads without a time limit, so a single
+    thread stuck in a blocking call (a planner reading from a hung mount, a media
+    decoder that never returns) kept a stopped daemon alive until systemd killed it.
+    By the time `app.run()` returns, the ledger is committed and closed: what such a
+    thread was doing is redone at the next start. The threads are left running; the
+    caller (cli.py) exits the process without waiting for them."""
+    loop = asyncio.new_event_loop()
+    # Named, so that a straggler is recognisable in a thread dump.
+    executor = ThreadPoolExecutor(thread_name_prefix="ingestd-blocking")
+    loop.set_default_executor(executor)
+    asyncio.set_event_loop(loop)
+    try:
+        rc = loop.run_until_complete(app.run())
+        left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            # Cancelled tasks end at their next await; one stuck on a thread is left.
+            loop.run_until_complete(asyncio.wait(left, timeout=1.0))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        asyncio.set_event_loop(None)
+        loop.close()  # shuts the default executor down without waiting, too
+    return rc
