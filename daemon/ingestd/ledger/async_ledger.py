@@ -158,6 +158,14 @@ class AsyncLedger:
                 delay = min(delay * 1.5, PROBE_CAP)
                 continue
             break
+        self._prober = None
+        self._recovered()
+
+    def _recovered(self) -> None:
+        """A write committed: the problem is over; wake the waiters and listeners."""
+        if self._prober is not None:
+            self._prober.cancel()
+            self._prober = None
         self.problem = None
         self.writable.set()
         log.info("ledger writable again", path=str(self.path))
@@ -209,17 +217,22 @@ class AsyncLedger:
                     if not isinstance(e, Exception):
                         raise
                     continue
+                full = False
                 for (_, fut), result in zip(batch, results, strict=True):
                     # A statement can fail for want of space while the commit of the
                     # rest (nothing) succeeds: the same condition.
                     if isinstance(result, Failed) and (reason := unwritable_reason(result.error)):
                         self._unwritable(reason)
+                        full = True
                     if fut.done():
                         continue
                     if isinstance(result, Failed):
                         fut.set_exception(result.error)
                     else:
                         fut.set_result(result)
+                if not full and not self.writable.is_set():
+                    # Writes commit again before the probe noticed: say so now.
+                    self._recovered()
         finally:
             self._flushing = False
 

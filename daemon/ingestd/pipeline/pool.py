@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from ingestd.core.errors import SPACE
 from ingestd.ledger import AsyncLedger, Claim, LedgerOp
 from ingestd.ledger.ops import op_wake_pending
 from ingestd.media.transform import transforms
@@ -122,12 +123,14 @@ class _Hold:
             self.next_probe = time.monotonic() + PROBE_EVERY
             if self.condition is None:
                 self.condition = outcome.condition
+                fix = "free space there; " if outcome.condition == SPACE else ""
                 self.problem = (
-                    f"{outcome.error}; free space there; one item is retried every second "
-                    "and all continue when it succeeds"
+                    f"{outcome.error}; {fix}one item is retried every second and all "
+                    "continue when it succeeds"
                 )
                 log.error(
-                    "sync held: the sink is out of space",
+                    "sync held until one item goes through",
+                    condition=outcome.condition,
                     watch=claim.watch,
                     item=claim.key,
                     reason=outcome.error,

@@ -283,7 +283,13 @@ class WatchRunner:
             reason = "overflow" if "overflow" in reasons else (reasons or ["timer"])[0]
             try:
                 await self._full_pass(reason)
-            except Exception:  # recording the pass failed (the ledger): try again
+            except Exception as e:  # recording the pass failed (the ledger): try again
+                if self.ledger.is_unwritable(e):
+                    # Not the source's fault: pass again as soon as the ledger takes it.
+                    self.log.warning("pass not recorded; passing again once the ledger is writable")
+                    await self.ledger.wait_writable()
+                    self._rescan.set()
+                    continue
                 self.failures += 1
                 self.log.exception("pass failed; trying again with backoff")
 
