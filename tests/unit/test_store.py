@@ -468,3 +468,67 @@ def test_store_open_creates_the_layout(tmp_path: Path) -> None:
     with Store.open(root) as again:
         assert again.catalog.referenced_digests() == {w.digest}
         assert again.blobs.has(w.digest)
+
+
+# -- the rename's durability (issue 14, point 9) ---------------------------------------
+
+
+def test_a_group_fsyncs_each_blob_directory_once_before_the_catalog_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local sink's batch put: every blob directory that got a rename is fsynced
+    (a real fsync, observed), once per directory however many blobs it got, and before
+    the catalog transaction that names the blobs."""
+    import asyncio
+    import stat
+
+    from ingestd.core.model import FilePayload, ItemPayload, SlotPayload
+    from ingestd.sinks.base import BatchItem
+    from ingestd.sinks.local import LocalSink
+
+    src = tmp_path / "src"
+    src.mkdir()
+    items = []
+    shards: list[str] = []
+    for i in range(40):
+        data = b"blob %d " % i * 30
+        (src / f"f{i}").write_bytes(data)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        shards.append(digest[7:9])
+        f = FilePayload(f"f{i}", str(src / f"f{i}"), len(data), digest)
+        items.append(
+            BatchItem("ds", ItemPayload("/", f"f{i}", (SlotPayload("0", "file", (f,)),), {}))
+        )
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            events.append("dir " + os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    real_upsert = Catalog.upsert_items
+
+    def upsert_items(self: Catalog, *a: object, **kw: object) -> object:
+        events.append("catalog")
+        return real_upsert(self, *a, **kw)
+
+    sink = LocalSink(tmp_path / "store")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Catalog, "upsert_items", upsert_items)
+
+    async def put() -> list[object]:
+        await sink.ensure_dataset("ds")
+        events.clear()  # opening the store syncs its folders once
+        results = await sink.put_items(items)
+        await sink.close()
+        return list(results)
+
+    results = asyncio.run(put())
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert "catalog" in events
+    before = events[: events.index("catalog")]
+    blobs = str((tmp_path / "store" / "blobs" / "sha256").resolve())
+    synced = [e[4:] for e in before if e.startswith("dir ")]
+    assert sorted(synced) == sorted({f"{blobs}/{s}" for s in shards}), "one fsync per shard"
