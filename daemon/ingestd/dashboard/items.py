@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ingestd.core.model import ItemPlan
+from ingestd.core.rawnames import to_os
 from ingestd.media.thumbs import cache_key, pick
 
 
@@ -48,7 +49,8 @@ def thumb_source(
         content = content or str(manifest.get("source_key", ""))
         if not content:
             return None
-        return cache_key(kind, rel, content), kind, str(folder / rel), f.size, f.mtime_ns
+        # rel is the ledger's text form of the name (core.rawnames): back to the OS's.
+        return cache_key(kind, rel, content), kind, str(folder / to_os(rel)), f.size, f.mtime_ns
     return None
 
 
