@@ -6,6 +6,7 @@ stays free of I/O).
 from __future__ import annotations
 
 from ingestd.core.model import SlotType
+from ingestd.core.regular import NotRegularFile, open_regular_file
 
 __all__ = [
     "DICOM_EXTENSIONS",
@@ -52,9 +53,10 @@ def sniff(path: str) -> SlotType | None:
     write images and videos under generic names. None when unknown or unreadable (the
     sync step reports unreadable files)."""
     try:
-        with open(path, "rb") as fh:
+        # Regular files only, never blocking (core.regular): a FIFO is unknown.
+        with open_regular_file(path) as fh:
             head = fh.read(132)
-    except OSError:
+    except (OSError, NotRegularFile):
         return None
     return type_of_prefix(head)
 
