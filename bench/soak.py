@@ -869,8 +869,14 @@ def sc_overflow(ws: Workspace, o: Opts, r: Result) -> None:
     wr = Writer(drop, random.Random(o.seed + 2), folders=2, max_files=10_000, prefix="old")
     for _ in range(100):
         wr.create(via_temp=True)
+    try:
+        original = int(Path(knob).read_text())
+        _set_sysctl(knob, original)  # writable here? (a container may mount /proc/sys ro)
+    except (OSError, ValueError) as e:
+        r.status = "skip"
+        r.notes.append(f"cannot set {knob}: {e}")
+        return
     d = Daemon(cfg, root / "ingestd.log")
-    original = int(Path(knob).read_text())
     try:
         # The kernel sizes an inotify queue when the instance is created: lowered only
         # while the daemon starts and installs its watcher (other processes on this
