@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,12 @@ def test_an_event_overflow_and_its_repairing_rescan_show_in_status(env: Env) -> 
     assert w["last_rescan"]["found"] == 5, w["last_rescan"]
     assert w["last_rescan"]["repaired"] == 5, w["last_rescan"]
     assert w["last_rescan"]["at"] >= w["last_overflow"]
+    # One overflow is counted once (watchdog also logs a second warning per watch,
+    # which used to count again).
+    url = (env.state / "control.addr").read_text().strip()
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as r:
+        body = r.read().decode()
+    assert 'ingestd_inotify_overflows_total{watch="w"} 1.0' in body.splitlines(), body
     wait_for(lambda: missed <= set(env.items_by_key()), 60, what="the missed files synced")
     assert env.stop() == 0
 

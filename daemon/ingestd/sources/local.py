@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import shutil
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -79,34 +78,17 @@ _EVENT_FILTER = [
     DirCreatedEvent,
     DirMovedEvent,
     DirDeletedEvent,
+    # The kernel's queue overflowed: events were lost, once per watch (after watchdog
+    # rebuilt its watches), so a rescan must repair what they would have said.
+    EventsLostEvent,
 ]
 
 
-class _OverflowListener(logging.Handler):
-    """watchdog reports an inotify queue overflow only through its logger; listen there."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.callbacks: set[Callable[[], None]] = set()
-        self._lock = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            with self._lock:
-                callbacks = list(self.callbacks)
-            for cb in callbacks:
-                cb()
-
-
-_overflow = _OverflowListener()
-for _name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
-    logging.getLogger(_name).addHandler(_overflow)
-
-
 class _Handler(FileSystemEventHandler):
-    def __init__(self, root: str, deliver: EventSink) -> None:
+    def __init__(self, root: str, deliver: EventSink, on_lost: Callable[[], None]) -> None:
         self._root = root
         self._deliver = deliver
+        self._on_lost = on_lost
 
     def _rel(self, path: str | bytes) -> str | None:
         p = os.fsdecode(path)
@@ -120,6 +102,9 @@ class _Handler(FileSystemEventHandler):
         # Runs on watchdog's thread: translate and hand off, nothing more.
         kind = event.event_type
         is_dir = event.is_directory
+        if kind == "events_lost":
+            self._on_lost()
+            return
         if kind == "moved":
             src, dst = self._rel(event.src_path), self._rel(event.dest_path)
             if src is not None:
@@ -207,7 +192,6 @@ class LocalFolderSource:
         )
         self._memory = DirMemory(rescan) if polled else None
         self._observer: Observer | None = None  # type: ignore[valid-type]
-        self._overflow_cb: Callable[[], None] | None = None
 
     def path_of(self, relpath: str) -> str:
         return os.path.join(self.root, to_os(relpath)) if relpath else self.root
@@ -223,7 +207,7 @@ class LocalFolderSource:
     def start(self, deliver: EventSink, on_overflow: Callable[[], None]) -> None:
         observer = Observer()
         observer.schedule(
-            _Handler(self.root, deliver),
+            _Handler(self.root, deliver, on_overflow),
             self.root,
             recursive=True,
             event_filter=_EVENT_FILTER,
@@ -235,17 +219,11 @@ class LocalFolderSource:
         observer.daemon = True
         observer.start()
         self._observer = observer
-        self._overflow_cb = on_overflow
-        with _overflow._lock:
-            _overflow.callbacks.add(on_overflow)
 
     def alive(self) -> bool:
         return self._observer is not None and self._observer.is_alive()
 
     def stop(self) -> None:
-        if self._overflow_cb is not None:
-            with _overflow._lock:
-                _overflow.callbacks.discard(self._overflow_cb)
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
