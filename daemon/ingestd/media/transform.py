@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingestd.config import DicomConfig, ImagesConfig, VideoConfig
-from ingestd.core.errors import Abandoned
+from ingestd.core.errors import Abandoned, MediaError
 from ingestd.core.model import SlotType
 from ingestd.media.detect import sniff
 
@@ -111,6 +111,10 @@ def transform_slot(
     ):
         # A safety net: whatever the planner decided, DICOM bytes never leave un-stripped.
         slot_type = "dicom"
+    if slot_type == "dicom" and not settings.dicom.deidentify:
+        for name, path in files:
+            check_dicom(name, path)
+        return PreparedSlot("dicom", files)
     if slot_type == "dicom" and settings.dicom.deidentify:
         from ingestd.media.dicom import deidentify
 
@@ -128,8 +132,62 @@ def transform_slot(
 def transforms(slot_type: SlotType, settings: MediaSettings) -> bool:
     """Whether transform_slot may read or derive anything for this slot type (if not,
     the files go as they are and no media work needs scheduling)."""
-    if slot_type == "image":
-        return True  # checked, and maybe downscaled, every time
+    if slot_type in ("image", "dicom"):
+        return True  # checked (header only for DICOM), and maybe derived, every time
     if slot_type == "video":
         return settings.video.mode == "frames"
-    return slot_type in ("dicom", "file") and settings.dicom.deidentify
+    return slot_type == "file" and settings.dicom.deidentify
+
+
+# Attributes that say how many bytes a native (not encapsulated) pixel data holds.
+_SIZE_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+_CHECK_KEYWORDS = (*_SIZE_KEYWORDS, "SOPClassUID")
+
+
+def check_dicom(name: str, path: str) -> None:
+    """A file sent as a `dicom` slot is DICOM: its header parses (not its pixels), it
+    names its instance, and it is long enough for the pixel data the header announces
+    (for uncompressed data). A viewer would fail on it later, unexplained."""
+    from ingestd.media.dicom import read_header
+
+    try:
+        header = read_header(path, _CHECK_KEYWORDS)
+        _check_length(path, header.tags)
+    except MediaError as e:
+        why = e.reason.removeprefix(f"{os.path.basename(path)}: ")
+        if why.startswith("not a DICOM file ("):
+            why = why.removeprefix("not a DICOM file (").removesuffix(")")
+        raise MediaError(
+            f"{name} is not a DICOM file: {why}; export it again or exclude it"
+        ) from None
+
+
+def _check_length(path: str, tags: dict[str, str | int | float]) -> None:
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import UID
+
+    sizes = [tags.get(k) for k in _SIZE_KEYWORDS[:4]]
+    if not all(isinstance(v, int) and v > 0 for v in sizes):
+        # pydicom returns what it parsed of a header cut short, silently: an image
+        # object (by its SOP class, near the start) without its image size was cut.
+        if "Image Storage" in UID(str(tags.get("SOPClassUID", ""))).name:
+            raise MediaError(
+                "truncated: the header ends before the image's size (Rows, Columns, ...)"
+            )
+        return  # not an image (a report, a plan): no pixel data to compare with
+    try:
+        ts = read_file_meta_info(path).get("TransferSyntaxUID")
+    except Exception:
+        ts = None  # a bare data set: implicit little endian, native
+    if ts is not None and UID(str(ts)).is_encapsulated:
+        return  # compressed: its length says nothing
+    rows, cols, bits, samples = (int(v) for v in sizes)  # type: ignore[arg-type]
+    frames = tags.get("NumberOfFrames")
+    n = int(frames) if isinstance(frames, int) and frames > 0 else 1
+    expected = rows * cols * samples * ((bits + 7) // 8) * n
+    size = os.path.getsize(path)
+    if size < expected:
+        raise MediaError(
+            f"truncated: {size:,} bytes in all, less than the {expected:,} bytes of pixel "
+            "data its header announces"
+        )

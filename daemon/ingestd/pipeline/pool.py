@@ -329,10 +329,14 @@ class SyncPool:
         if not side.source.features.local_paths:
             return 0 if self._sender.transfer(side) == "register" else None
         media = side.media
-        # Images are checked (and maybe downscaled) in one media-pool trip per group;
-        # what derives more (frames, de-identified DICOM) goes alone.
+        # Images are checked (and maybe downscaled), DICOM headers checked, in one
+        # media-pool trip per group; what derives more (frames, de-identified DICOM)
+        # goes alone.
         if media is not None and any(
-            transforms(s.type, media) and s.type != "image" for s in plan.slots
+            transforms(s.type, media)
+            and s.type != "image"
+            and (s.type != "dicom" or media.dicom.deidentify)
+            for s in plan.slots
         ):
             return None
         size = sum(f.size for slot in plan.slots for f in slot.files)
