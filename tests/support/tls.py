@@ -229,9 +229,14 @@ class TlsServer(Server):
         h = dict(headers or {})
         if token is True:
             token = self.token
+        ctx = client_context(self.ca, self.client, check_hostname=False)
         if isinstance(token, str):
             h["Authorization"] = f"Bearer {token}"
-        ctx = client_context(self.ca, self.client)
+        else:
+            # Public routes (/healthz, /metrics) are read whatever the certificate, so
+            # tests can watch a server whose certificate is the problem under test; a
+            # token only ever goes to a certificate the test CA signed.
+            ctx.verify_mode = ssl.CERT_NONE
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=ctx)
         try:
             conn.request(method, path, body=body, headers=h, encode_chunked=chunked)

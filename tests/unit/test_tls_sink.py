@@ -25,6 +25,7 @@ from ingestd.sinks.http import HttpSink
 from ingestd.store.catalog import Catalog
 
 from tests.support.tls import CA, Handshakes, Issued, listen_tls
+from tests.support.wait import wait_until
 
 TOKEN = "tok-tls-5b1e0c"
 TOKEN_ENV = "INGESTD_TLS_TEST_TOKEN"
@@ -177,7 +178,17 @@ async def test_a_fixed_certificate_ends_the_outage(server: Tls, tmp_path: Path) 
         shutil.copy(good.cert, server.pair.cert)
         shutil.copy(good.key, server.pair.key)
         assert server.tls.reload()
-        result = await sink.put_item("ds", item_of(p, p.name))
+
+        async def put() -> PutResult | None:
+            # As the sync pool does while held: the item again until it goes through
+            # (before the gate's next probe, an attempt fails at once, sending nothing).
+            try:
+                return await sink.put_item("ds", item_of(p, p.name))
+            except RetriableError as e:
+                assert getattr(e, "condition", None) == "tls", e
+                return None
+
+        result = await wait_until(put, 10, what="the renewed certificate to be taken")
     finally:
         await sink.close()
     assert isinstance(result, PutResult) and sink.reachable and sink.problem is None

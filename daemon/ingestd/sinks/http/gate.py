@@ -12,9 +12,12 @@ server up again (one info line with how long it was down).
 Once the sink is closed, every attempt ends at the gate (a retry must not open a new
 connection pool behind a closed sink).
 
-A certificate problem (tls.py: the reason starts with "TLS: ") is an outage like any
-other: it lasts until someone fixes a certificate or the config, so one probe at a
-time tells when, and nothing else is sent meanwhile. `problem` is what status shows.
+A certificate problem (tls.py: the reason starts with "TLS: ") is an outage too: it
+lasts until someone fixes a certificate or the config, so one probe at a time (at most
+5 s apart) tells when, and nothing else is sent meanwhile. Requests do not wait for
+the probe's news, though: they fail at once, and the sink hands the item back to the
+sync pool as held for condition "tls" (not an attempt), which re-sends one item a
+second. `problem` is what status shows.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ingestd.core.errors import RetriableError
 log = structlog.get_logger("ingestd.sink.http")
 
 TLS_PREFIX = "TLS: "  # how a certificate problem's reason starts (tls.TLS)
+TLS_PROBE_CAP = 5.0  # seconds between probes at most during a certificate problem
 
 
 class OutageGate:
@@ -82,6 +86,13 @@ class OutageGate:
             if self._probe is None and now >= self._next_probe:
                 self._probe = asyncio.current_task()
                 return None
+            if self.tls:
+                # No waiting out a certificate problem here: the item goes back to the
+                # sync pool at once (condition "tls"), which holds every item and sends
+                # one a second; only a probe slot here makes a handshake. Waiting would
+                # keep a retired sink's items (a reload that fixed the config) for
+                # minutes.
+                raise RetriableError(self.reason)
             news = self._news
             # With a probe under way only its result can help; otherwise the next probe
             # slot may be ours.
@@ -135,5 +146,9 @@ class OutageGate:
             # must not push the next probe minutes away.
             self._failures += 1
         base, cap = self._backoff()
+        if tls:
+            # A handshake is cheap and the fix (a renewed certificate) is noticed only
+            # by a probe: not minutes apart.
+            cap = min(cap, TLS_PROBE_CAP)
         step = min(cap, base * 2 ** min(self._failures, 30))
         self._next_probe = asyncio.get_running_loop().time() + random.uniform(step / 2, step)
