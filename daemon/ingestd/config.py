@@ -809,11 +809,22 @@ def _duplicate_names(watches: Any) -> list[Problem]:
 def load_config(path: Path, *, check_paths: bool = True) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        content = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(path, [Problem("", f"{path}: no such file")]) from None
     except OSError as e:
         raise ConfigError(path, [Problem("", f"{path}: cannot read: {e.strerror}")]) from None
+    return parse_config_bytes(path, content, check_paths=check_paths)
+
+
+def parse_config_bytes(path: Path, content: bytes, *, check_paths: bool = True) -> Config:
+    """The config in `content`, the bytes of the file at `path` as already read (a live
+    reload reads the file once, for its digest and its config alike)."""
+    path = Path(path)
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, [Problem("", f"{path}: not UTF-8 text ({e.reason})")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -77,7 +77,7 @@ async def test_config_watcher_sees_renames_and_in_place_writes(tmp_path: Path) -
     cfg = tmp_path / "ingestd.yaml"
     cfg.write_text("workers: 1\n")
     changes: list[float] = []
-    watcher = ConfigWatcher(cfg, lambda: changes.append(time.monotonic()))
+    watcher = ConfigWatcher(cfg, lambda _content: changes.append(time.monotonic()))
     await watcher.start()
     try:
         # an editor's save: a new file renamed over the old one
@@ -99,7 +99,7 @@ async def test_config_watcher_ignores_content_already_loaded(tmp_path: Path) -> 
     cfg = tmp_path / "ingestd.yaml"
     cfg.write_text("workers: 1\n")
     changes: list[str] = []
-    watcher = ConfigWatcher(cfg, lambda: changes.append(cfg.read_text()))
+    watcher = ConfigWatcher(cfg, lambda content: changes.append(content.decode()))
     await watcher.start()
     try:
         # A touch and a rewrite of the same bytes come first; the only change reported

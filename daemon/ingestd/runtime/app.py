@@ -258,9 +258,10 @@ class App:
 
     # -- live reload (reload.py) --------------------------------------------------------------
 
-    def request_reload(self, reason: str = "SIGHUP") -> None:
-        """SIGHUP (also `systemctl reload`, `ingestd reload`) or an edit of the file."""
-        self.reloader.request(reason)
+    def request_reload(self, reason: str = "SIGHUP", content: bytes | None = None) -> None:
+        """SIGHUP (also `systemctl reload`, `ingestd reload`) or an edit of the file
+        (with the bytes the config watcher read)."""
+        self.reloader.request(reason, content)
 
     async def reload(self) -> bool:
         """Re-read the config file now; whether the file's config is now in use."""
@@ -270,7 +271,7 @@ class App:
         """Follow edits of the config file while `watch_config` says so."""
         if self.config.watch_config and self.config_watcher is None:
             self.config_watcher = ConfigWatcher(
-                self.config_path, lambda: self.request_reload("config file edited")
+                self.config_path, lambda content: self.request_reload("config file edited", content)
             )
             await self.config_watcher.start()
         elif not self.config.watch_config and self.config_watcher is not None:

@@ -54,10 +54,19 @@ EVENT_FILTER = [
 
 
 def content_digest(path: Path) -> str | None:
+    content = read_content(path)
+    return None if content is None else digest_of(content)
+
+
+def read_content(path: Path) -> bytes | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return Path(path).read_bytes()
     except OSError:
         return None
+
+
+def digest_of(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
 
 
 class _Hint(FileSystemEventHandler):
@@ -72,9 +81,10 @@ class _Hint(FileSystemEventHandler):
 
 
 class ConfigWatcher:
-    """Calls `on_change()` (on the event loop) when the config file's content changed."""
+    """Calls `on_change(content)` (on the event loop) when the config file's content
+    changed, with the bytes it read, so that the reload reads the file no second time."""
 
-    def __init__(self, path: Path, on_change: Callable[[], None]) -> None:
+    def __init__(self, path: Path, on_change: Callable[[bytes], None]) -> None:
         self.path = Path(path).absolute()
         self.on_change = on_change
         self.loaded = content_digest(self.path)
@@ -125,9 +135,9 @@ class ConfigWatcher:
                     await asyncio.wait_for(self._hint.wait(), QUIET)
                     continue
                 break
-            digest = await asyncio.to_thread(content_digest, self.path)
-            if digest is not None and digest != self.loaded:
-                self.on_change()
+            content = await asyncio.to_thread(read_content, self.path)
+            if content is not None and digest_of(content) != self.loaded:
+                self.on_change(content)
 
     async def stop(self) -> None:
         if self._task is not None:

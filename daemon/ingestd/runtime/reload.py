@@ -15,13 +15,20 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ingestd.config import Config, ConfigDiff, ConfigError, diff_config, load_config
+from ingestd.config import (
+    Config,
+    ConfigDiff,
+    ConfigError,
+    diff_config,
+    load_config,
+    parse_config_bytes,
+)
 from ingestd.observe.status import write_rejected
 from ingestd.pipeline.runner import make_runner
 from ingestd.pipeline.side import WatchSide
 from ingestd.runtime import logs
 from ingestd.runtime.backend import build_sink, deid_key, sides
-from ingestd.runtime.config_watch import content_digest
+from ingestd.runtime.config_watch import digest_of, read_content
 from ingestd.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -38,9 +45,13 @@ class Reloader:
         self.app = app
         self._lock = asyncio.Lock()
         self._wanted = asyncio.Event()
+        self._content: bytes | None = None
 
-    def request(self, reason: str = "SIGHUP") -> None:
+    def request(self, reason: str = "SIGHUP", content: bytes | None = None) -> None:
+        """Reload soon; `content` is the file's bytes when the caller has just read
+        them (the config watcher), else the file is read then."""
         log.info("reload requested", reason=reason, config=str(self.app.config_path))
+        self._content = content
         self._wanted.set()
 
     async def loop(self) -> None:
@@ -78,11 +89,16 @@ class Reloader:
     async def _read(self) -> Config | None:
         """The file's config, or None when it is refused (recorded for `status`)."""
         app = self.app
-        digest = await asyncio.to_thread(content_digest, app.config_path)
+        content, self._content = self._content, None
+        if content is None:
+            content = await asyncio.to_thread(read_content, app.config_path)
         if app.config_watcher is not None:
-            app.config_watcher.mark_loaded(digest)
+            app.config_watcher.mark_loaded(None if content is None else digest_of(content))
         try:
-            new = await asyncio.to_thread(load_config, app.config_path)
+            if content is None:  # load_config says why (no such file, permission...)
+                new = await asyncio.to_thread(load_config, app.config_path)
+            else:
+                new = await asyncio.to_thread(parse_config_bytes, app.config_path, content)
         except ConfigError as e:
             app.rejected = list(e.problems)
             await asyncio.to_thread(write_rejected, app.config.state_dir, app.rejected)
