@@ -356,3 +356,16 @@ async def test_out_of_space_holds_the_pool_probes_one_item_and_wakes_all(
     await pool.stop(1)
     task.cancel()
     await ledger.close()
+
+
+def test_a_reason_quoting_a_name_that_is_not_utf8_is_stored(ledger: Ledger) -> None:
+    """An OSError's filename keeps undecodable bytes as lone surrogates; recording the
+    failure must not fail the transaction (SQLite takes UTF-8 only)."""
+    bad = os.fsdecode(b"/drop/caf\xe9.dat")
+    apply(ledger, make_plan("a.dat", 1, 1))
+    [claim] = ledger.due(time.time() + 1, 10, [], ["w"])
+    ledger.transaction([Ledger.op_failed(claim, f"cannot read {bad}: I/O error", "sink", 1.0)])
+    ledger.transaction([Ledger.op_set_problem("w", f"cannot list {bad}", 1.0)])
+    [err] = ledger.last_errors("w")
+    assert err["error"] == "cannot read /drop/caf%E9.dat: I/O error"
+    assert ledger.watch_problems() == {"w": "cannot list /drop/caf%E9.dat"}

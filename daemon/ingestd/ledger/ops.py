@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ingestd.core.model import Entry, ItemPlan
+from ingestd.core.rawnames import shown
 from ingestd.ledger.db import (
     DELETED,
     FAILED,
@@ -26,6 +27,14 @@ from ingestd.ledger.db import (
 )
 from ingestd.ledger.model import Claim, ConflictCheck, TypeOf
 from ingestd.ledger.reads import key_owner
+
+
+def _said(text: str | None) -> str | None:
+    """A reason or problem as stored: a message that quotes a file name which is not
+    UTF-8 (a lone surrogate, from an OSError's filename) cannot be encoded for SQLite,
+    and would turn the failure being recorded into a failed transaction."""
+    return None if text is None else shown(text)
+
 
 # -- what items should be (planning) -----------------------------------------------------------
 
@@ -101,7 +110,7 @@ def op_plan_failed(
             " ON CONFLICT (watch, source_id) DO UPDATE SET key=excluded.key,"
             " desired_fp=excluded.desired_fp, status='failed', attempts=attempts+1,"
             " last_error=excluded.last_error, error_kind='plan', updated_at=excluded.updated_at",
-            (watch, source_id, dataset, key, fingerprint, now, reason, now),
+            (watch, source_id, dataset, key, fingerprint, now, _said(reason), now),
         )
         return FAILED
 
@@ -224,7 +233,7 @@ def op_retry_later(
             (
                 1 if count_attempt else 0,
                 at,
-                reason,
+                _said(reason),
                 "retry" if reason else None,
                 now,
                 claim.watch,
@@ -246,7 +255,7 @@ def op_retry_held(
         conn.execute(
             "UPDATE items SET next_attempt=?, last_error=?, error_kind=?, updated_at=?"
             " WHERE watch=? AND source_id=? AND status='pending'",
-            (at, reason, condition, now, claim.watch, claim.source_id),
+            (at, _said(reason), condition, now, claim.watch, claim.source_id),
         )
 
     return op
@@ -276,7 +285,7 @@ def op_failed(
         conn.execute(
             "UPDATE items SET status='failed', attempts=attempts+1, last_error=?,"
             " error_kind=?, updated_at=? WHERE watch=? AND source_id=? AND desired_fp IS ?",
-            (reason, kind, now, claim.watch, claim.source_id, claim.desired_fp),
+            (_said(reason), kind, now, claim.watch, claim.source_id, claim.desired_fp),
         )
 
     return op
@@ -290,6 +299,7 @@ def op_set_problem(
 ) -> Callable[[sqlite3.Connection], bool]:
     """Watch-level trouble (source folder missing, deletion refused). Returns whether
     it changed, so callers log once per change rather than once per pass."""
+    problem = _said(problem)
 
     def op(conn: sqlite3.Connection) -> bool:
         row = conn.execute("SELECT problem FROM watch_state WHERE watch=?", (watch,)).fetchone()
