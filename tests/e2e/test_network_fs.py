@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Env, sha256_digest
+from tests.support.daemon import Env, log_lines, sha256_digest
 from tests.support.need import need
 from tests.support.wait import wait_for
 
@@ -72,6 +72,8 @@ def test_files_written_behind_a_fuse_mount_sync(env: Env, share: tuple[Path, Pat
     assert st["mode"] == "poll", st
     reason = str(st["mode_reason"])
     assert reason.startswith("polled every 1s") and "(fuse)" in reason and str(mount) in reason
+    # The start-up log says the same, for whoever reads the journal instead.
+    assert log_lines(env, "watch mode", watch="w", mode="poll", reason=reason)
 
     # As another machine writes to a share: into the backing folder, past this mount.
     write(backing / "a.dat", b"a")

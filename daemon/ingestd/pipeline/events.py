@@ -26,6 +26,7 @@ class EventHints:
         self.log = runner.log
         self._subtrees: set[str] = set()
         self._subtree_event = asyncio.Event()
+        self._folder_missing = False  # the observer waits for the folder to appear
 
     async def start_observer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -37,6 +38,12 @@ class EventHints:
         def overflow() -> None:
             loop.call_soon_threadsafe(self.on_overflow)
 
+        self._folder_missing = not os.path.isdir(r.source.where)
+        if self._folder_missing:
+            # Not an error: the watch shows "waiting for folder"; the health loop starts
+            # the observer once the folder is there.
+            self.log.info("no folder to watch yet; the file watcher starts when it appears")
+            return
         try:
             # Installing inotify watches walks the tree: keep that off the event loop.
             await asyncio.to_thread(r.source.start, deliver, overflow)
@@ -109,7 +116,10 @@ class EventHints:
         while True:
             await asyncio.sleep(HEALTH_EVERY)
             if not r.source.alive() and os.path.isdir(r.source.where):
-                self.log.warning("file watcher stopped; restarting it and rescanning")
+                if self._folder_missing:
+                    self.log.info("the folder appeared; watching it and scanning")
+                else:
+                    self.log.warning("file watcher stopped; restarting it and rescanning")
                 await asyncio.to_thread(r.source.stop)
                 await self.start_observer()
                 r.request_rescan()

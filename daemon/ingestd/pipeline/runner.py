@@ -157,6 +157,12 @@ class WatchRunner:
         folder the observer cannot start; the health check installs it once the folder
         is there."""
         name = self.watch.name
+        features = self.source.features
+        self.log.info(
+            "watch mode",
+            mode="events" if features.events else "poll",
+            reason=features.mode_reason or None,
+        )
         if self.hints is not None:
             await self.hints.start_observer()
         self._tasks = [
