@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from ingestd.server.app import make_app
 from ingestd.server.auth import ServeError, check_transport
 from ingestd.server.tls import ServerTls, check_key_file
 
+from tests.support.need import need
+from tests.support.syscall_sandbox import find_systemd_analyze, read_unit
 from tests.support.tls import CA, listen_tls, peer_serial
 
 TOKEN = "tok-unit-9a7f3c"
@@ -198,3 +202,34 @@ def test_tls_keys_are_not_part_of_the_backend_identity(tmp_path: Path) -> None:
     two = parse_config(_config(tmp_path, ca_file=str(other.pem)), tmp_path)
     assert backend_identity(one) == backend_identity(two)
     assert one.backend != two.backend
+
+
+# --- the systemd unit -------------------------------------------------------------------------
+
+SERVE_UNIT = Path(__file__).resolve().parents[2] / "systemd" / "ingestd-serve.service"
+
+
+def test_the_serve_unit_hands_the_key_over_as_a_credential(tmp_path: Path) -> None:
+    unit = read_unit(SERVE_UNIT)
+    assert sorted(unit["LoadCredential"]) == [
+        "tls.key:/etc/ingestd/server.key",
+        "tls.pem:/etc/ingestd/server.pem",
+    ]
+    (exec_start,) = unit["ExecStart"]
+    assert "--tls-cert %d/tls.pem --tls-key %d/tls.key" in exec_start
+    assert "--allow-plain-http" not in exec_start
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP = rotate
+    assert unit["RestartPreventExitStatus"] == ["2"]  # a refused configuration
+    analyze, why = find_systemd_analyze()
+    need(analyze is not None, why)
+    assert analyze is not None
+    copy = tmp_path / SERVE_UNIT.name
+    script = Path(sys.executable).parent / "ingestd"
+    copy.write_text(
+        SERVE_UNIT.read_text().replace("ExecStart=/usr/local/bin/ingestd ", f"ExecStart={script} ")
+    )
+    proc = subprocess.run(
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=120
+    )
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "ingestd" in line]
+    assert proc.returncode == 0 and not ours, proc.stdout + proc.stderr
