@@ -136,12 +136,16 @@ class _Session:
 class TlsApiClient(ApiClient):
     """The kit client with the sink's TLS context, naming certificate problems."""
 
-    def __init__(self, *args: Any, ssl_context: ssl.SSLContext | None, host: str, **kw: Any):
+    def __init__(
+        self, *args: Any, ssl_context: ssl.SSLContext | None, host: str, **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self.ssl_context = ssl_context
         self.host = host
 
     def session(self) -> aiohttp.ClientSession:
+        # The kit's session (same limits and timeouts) with this sink's TLS context,
+        # wrapped so that TLS exceptions come out named.
         if self._session is None or self._session.closed:
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
