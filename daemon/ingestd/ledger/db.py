@@ -91,8 +91,62 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+# Items per (watch, status), kept by triggers in the transaction that changes the items,
+# so that status, /metrics and the systemd STATUS= tick read a few rows instead of
+# counting the whole ledger every few seconds (issue 16). Every write in ops.py stays
+# counted without knowing of it. Rows that fall to 0 stay (left out by the reads).
+_COUNTS = (
+    """CREATE TABLE item_counts (
+    watch TEXT,
+    status TEXT,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (watch, status)
+)""",
+    """CREATE TRIGGER item_counts_insert AFTER INSERT ON items BEGIN
+    INSERT INTO item_counts (watch, status, n) VALUES (NEW.watch, NEW.status, 1)
+    ON CONFLICT (watch, status) DO UPDATE SET n = n + 1;
+END""",
+    """CREATE TRIGGER item_counts_delete AFTER DELETE ON items BEGIN
+    UPDATE item_counts SET n = n - 1 WHERE watch = OLD.watch AND status = OLD.status;
+END""",
+    """CREATE TRIGGER item_counts_update AFTER UPDATE OF status, watch ON items
+WHEN OLD.status IS NOT NEW.status OR OLD.watch IS NOT NEW.watch BEGIN
+    UPDATE item_counts SET n = n - 1 WHERE watch = OLD.watch AND status = OLD.status;
+    INSERT INTO item_counts (watch, status, n) VALUES (NEW.watch, NEW.status, 1)
+    ON CONFLICT (watch, status) DO UPDATE SET n = n + 1;
+END""",
+)
+
+
+def _add_item_counts(conn: sqlite3.Connection) -> None:
+    """Create item_counts and its triggers, filled from the items, in one transaction:
+    no write can fall between the count and the triggers. Another process opening the
+    same ledger at the same moment waits for the lock and then finds the table."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='item_counts'"
+        ).fetchone()
+        if not exists:
+            for statement in _COUNTS:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO item_counts (watch, status, n)"
+                " SELECT watch, status, count(*) FROM items GROUP BY watch, status"
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a ledger written by an older version up to the current schema."""
+    has_counts = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='item_counts'"
+    ).fetchone()
+    if not has_counts:
+        _add_item_counts(conn)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
     if "etag" not in columns:
         # Bucket objects are compared by ETag; local entries leave it NULL.
@@ -101,6 +155,16 @@ def _migrate(conn: sqlite3.Connection) -> None:
         except sqlite3.OperationalError as e:
             if "duplicate column" not in str(e):  # another process migrated it just now
                 raise
+    # The lease columns of a shared ledger (pg.py): always NULL here, where claims live in
+    # memory, but present so that ops.py's outcome ops are the same SQL for both engines.
+    items = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+    for column, kind in (("claimed_by", "TEXT"), ("lease_until", "REAL")):
+        if column not in items:
+            try:
+                conn.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):
+                    raise
 
 
 def ensure_settings(conn: sqlite3.Connection) -> None:

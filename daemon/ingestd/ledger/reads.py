@@ -35,12 +35,21 @@ def _in(n: int) -> str:
 
 
 def status_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """Per watch: status → number of items (statuses without items left out)."""
+    """Per watch: status → number of items (statuses without items left out). Read
+    from item_counts, which triggers keep in step with the items (db.py): a few rows,
+    whatever the ledger's size, since the status tick runs this every few seconds."""
     out: dict[str, dict[str, int]] = {}
-    for watch, status, n in conn.execute(
-        "SELECT watch, status, count(*) FROM items GROUP BY watch, status"
-    ):
-        out.setdefault(watch, {})[status] = n
+    try:
+        rows = conn.execute("SELECT watch, status, n FROM item_counts WHERE n > 0").fetchall()
+    except sqlite3.OperationalError as e:
+        # A read-only connection on a ledger no writer of this version has opened yet.
+        if "no such table" not in str(e):
+            raise
+        rows = conn.execute(
+            "SELECT watch, status, count(*) FROM items GROUP BY watch, status"
+        ).fetchall()
+    for watch, status, n in rows:
+        out.setdefault(watch, {})[status] = int(n)
     return out
 
 
@@ -53,12 +62,20 @@ def pending_state(
 ) -> dict[str, tuple[int, int]]:
     """Per watch of `watches` with pending items: (pending items, pending items that
     have made at least `max_attempts` attempts)."""
-    rows = conn.execute(
-        "SELECT watch, count(*), coalesce(sum(attempts >= ?), 0) FROM items"
-        f" WHERE status='pending' AND watch IN ({_in(len(watches))}) GROUP BY watch",
-        (max_attempts, *watches),
-    ).fetchall()
-    return {w: (int(n), int(stuck)) for w, n, stuck in rows}
+    # A one-pass sync asks this every 50 ms: the pending count comes from item_counts,
+    # the stuck ones from a range of the (watch, status, attempts) index.
+    pending = status_counts(conn)
+    out: dict[str, tuple[int, int]] = {}
+    for w in watches:
+        n = pending.get(w, {}).get("pending", 0)
+        if not n:
+            continue
+        (stuck,) = conn.execute(
+            "SELECT count(*) FROM items WHERE watch=? AND status='pending' AND attempts >= ?",
+            (w, max_attempts),
+        ).fetchone()
+        out[w] = (n, int(stuck))
+    return out
 
 
 def last_errors(conn: sqlite3.Connection, watch: str, limit: int = 10) -> list[dict[str, str]]:
@@ -104,10 +121,8 @@ def watch_problems(conn: sqlite3.Connection) -> dict[str, str]:
 
 
 def live_count(conn: sqlite3.Connection, watch: str) -> int:
-    (n,) = conn.execute(
-        "SELECT count(*) FROM items WHERE watch=? AND status != 'deleted'", (watch,)
-    ).fetchone()
-    return int(n)
+    """Items of `watch` that are not deleted (from item_counts, see status_counts)."""
+    return sum(n for st, n in status_counts(conn).get(watch, {}).items() if st != "deleted")
 
 
 # -- entries (the files the ledger knows) ------------------------------------------------------
@@ -217,8 +232,9 @@ def due(
     """Pending items of `watches` (all when None) whose next attempt is due, oldest
     first. Items of watches no longer configured stay in the ledger untouched."""
     skip = set(exclude)
-    out: list[Claim] = []
-    only = "" if watches is None else f" AND watch IN ({_in(len(watches))})"
+    # `+watch`: the (status, next_attempt) index gives the order; the planner must not
+    # take the (watch, status, attempts) one and sort a whole backlog on every call.
+    only = "" if watches is None else f" AND +watch IN ({_in(len(watches))})"
     # Keys first, from the index alone: the items being synced now are due too and
     # come first, and reading their whole rows (plans, manifests) on every call
     # cost more than the rows wanted.
@@ -231,6 +247,12 @@ def due(
         )
         if k not in skip
     ][:limit]
+    return claims_of(conn, keys)
+
+
+def claims_of(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> list[Claim]:
+    """The claims of these (watch, source_id) keys that are still pending, in order."""
+    out: list[Claim] = []
     for w, sid in keys:
         row = conn.execute(
             "SELECT dataset, key, plan, desired_fp, synced_manifest, attempts, backend_id,"
@@ -266,7 +288,8 @@ def next_due_time(
 ) -> float | None:
     """When the next pending item of `watches` (all when None) is due, leaving out
     the (watch, source_id) items in `exclude` (e.g. those being synced now)."""
-    only = "" if watches is None else f" AND watch IN ({_in(len(watches))})"
+    # `+watch`, as in due(): the first rows of the items_due index, never a sort.
+    only = "" if watches is None else f" AND +watch IN ({_in(len(watches))})"
     skip = set(exclude)
     rows = conn.execute(
         f"SELECT watch, source_id, next_attempt FROM items WHERE status='pending'{only}"
@@ -332,7 +355,7 @@ def recent_keys(conn: sqlite3.Connection, max_items: int, limit: int) -> list[tu
     """The `limit` most recently updated live items, oldest first; none when the ledger
     holds more than `max_items` items, since there is no index on updated_at and
     sorting a large ledger costs too much."""
-    (n,) = conn.execute("SELECT count(*) FROM items").fetchone()
+    n = sum(sum(c.values()) for c in status_counts(conn).values())
     if n > max_items:
         return []
     rows = conn.execute(
