@@ -476,6 +476,37 @@ class DicomConfig(_Strict):
     )
 
 
+class QueueConfig(_Strict):
+    """A bucket watch's event queue: the bucket's change notifications, consumed as hints
+    (docs/bucket-events.md). Credentials come from the cloud's standard chain, like the
+    bucket's."""
+
+    url: str = Field(
+        description="the queue's URL: an SQS queue URL "
+        "(https://sqs.REGION.amazonaws.com/ACCOUNT/NAME) for s3://, an Azure Storage queue "
+        "URL (https://ACCOUNT.queue.core.windows.net/NAME) for az://"
+    )
+    kind: Literal["sqs", "azure_queue"] | None = Field(
+        default=None,
+        description="sqs (S3 event notifications) or azure_queue (Event Grid blob events); "
+        "default: the one that fits the bucket's scheme",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        url = _http_url(
+            v, "https://sqs.us-east-1.amazonaws.com/123456789012/uploads", "the cloud's environment"
+        )
+        if len([s for s in urlsplit(url).path.split("/") if s]) < 1:
+            raise ValueError(f"{v!r} names no queue (its path is empty)")
+        return url
+
+
+# A queue names what changed; the listing is only the repair path and can be slow.
+QUEUE_POLL_INTERVAL = 3600.0
+
+
 # Unset poll_interval: a bucket listing costs requests (and money); a polled folder is
 # a share where files should not wait long, and unchanged folders are not re-listed.
 BUCKET_POLL_INTERVAL = 60.0
@@ -511,6 +542,11 @@ class Watch(_Strict):
         description="how often a polled source is listed: a bucket prefix, or a folder on a "
         f"network or FUSE mount or with watch_mode: poll (default {BUCKET_POLL_INTERVAL:g}s "
         f"for buckets, {FOLDER_POLL_INTERVAL:g}s for folders)",
+    )
+    queue: QueueConfig | None = Field(
+        default=None,
+        description="buckets: the queue receiving the bucket's event notifications; a "
+        "full listing then runs every poll_interval (default 1h) as the repair path",
     )
     watch_mode: Literal["auto", "events", "poll"] = Field(
         default="auto",
@@ -562,7 +598,7 @@ class Watch(_Strict):
     @model_validator(mode="after")
     def _bucket_only(self) -> Watch:
         if self.bucket is None:
-            for key in ("source_options", "transfer"):
+            for key in ("source_options", "transfer", "queue"):
                 if key in self.model_fields_set:
                     raise ValueError(
                         f"{key} applies to bucket sources only; {self.source} is a folder"
@@ -572,7 +608,27 @@ class Watch(_Strict):
                 "watch_mode: events applies to folders only; a bucket prefix has no "
                 "events and is listed every poll_interval"
             )
+        elif self.queue is not None:
+            fits = {"s3": "sqs", "az": "azure_queue"}.get(self.bucket.scheme)
+            if fits is None:
+                raise ValueError(
+                    "queue: gs:// buckets have no supported queue yet (Pub/Sub needs an "
+                    "emulator this project cannot run); remove queue, the prefix is listed "
+                    "every poll_interval"
+                )
+            if self.queue.kind not in (None, fits):
+                raise ValueError(
+                    f"queue.kind: {self.queue.kind} does not fit {self.bucket.scheme}:// "
+                    f"(use {fits})"
+                )
         return self
+
+    @property
+    def queue_kind(self) -> Literal["sqs", "azure_queue"] | None:
+        """The kind of the watch's queue (given, or the one its bucket's scheme fits)."""
+        if self.queue is None:
+            return None
+        return self.queue.kind or ("azure_queue" if self.source.startswith("az://") else "sqs")
 
     @model_validator(mode="before")
     @classmethod
@@ -583,6 +639,8 @@ class Watch(_Strict):
             source = data.get("source")
             bucket = isinstance(source, str) and "://" in source
             interval = BUCKET_POLL_INTERVAL if bucket else FOLDER_POLL_INTERVAL
+            if bucket and data.get("queue") is not None:
+                interval = QUEUE_POLL_INTERVAL
             data = {**data, "poll_interval": interval}
         return data
 

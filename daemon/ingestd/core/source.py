@@ -31,6 +31,7 @@ from ingestd.core.model import Entry, SlotType
 if TYPE_CHECKING:
     from ingestd.media.dicom import DicomHeader
     from ingestd.plan.metadata import Sidecar
+    from ingestd.sources.queues.feed import QueueFeed
 
 ErrorKind = Literal[
     "credentials", "denied", "missing_bucket", "missing", "unreachable", "not_found", "other"
@@ -70,6 +71,9 @@ class Features:
     events: bool = False
     local_paths: bool = False
     urls: bool = False
+    # A bucket whose event notifications arrive through a queue: `hint_feed()` gives
+    # durable hints (sources/queues), and listings become the slow repair path.
+    queue: bool = False
     # Why the source is watched the way it is (events or polling), in words for status
     # and the start-up log, e.g. "nfs4 mount at /mnt/scans: polled every 5s".
     mode_reason: str = ""
@@ -210,6 +214,13 @@ class Source(Protocol):
     def https_url_of(self, relpath: str) -> str | None:
         """The object's https URL, for platforms that fetch only https (None when it
         has none a platform could fetch)."""
+        ...
+
+    # -- Features.queue -------------------------------------------------------------------
+
+    def hint_feed(self) -> QueueFeed:
+        """The queue's feed: the runner drives it, recording each batch's hints in the
+        ledger before the feed deletes the messages (at-least-once)."""
         ...
 
     # -- Features.events ------------------------------------------------------------------

@@ -26,6 +26,13 @@ from ingestd.ledger.db import (
     SYNCED,
     connect,
 )
+from ingestd.ledger.hints import (
+    HintRow,
+    op_clear_queue_problem,
+    op_drop_hint,
+    op_note_hints,
+    op_take_hints,
+)
 from ingestd.ledger.ledger import Ledger
 from ingestd.ledger.model import Claim, ConflictCheck, LedgerOp, TypeOf, WatchCounts
 from ingestd.ledger.ops import (
@@ -49,6 +56,7 @@ __all__ = [
     "AsyncLedger",
     "Claim",
     "ConflictCheck",
+    "HintRow",
     "Ledger",
     "LedgerOp",
     "LedgerReader",
@@ -58,7 +66,11 @@ __all__ = [
     "entries_in_dir",
     "entry_dirs",
     "key_conflict_reason",
+    "op_clear_queue_problem",
+    "op_drop_hint",
+    "op_note_hints",
     "op_plan_settled",
     "op_switch_backend",
+    "op_take_hints",
     "op_watch_settings",
 ]

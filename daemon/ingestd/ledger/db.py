@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from ingestd.ledger.hints import HINTS_TABLE
+
 LEDGER_FILE = "ledger.sqlite"
 
 # status values
@@ -86,6 +88,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        conn.executescript(HINTS_TABLE)  # bucket queue hints (hints.py)
         _migrate(conn)
     conn.execute("PRAGMA busy_timeout=10000")
     return conn

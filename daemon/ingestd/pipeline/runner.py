@@ -29,6 +29,7 @@ from ingestd.pipeline.deletions import apply_gone
 from ingestd.pipeline.events import EventHints
 from ingestd.pipeline.plan_queue import PlanQueue
 from ingestd.pipeline.planner import Planner, WatchFilter
+from ingestd.pipeline.queue_hints import QueueHints
 from ingestd.pipeline.settling import ListedSettling, ObservedSettling, Settling
 from ingestd.pipeline.work import LedgerKnown, PassStats, PlanWork
 from ingestd.plan.groups import GroupMembership
@@ -121,6 +122,8 @@ class WatchRunner:
             else ListedSettling(watch.settle)
         )
         self.hints = EventHints(self) if self.events and observe else None
+        # A bucket's event queue (Features.queue): durable hints, taken by the daemon only
+        self.queue_hints = QueueHints(self) if self.source.features.queue and observe else None
         self.known = LedgerKnown(ledger, watch.name)
         self.takes = _Takes(self)
         self.on_planned = on_planned
@@ -160,7 +163,7 @@ class WatchRunner:
         features = self.source.features
         self.log.info(
             "watch mode",
-            mode="events" if features.events else "poll",
+            mode=self.mode,
             reason=features.mode_reason or None,
         )
         if self.hints is not None:
@@ -169,6 +172,8 @@ class WatchRunner:
             asyncio.create_task(self.settling.run(), name=f"settle:{name}"),
             asyncio.create_task(self.plans.run(), name=f"plan:{name}"),
         ]
+        if self.queue_hints is not None:
+            self._tasks += self.queue_hints.tasks()  # messages wait in the queue meanwhile
         try:
             await self._full_pass("start")
         except Exception as e:
@@ -178,6 +183,13 @@ class WatchRunner:
             self._tasks.append(asyncio.create_task(self._pass_loop(), name=f"pass:{name}"))
         if self.hints is not None:
             self._tasks += self.hints.tasks()
+
+    @property
+    def mode(self) -> str:
+        """How the watch learns of changes: events (inotify), queue (a bucket's event
+        queue), or poll."""
+        features = self.source.features
+        return "events" if features.events else "queue" if features.queue else "poll"
 
     async def stop(self) -> None:
         """Cancel the watch's tasks and wait for them at most STOP_TIMEOUT: a task stuck
@@ -241,7 +253,7 @@ class WatchRunner:
         overflow and its last full pass."""
         features = self.source.features
         return {
-            "mode": "events" if features.events else "poll",
+            "mode": self.mode,
             "mode_reason": features.mode_reason,
             "last_overflow": self.last_overflow,
             "last_rescan": self.last_rescan.as_json() if self.last_rescan else None,
@@ -336,6 +348,8 @@ class WatchRunner:
                 for rel in batch.errors:
                     self.log.warning("cannot read folder or file during scan", path=rel)
                 unheld += await self._take(batch.changed, pass_no, groups, batch.last_key)
+                if self.queue_hints is not None and not subdir:
+                    self.queue_hints.listed(batch.changed)
             for work in groups.values():
                 await self._plan(work)
         except SourceError as e:
@@ -354,6 +368,8 @@ class WatchRunner:
                 # Folders it could not read are not planned again now; recording anyway
                 # keeps a lasting unreadable folder from re-planning everything each pass.
                 self._full_pass_planned_all()
+            if self.queue_hints is not None:
+                await self.queue_hints.pass_done(complete=not errors)
         seconds = round(time.monotonic() - started, 3)
         self.last_pass = PassStats(listed, changed, len(gone), errors, seconds)
         if not subdir:

@@ -3,6 +3,8 @@
 - local.py: a folder on this machine (watchdog hints, scandir walks, os reads);
 - bucket_source.py: a bucket prefix, polled, over an ObjectStore (objects.py), which
   bucket.py implements for S3, GCS and Azure and objects.MemoryObjectStore in memory;
+  queues/: the bucket's event notifications from SQS or an Azure Storage queue, as
+  durable hints (Features.queue);
 - settle.py: when a hinted local file is complete; bucket_poll.py: the listing diff and
   the settle rule of objects;
 - mounts.py: the mount holding a folder (a network or FUSE file system inotify cannot
@@ -24,9 +26,12 @@ def open_source(watch: Watch) -> Source:
     if watch.bucket is not None:
         from ingestd.sources.bucket_poll import StoreHandle
         from ingestd.sources.bucket_source import BucketSource
+        from ingestd.sources.queues import open_feed
 
         return BucketSource(
-            StoreHandle(watch.bucket, watch.source_options), poll_interval=watch.poll_interval
+            StoreHandle(watch.bucket, watch.source_options),
+            poll_interval=watch.poll_interval,
+            feed=open_feed(watch),
         )
     from ingestd.sources.local import LocalFolderSource
     from ingestd.sources.local_poll import choose_mode

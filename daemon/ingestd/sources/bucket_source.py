@@ -1,7 +1,8 @@
 """A bucket prefix (s3://, gs://, az://) as a Source (core.source).
 
 Object stores have no change events worth trusting across clouds, so a bucket source has
-no `events` feature and is polled: `changes` streams the listing and diffs it page by
+no `events` feature and is polled; a watch that names its bucket's event queue gets
+`Features.queue` and a feed of durable hints (sources/queues), listed only as repair: `changes` streams the listing and diffs it page by
 page against the ledger's entries (sources/bucket_poll.py), memory following the page
 size, never the bucket. The planner's reads are range reads and prefix listings
 (BucketFiles); the sync step streams objects pinned to the listed ETag, downloads them
@@ -31,6 +32,7 @@ from ingestd.sources.objects import BucketError, ObjectChanged, ObjectInfo, Obje
 
 if TYPE_CHECKING:
     from ingestd.media.dicom import DicomHeader
+    from ingestd.sources.queues.feed import QueueFeed
 
 T = TypeVar("T")
 
@@ -44,19 +46,35 @@ def _entry(obj: ObjectInfo) -> Entry:
 
 
 class BucketSource:
-    """A bucket prefix. Polled (no events); URLs; no local paths."""
+    """A bucket prefix. Polled (no events), or hinted by its event queue; URLs; no
+    local paths."""
 
     features = Features(events=False, local_paths=False, urls=True)
 
-    def __init__(self, handle: StoreHandle, poll_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        handle: StoreHandle,
+        poll_interval: float | None = None,
+        feed: QueueFeed | None = None,
+    ) -> None:
         if poll_interval is not None:
-            every = f"{poll_interval:g}s" if poll_interval < 60 else f"{poll_interval / 60:g}m"
+            every = _every(poll_interval)
             self.features = Features(
                 events=False,
                 local_paths=False,
                 urls=True,
                 mode_reason=f"bucket prefixes have no events: polled every {every}",
             )
+        if feed is not None:
+            listing = f"full listing every {_every(poll_interval)}" if poll_interval else ""
+            self.features = Features(
+                events=False,
+                local_paths=False,
+                urls=True,
+                queue=True,
+                mode_reason="; ".join(s for s in (feed.describe, listing) if s),
+            )
+        self._feed = feed
         self.handle = handle
         self.url: BucketUrl = handle.url
         self.where = str(handle.url)
@@ -116,8 +134,22 @@ class BucketSource:
     def path_of(self, relpath: str) -> str:
         raise NotImplementedError("a bucket has no local paths (Features.local_paths is False)")
 
+    def hint_feed(self) -> QueueFeed:
+        if self._feed is None:
+            raise NotImplementedError("this bucket watch names no queue (Features.queue)")
+        return self._feed
+
     async def close(self) -> None:
+        if self._feed is not None:
+            with contextlib.suppress(Exception):
+                await self._feed.close()
         await self.handle.close()
+
+
+def _every(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:g}s"
+    return f"{seconds / 60:g}m" if seconds < 3600 else f"{seconds / 3600:g}h"
 
 
 class BucketFiles:

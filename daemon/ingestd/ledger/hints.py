@@ -1,0 +1,122 @@
+"""Durable hints: keys a bucket's event queue named, kept until the runner has looked.
+
+A queue message is deleted only after its keys are recorded here (op_note_hints), so a
+crash between receiving and planning loses nothing: at start the runner takes every row
+of its watch again (op_take_hints). A row is dropped once its key is planned or found
+gone (op_drop_hint), only if no newer message named the key meanwhile (`noted` is the
+recording's stamp, and a later recording raises it).
+
+Plain SQL that SQLite and PostgreSQL both accept (INSERT ... ON CONFLICT DO UPDATE,
+DELETE ... WHERE), as the rest of the ledger's ops. The table is in db.py's schema.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# columns: watch, relpath, kind (created | removed), etag, size, event_time, noted
+HINTS_TABLE = """
+CREATE TABLE IF NOT EXISTS hints (
+    watch TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    etag TEXT,
+    size BIGINT,
+    event_time DOUBLE PRECISION NOT NULL,
+    noted BIGINT NOT NULL,
+    PRIMARY KEY (watch, relpath)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class HintRow:
+    relpath: str
+    kind: str
+    etag: str | None
+    size: int | None
+    event_time: float
+    noted: int
+
+
+def op_note_hints(
+    watch: str,
+    hints: Sequence[tuple[str, str, str | None, int | None, float]],
+    noted: int,
+) -> Callable[[sqlite3.Connection], int]:
+    """Record (relpath, kind, etag, size, event_time) hints with the stamp `noted`
+    (larger than any earlier one). Of two events for one key the later by event time
+    keeps its details; either way the row is noted again, so it is looked at again."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        for relpath, kind, etag, size, event_time in hints:
+            conn.execute(
+                "INSERT INTO hints (watch, relpath, kind, etag, size, event_time, noted)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (watch, relpath) DO UPDATE SET"
+                " kind = CASE WHEN excluded.event_time >= hints.event_time"
+                " THEN excluded.kind ELSE hints.kind END,"
+                " etag = CASE WHEN excluded.event_time >= hints.event_time"
+                " THEN excluded.etag ELSE hints.etag END,"
+                " size = CASE WHEN excluded.event_time >= hints.event_time"
+                " THEN excluded.size ELSE hints.size END,"
+                " event_time = CASE WHEN excluded.event_time >= hints.event_time"
+                " THEN excluded.event_time ELSE hints.event_time END,"
+                " noted = excluded.noted",
+                (watch, relpath, kind, etag, size, event_time, noted),
+            )
+        return len(hints)
+
+    return op
+
+
+def op_take_hints(
+    watch: str, after: str | None = None, limit: int = 10_000
+) -> Callable[[sqlite3.Connection], list[HintRow]]:
+    """The watch's hint rows in key order after `after`, at most `limit` (a read, run as
+    an op so that it goes through whichever ledger engine the daemon has)."""
+
+    def op(conn: sqlite3.Connection) -> list[HintRow]:
+        rows = conn.execute(
+            "SELECT relpath, kind, etag, size, event_time, noted FROM hints"
+            " WHERE watch = ? AND relpath > ? ORDER BY relpath LIMIT ?",
+            (watch, after or "", limit),
+        ).fetchall()
+        return [HintRow(*row) for row in rows]
+
+    return op
+
+
+def op_drop_hint(watch: str, relpath: str, noted: int) -> Callable[[sqlite3.Connection], bool]:
+    """Forget a hint that was looked at, unless it was noted again after `noted`."""
+
+    def op(conn: sqlite3.Connection) -> bool:
+        cur = conn.execute(
+            "DELETE FROM hints WHERE watch = ? AND relpath = ? AND noted <= ?",
+            (watch, relpath, noted),
+        )
+        return cur.rowcount > 0
+
+    return op
+
+
+def op_clear_queue_problem(watch: str, now: float) -> Callable[[sqlite3.Connection], bool]:
+    """Clear the watch's problem if it is the queue's (starting 'queue '), and only then:
+    a listing's or planning's problem stays until they clear it themselves."""
+
+    def op(conn: sqlite3.Connection) -> bool:
+        cur = conn.execute(
+            "UPDATE watch_state SET problem = NULL, updated_at = ?"
+            " WHERE watch = ? AND problem LIKE 'queue %'",
+            (now, watch),
+        )
+        return cur.rowcount > 0
+
+    return op
+
+
+def hint_count(conn: sqlite3.Connection, watch: str) -> int:
+    row = conn.execute("SELECT count(*) FROM hints WHERE watch = ?", (watch,)).fetchone()
+    return int(row[0])

@@ -1,0 +1,310 @@
+"""Hints from a bucket's event queue (Features.queue): recorded, looked at, settled, planned.
+
+The order keeps every hint through a crash: the feed (sources/queues) hands a batch's
+hints to `record`, which commits them to the ledger's `hints` table; only then does the
+feed delete the messages. At start every row of the watch is taken again. A row is
+dropped once its key is planned or judged gone, unless a newer message named the key
+meanwhile.
+
+Settling a hinted object: it is looked at (HEAD) when the hint arrives; it is ready when
+its last-modified is at least `settle` ago, or when a second look `settle` after the
+first finds the same ETag and size. The event's own ETag and size are not trusted for
+the plan: messages come late, twice and out of order, and what is planned must be what
+the bucket holds now. A key found gone joins the runner's deletions, judged in batches
+once none arrived for `settle` (so the `max_delete` guard sees a mass deletion whole).
+
+A full listing still runs every `poll_interval` (1 h by default with a queue) and at
+start: it repairs anything a message never named, and it is how a queue that does not
+receive the bucket's events is noticed (`listed`, `pass_done`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from ingestd.core.model import Entry
+from ingestd.core.source import SourceError
+from ingestd.ledger import (
+    Ledger,
+    op_clear_queue_problem,
+    op_drop_hint,
+    op_note_hints,
+    op_take_hints,
+)
+from ingestd.pipeline.work import PlanWork
+from ingestd.sources.queues import Hint
+
+if TYPE_CHECKING:
+    from ingestd.pipeline.runner import WatchRunner
+
+LOOKS_AT_ONCE = 16  # HEADs in flight per watch
+LOOK_BATCH = 256  # keys looked at per round
+RETRY_LOOK = 5.0  # seconds before a key whose HEAD failed is looked at again
+# An object the listing finds that no message named is counted against the queue only
+# when it is older than this plus `settle`: its message may still be on its way.
+UNANNOUNCED_GRACE = 30.0
+RECENT_KEYS = 200_000  # keys named by messages, remembered to judge the listing
+
+
+class QueueHints:
+    def __init__(self, runner: WatchRunner) -> None:
+        self.runner = runner
+        self.feed = runner.source.hint_feed()
+        self.log = runner.log.bind(queue=self.feed.url)
+        self.settle = runner.watch.settle
+        self.noted: dict[str, int] = {}  # key -> stamp of the hint being looked at
+        self.first_look: dict[str, tuple[Entry, float]] = {}  # key -> (entry, seen at)
+        self._heap: list[tuple[float, str]] = []
+        self._wake = asyncio.Event()
+        self._stamp = 0
+        self._gone: dict[str, int] = {}  # key -> stamp, judged with the runner's deletions
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._unannounced: list[str] = []
+        self._unannounced_n = 0
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        name = self.runner.watch.name
+        return [
+            asyncio.create_task(self._load(), name=f"hints-load:{name}"),
+            asyncio.create_task(self.feed.run(self.record, self.report), name=f"queue:{name}"),
+            asyncio.create_task(self._look_loop(), name=f"hints:{name}"),
+            asyncio.create_task(self._gone_loop(), name=f"hints-gone:{name}"),
+        ]
+
+    def __len__(self) -> int:
+        return len(self.noted)
+
+    # -- from the feed ------------------------------------------------------------------
+
+    async def record(self, hints: list[Hint]) -> None:
+        """Commit `hints` to the ledger (the feed deletes their messages after this),
+        then look at them. Waits while the ledger cannot be written."""
+        r = self.runner
+        stamp = self._next_stamp()
+        rows = [(h.relpath, h.kind, h.etag, h.size, h.event_time) for h in hints]
+        while True:
+            try:
+                await r.ledger.write(op_note_hints(r.watch.name, rows, stamp))
+                break
+            except Exception as e:
+                if not r.ledger.is_unwritable(e):
+                    raise
+                await r.ledger.wait_writable()
+        for h in hints:
+            self._remember(h.relpath)
+            self._note(h.relpath, stamp)
+            self.log.debug("queue hint", item=h.relpath, kind=h.kind)
+
+    async def report(self, problem: str | None) -> None:
+        r = self.runner
+        now = time.time()
+        try:
+            if problem is not None:
+                await r.ledger.write(Ledger.op_set_problem(r.watch.name, problem, now))
+            else:
+                await r.ledger.write(op_clear_queue_problem(r.watch.name, now))
+        except Exception:  # the ledger's own problem is shown; the feed retries anyway
+            self.log.debug("cannot record the queue's problem")
+
+    async def _load(self) -> None:
+        """Hints recorded before a crash or a stop: look at them again."""
+        r = self.runner
+        after: str | None = None
+        taken = 0
+        while True:
+            try:
+                rows = await r.ledger.write(op_take_hints(r.watch.name, after))
+            except Exception as e:
+                if not r.ledger.is_unwritable(e):
+                    raise
+                await r.ledger.wait_writable()
+                continue
+            if not rows:
+                break
+            for row in rows:
+                self._note(row.relpath, row.noted)
+            taken += len(rows)
+            after = rows[-1].relpath
+        if taken:
+            self.log.info("hints recorded before the start taken again", hints=taken)
+
+    def _next_stamp(self) -> int:
+        self._stamp = max(self._stamp + 1, time.time_ns())
+        return self._stamp
+
+    def _note(self, relpath: str, stamp: int) -> None:
+        if self.noted.get(relpath, -1) >= stamp:
+            return
+        self.noted[relpath] = stamp
+        self.first_look.pop(relpath, None)  # a new version may have come: look afresh
+        self._push(relpath, time.monotonic())
+
+    def _push(self, relpath: str, due: float) -> None:
+        heapq.heappush(self._heap, (due, relpath))
+        self._wake.set()
+
+    def _remember(self, relpath: str) -> None:
+        self._recent[relpath] = None
+        self._recent.move_to_end(relpath)
+        while len(self._recent) > RECENT_KEYS:
+            self._recent.popitem(last=False)
+
+    # -- looking ------------------------------------------------------------------------
+
+    async def _look_loop(self) -> None:
+        while True:
+            await self._wait_due()
+            now = time.monotonic()
+            batch: list[str] = []
+            while self._heap and self._heap[0][0] <= now and len(batch) < LOOK_BATCH:
+                _, rel = heapq.heappop(self._heap)
+                if rel in self.noted and rel not in batch:
+                    batch.append(rel)
+            if batch:
+                await self._look(batch)
+
+    async def _wait_due(self) -> None:
+        while True:
+            while self._heap and self._heap[0][1] not in self.noted:
+                heapq.heappop(self._heap)  # planned or gone since
+            delay = self._heap[0][0] - time.monotonic() if self._heap else None
+            if delay is not None and delay <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                return
+
+    async def _look(self, batch: list[str]) -> None:
+        r = self.runner
+        limit = asyncio.Semaphore(LOOKS_AT_ONCE)
+        stamps = {rel: self.noted[rel] for rel in batch}
+
+        async def stat(rel: str) -> Entry | SourceError | None:
+            async with limit:
+                try:
+                    return await r.source.stat(rel)
+                except SourceError as e:
+                    return e
+
+        looks = await asyncio.gather(*(stat(rel) for rel in batch))
+        ready: list[Entry] = []
+        done: list[str] = []  # dropped without planning: not the watch's, or not usable
+        now_wall, now = time.time(), time.monotonic()
+        for rel, look in zip(batch, looks, strict=True):
+            if isinstance(look, SourceError):
+                self.log.warning("cannot look at a hinted object", item=rel, error=look.message)
+                self._push(rel, now + RETRY_LOOK)
+            elif not r.takes.accepts(rel):
+                done.append(rel)
+            elif look is None:
+                self._gone[rel] = stamps[rel]
+                r._on_gone([rel])
+            elif self._settled(rel, look, now_wall, now):
+                ready.append(look)
+        if ready:
+            await self._plan(ready, stamps)
+        for rel in done:
+            await self._drop(rel, stamps[rel])
+
+    def _settled(self, rel: str, entry: Entry, now_wall: float, now: float) -> bool:
+        """Ready now, or looked at again later (scheduled here)."""
+        age = now_wall - entry.mtime_ns / 1e9
+        first = self.first_look.get(rel)
+        if age >= self.settle or (
+            first is not None
+            and (first[0].size, first[0].etag) == (entry.size, entry.etag)
+            and now - first[1] >= self.settle
+        ):
+            self.first_look.pop(rel, None)
+            return True
+        if first is None or (first[0].size, first[0].etag) != (entry.size, entry.etag):
+            self.first_look[rel] = (entry, now)
+            first = self.first_look[rel]
+        # Whichever comes first: old enough by its clock, or `settle` after our look.
+        due = min(now + self.settle - age, first[1] + self.settle)
+        self._push(rel, max(due, now + 0.05))
+        return False
+
+    async def _plan(self, ready: list[Entry], stamps: dict[str, int]) -> None:
+        r = self.runner
+        try:
+            await r.plans.plan(PlanWork(entries=ready))
+        except SourceError as e:  # a header read failed: look again soon
+            self.log.warning("planning hinted objects failed; looking again", error=e.message)
+            now = time.monotonic()
+            for e2 in ready:
+                self._push(e2.relpath, now + RETRY_LOOK)
+            return
+        for e in ready:
+            await self._drop(e.relpath, stamps[e.relpath])
+
+    async def _drop(self, rel: str, stamp: int) -> None:
+        """The hint was acted on: forget it, unless a newer one came meanwhile."""
+        r = self.runner
+        if self.noted.get(rel) == stamp:
+            del self.noted[rel]
+            self.first_look.pop(rel, None)
+        try:
+            await r.ledger.write(op_drop_hint(r.watch.name, rel, stamp))
+        except Exception:  # kept: taken again at the next start, harmlessly
+            self.log.debug("cannot drop a hint row", item=rel)
+
+    async def _gone_loop(self) -> None:
+        # Deletions are judged in batches closed by `settle` without a new one, as
+        # inotify's are (pipeline/events.py): one guard decision per mass deletion.
+        r = self.runner
+        quiet = max(self.settle, 0.5)
+        while True:
+            await asyncio.sleep(quiet / 2)
+            if not self._gone or time.monotonic() - r.gone_at < quiet:
+                continue
+            gone, self._gone = self._gone, {}
+            try:
+                await r.apply_gone(full_pass=False)
+            except Exception:
+                self.log.exception("applying deletions failed; the next listing tries again")
+            for rel, stamp in gone.items():
+                await self._drop(rel, stamp)
+
+    # -- judging the queue by the listing ------------------------------------------------
+
+    def listed(self, changed: list[Entry]) -> None:
+        """A listing found these new or changed: those written since the queue was
+        first read, long enough ago, that no message named, count against the queue."""
+        since = self.feed.started_at
+        upto = time.time() - UNANNOUNCED_GRACE - self.settle
+        for e in changed:
+            t = e.mtime_ns / 1e9
+            if since <= t <= upto and e.relpath not in self._recent and e.relpath not in self.noted:
+                self._unannounced_n += 1
+                if len(self._unannounced) < 3:
+                    self._unannounced.append(e.relpath)
+
+    async def pass_done(self, *, complete: bool) -> None:
+        """After a full pass: name a queue that is not receiving the bucket's events."""
+        n, examples = self._unannounced_n, self._unannounced
+        self._unannounced_n, self._unannounced = 0, []
+        if not complete or self.feed.problem is not None:
+            return
+        if not n:
+            await self.report(None)
+            return
+        heard = (
+            f"{self.feed.messages} messages since the start"
+            if self.feed.messages
+            else "no message at all since the start, not even S3's test event"
+        )
+        problem = (
+            f"queue not receiving: {self.feed.url} named none of {n} objects the listing "
+            f"found new (e.g. {', '.join(examples)}) though they were written after it was "
+            f"first read ({heard}); check the bucket's event notifications to this queue "
+            "(docs/bucket-events.md). The listing syncs them meanwhile"
+        )
+        self.log.error("queue misses the bucket's events", objects=n, examples=examples)
+        await self.report(problem)
