@@ -22,6 +22,9 @@ from ingestd.plan.groups import GroupMembership
 if TYPE_CHECKING:
     from ingestd.pipeline.runner import WatchRunner
 
+# Files queued for planning at most before producers that can wait do (the settler, a
+# pass): the backlog of a first pass stays on disk and in the source, not here.
+QUEUED_FILES = 10_000
 IGNORED_LOGGED = 10_000  # group folders whose ignored files were logged (bounded memory)
 RETRY_FIRST = 1.0  # seconds before a failed unit is planned again, doubling...
 RETRY_CAP = 30.0  # ...up to this
@@ -31,6 +34,9 @@ class PlanQueue:
     def __init__(self, runner: WatchRunner) -> None:
         self.runner = runner
         self._queue: asyncio.Queue[PlanWork] = asyncio.Queue()
+        self._queued_files = 0  # entries of the units in _queue
+        self.max_files = QUEUED_FILES
+        self._room = asyncio.Event()
         self._ignored_logged: set[str] = set()
         self._planning = 0
         # Failures so far of the units that failed (by id: each is kept alive by its
@@ -45,8 +51,21 @@ class PlanQueue:
         # on one that keeps failing (the log and the watch's problem say so).
         return bool(self._planning or not self._queue.empty())
 
+    @property
+    def queued_files(self) -> int:
+        return self._queued_files
+
     def put(self, work: PlanWork) -> None:
+        """Queue `work` now. Never blocks (hints, retry timers); producers that can wait
+        call `room` first."""
+        self._queued_files += len(work.entries)
         self._queue.put_nowait(work)
+
+    async def room(self) -> None:
+        """Wait until fewer than `max_files` files are queued."""
+        while self._queued_files >= self.max_files:
+            self._room.clear()
+            await self._room.wait()
 
     def log_ignored(self, rel: str, m: GroupMembership) -> None:
         key = m.group_dir or ""
@@ -57,6 +76,9 @@ class PlanQueue:
     async def run(self) -> None:
         while True:
             work = await self._queue.get()
+            self._queued_files -= len(work.entries)
+            if self._queued_files < self.max_files:
+                self._room.set()
             self._planning += 1
             try:
                 await self._plan_kept(work)

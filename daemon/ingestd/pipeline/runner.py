@@ -116,7 +116,13 @@ class WatchRunner:
         self.events = self.source.features.events
         self.settling: Settling = (
             ObservedSettling(
-                self.source, watch.settle, self._on_ready, self._on_gone, self._settler_overflow
+                self.source,
+                watch.settle,
+                self._on_ready,
+                self._on_gone,
+                self._settler_overflow,
+                # Ready files wait in the settler while the plan queue is full.
+                downstream=lambda: self.plans.room(),
             )
             if self.events
             else ListedSettling(watch.settle)
@@ -407,6 +413,8 @@ class WatchRunner:
                 work.forced = True
             else:
                 offered.append(e)
+        # Backpressure: the listing waits here, not in memory, while settling is full.
+        await self.settling.room()
         new, ready = self.settling.offer(offered, pass_no)
         self.files_seen += new
         loose: list[Entry] = []

@@ -9,7 +9,7 @@ taken when it is older than `settle`, or a later pass lists it unchanged
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from ingestd.core.model import Entry
@@ -32,6 +32,11 @@ class Settling(Protocol):
 
     def end_pass(self, pass_no: int) -> None: ...
 
+    async def room(self) -> None:
+        """Wait until a listing pass may offer more (backpressure: a first pass of a
+        million files must not be held here all at once)."""
+        ...
+
     def pending_under(self, prefix: str) -> bool: ...
 
     def __contains__(self, relpath: str) -> bool: ...
@@ -51,8 +56,16 @@ class ObservedSettling:
         on_ready: Callable[[list[Entry]], None],
         on_gone: Callable[[list[str]], None],
         on_overflow: Callable[[], None],
+        downstream: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self.settler = Settler(settle, source.stat_many, on_ready, on_gone, on_overflow=on_overflow)
+        self.settler = Settler(
+            settle,
+            source.stat_many,
+            on_ready,
+            on_gone,
+            on_overflow=on_overflow,
+            downstream=downstream,
+        )
 
     def offer(self, entries: list[Entry], pass_no: int) -> tuple[int, list[Entry]]:
         hint = self.settler.hint
@@ -63,6 +76,9 @@ class ObservedSettling:
 
     def end_pass(self, pass_no: int) -> None:
         return None
+
+    async def room(self) -> None:
+        await self.settler.room()
 
     def pending_under(self, prefix: str) -> bool:
         return self.settler.pending_under(prefix)
@@ -99,6 +115,9 @@ class ListedSettling:
 
     def end_pass(self, pass_no: int) -> None:
         self.pending.end_pass(pass_no)
+
+    async def room(self) -> None:
+        return None  # what is ready is planned inside the pass, which waits for it
 
     def pending_under(self, prefix: str) -> bool:
         return self.pending.pending_under(prefix)

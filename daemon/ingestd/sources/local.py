@@ -17,6 +17,7 @@ import asyncio
 import errno
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,10 @@ if TYPE_CHECKING:
     from ingestd.media.dicom import DicomHeader
 
 CHUNK = 1 << 20
+# Chunks of changed files (1,000 each) the walk thread may be ahead of the pass by: it
+# lists far faster than files are settled and planned, and a first pass of a million
+# files must not wait in memory (issue 16).
+HANDOVER = 4
 
 
 def _is_file(mode: int) -> bool:
@@ -121,6 +126,10 @@ class _Handler(FileSystemEventHandler):
             self._deliver("closed", rel, is_dir)
         elif kind == "deleted":
             self._deliver("gone", rel, is_dir)
+
+
+class _WalkStopped(Exception):
+    """The pass stopped taking a walk's chunks (it failed or was cancelled)."""
 
 
 @dataclass(slots=True)
@@ -238,20 +247,23 @@ class LocalFolderSource:
         come in the last batch, so a deletion guard judges the whole pass."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Changes | ScanResult | BaseException] = asyncio.Queue()
+        slots = threading.Semaphore(HANDOVER)
+        stopped = threading.Event()
 
         def put(item: Changes | ScanResult | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        def put_chunk(chunk: list[Entry]) -> None:
+            # The walk waits for the pass to take a chunk (or to give up on the walk).
+            while not slots.acquire(timeout=0.5):
+                if stopped.is_set():
+                    raise _WalkStopped
+            put(Changes(changed=chunk))
+
         def walk() -> None:
             try:
                 with known.reader() as reader:
-                    result = self.scan(
-                        subdir,
-                        reader,
-                        takes,
-                        lambda chunk: put(Changes(changed=chunk)),
-                        emit_all=everything,
-                    )
+                    result = self.scan(subdir, reader, takes, put_chunk, emit_all=everything)
                 put(result)
             except BaseException as e:
                 put(e)
@@ -272,7 +284,9 @@ class LocalFolderSource:
                     yield Changes(gone=item.gone, listed=item.files, errors=item.errors)
                     return
                 yield item
+                slots.release()  # the pass has taken this chunk in
         finally:
+            stopped.set()
             await worker
 
     def scan(

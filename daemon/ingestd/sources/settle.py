@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from ingestd.core.model import Entry
 from ingestd.core.source import Stat
 
 StatMany = Callable[[Sequence[str]], list[Stat]]
+
+# A listing pass waits while this many paths are held (`room`), so that a first pass of a
+# million files never holds them all here: hints keep the headroom up to `max_pending`.
+PASS_HOLD = 20_000
 
 
 @dataclass(slots=True)
@@ -39,8 +43,11 @@ class Settler:
         *,
         max_pending: int = 200_000,
         on_overflow: Callable[[], None] | None = None,
+        downstream: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`downstream`: awaited before each batch is looked at, so that ready files
+        wait here (stat'ed again later) while whoever takes them is full."""
         self.settle = settle
         self._stat_many = stat_many
         self._on_ready = on_ready
@@ -51,6 +58,10 @@ class Settler:
         self._state: dict[str, _State] = {}
         self._heap: list[tuple[float, str]] = []
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._downstream = downstream
+        self.pass_hold = PASS_HOLD
+        self.batch = 5000  # paths stat'ed at a time
         self.overflowed = False
 
     def __len__(self) -> int:
@@ -89,6 +100,12 @@ class Settler:
             self._push(relpath, st, now)
         return False
 
+    async def room(self) -> None:
+        """Wait until fewer than `pass_hold` paths are held (a pass's backpressure)."""
+        while len(self._state) >= self.pass_hold:
+            self._drained.clear()
+            await self._drained.wait()
+
     def pending_under(self, prefix: str) -> bool:
         """Is any path below `prefix` (ending in '/') still settling?"""
         return any(rel.startswith(prefix) for rel in self._state)
@@ -102,7 +119,9 @@ class Settler:
     async def run(self) -> None:
         while True:
             await self._wait_due()
-            batch = self.pop_due(self._clock())
+            if self._downstream is not None:
+                await self._downstream()
+            batch = self.pop_due(self._clock(), self.batch)
             if batch:
                 stats = await asyncio.to_thread(self._stat_many, batch)
                 self.evaluate(batch, stats, self._clock())
@@ -140,6 +159,8 @@ class Settler:
             ready.append(Entry(relpath, stat[0], stat[1]))
         if not self._state and self.overflowed:
             self.overflowed = False
+        if gone or ready:
+            self._drained.set()
         if gone:
             self._on_gone(gone)
         if ready:
