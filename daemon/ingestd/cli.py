@@ -25,8 +25,9 @@ from ingestd.config import (
     load_config,
 )
 from ingestd.core.errors import SyncError
-from ingestd.ledger import LEDGER_FILE, Ledger
+from ingestd.ledger import Ledger, LedgerAt
 from ingestd.observe.status import (
+    ledger_at,
     live_status,
     raw_watches,
     state_dir_of,
@@ -199,9 +200,11 @@ def _sync(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     rejected: list[dict[str, str]] = []
+    at: LedgerAt | None = None
     try:
         config = load_config(path, check_paths=False)
         state_dir, watches = config.state_dir, [(w.name, w.dataset) for w in config.watches]
+        at = ledger_at(config)
     except ConfigError as e:
         if not path.exists():
             raise
@@ -210,10 +213,10 @@ def _status(args: argparse.Namespace) -> int:
         state_dir, watches = state_dir_of(path), raw_watches(path)
         rejected = [{"field": p.field, "error": p.error} for p in e.problems]
     if args.failed is not None:
-        return _status_failed(args, state_dir, [name for name, _ in watches])
+        return _status_failed(args, at or LedgerAt(state_dir), [name for name, _ in watches])
     data, why = live_status(state_dir)
     if data is None:
-        data = status_report(state_dir, path, watches)
+        data = status_report(state_dir, path, watches, at)
         data["daemon"]["live_unavailable"] = why
         if rejected and not data["daemon"]["running"]:
             data["config"]["rejected"] = rejected
@@ -230,6 +233,15 @@ def _print_status(data: dict[str, Any]) -> None:
     if not d.get("live"):
         print(f"  live status unavailable: {d.get('live_unavailable')}; counts from the ledger")
     print(f"config: {data['config']['path']}")
+    if data.get("daemons"):
+        # A shared ledger: every daemon using it, and the counts below are the watch's.
+        print(f"ledger: {data.get('ledger')}, shared by:")
+        for dm in data["daemons"]:
+            state = f"stopped {_when(dm['stopped'])}" if dm.get("stopped") else "running"
+            print(
+                f"  {dm['host']} pid {dm['pid']}: {state}, last heartbeat "
+                f"{_when(dm['heartbeat'])} ({max(0.0, time.time() - dm['heartbeat']):.0f}s ago)"
+            )
     for r in data["config"]["rejected"]:
         where = f"{r['field']}: " if r["field"] else ""
         print(f"  refused edit: {where}{r['error']}")
@@ -263,7 +275,7 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _status_failed(args: argparse.Namespace, state_dir: Path, names: list[str]) -> int:
+def _status_failed(args: argparse.Namespace, at: LedgerAt, names: list[str]) -> int:
     """`status --failed [WATCH]`: every failed item with its reason, a page at a time,
     from the ledger (whether or not the daemon runs)."""
     watch = args.failed or None
@@ -272,8 +284,8 @@ def _status_failed(args: argparse.Namespace, state_dir: Path, names: list[str]) 
         return EXIT_CONFIG
     offset = (args.page - 1) * args.limit if args.page else max(0, args.offset)
     total, page = 0, []
-    if (state_dir / LEDGER_FILE).exists():
-        ledger = Ledger(state_dir, readonly=True)
+    if at.exists():
+        ledger = Ledger(at, readonly=True)
         try:
             total, page = ledger.failed_items(watch, args.limit, offset)
         finally:
@@ -352,10 +364,11 @@ def _retry(args: argparse.Namespace) -> int:
         names = ", ".join(w.name for w in config.watches)
         print(f"no watch named {args.watch!r} (watches: {names})", file=sys.stderr)
         return EXIT_CONFIG
-    if not (config.state_dir / LEDGER_FILE).exists():
+    at = ledger_at(config)
+    if not at.exists():
         print("nothing to retry (no ledger yet)")
         return EXIT_OK
-    ledger = Ledger(config.state_dir)
+    ledger = Ledger(at)
     try:
         n = ledger.retry(args.watch)
     finally:

@@ -713,8 +713,81 @@ _PLAN_FIELDS = {
 _SEND_FIELDS = {"images", "video", "dicom", "transfer"}
 
 
+class StateConfig(_Strict):
+    """Where the ledger lives (docs/multi-daemon.md). The password of a PostgreSQL
+    ledger comes from `password_env` or `password_file`, or libpq's own PGPASSFILE
+    (~/.pgpass), never from this file."""
+
+    ledger: str = Field(
+        default="sqlite",
+        description="sqlite (state_dir/ledger.sqlite; one daemon) or "
+        "postgresql://USER@HOST:PORT/DATABASE (shared by several daemons; no password in it)",
+    )
+    password_env: str | None = Field(
+        default=None, description="environment variable holding the PostgreSQL password"
+    )
+    password_file: Path | None = Field(
+        default=None, description="file holding the PostgreSQL password"
+    )
+    lease: Duration = Field(
+        default=60.0,
+        description="how long a claimed item or a watch's listing stays with a daemon that "
+        "stopped renewing it (died) before another takes it over (5s to 1h)",
+    )
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger(cls, v: str) -> str:
+        if v == "sqlite":
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                f"{v!r} is neither sqlite nor a postgresql:// URL such as "
+                "postgresql://ingestd@db.example:5432/ingestd"
+            )
+        if parts.password:
+            raise ValueError(
+                "put no password in the URL; use password_env or password_file (or PGPASSFILE)"
+            )
+        return v
+
+    @field_validator("lease")
+    @classmethod
+    def _lease(cls, v: float) -> float:
+        if not 5 <= v <= 3600:
+            raise ValueError(f"must be between 5s and 1h (got {v:g}s)")
+        return v
+
+    @field_validator("password_env")
+    @classmethod
+    def _pw_env(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _secret_env(v, info, "the PostgreSQL password")
+
+    @field_validator("password_file", mode="after")
+    @classmethod
+    def _pw_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _secret_file(v, info)
+
+    @property
+    def dsn(self) -> str | None:
+        """The PostgreSQL URL, or None for the embedded SQLite ledger."""
+        return None if self.ledger == "sqlite" else self.ledger
+
+    def password(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").strip() or None
+        if self.password_env is not None:
+            return os.environ.get(self.password_env) or None
+        return None
+
+
 class Config(_Strict):
     state_dir: Path = Path("var/state")
+    state: StateConfig = Field(
+        default_factory=StateConfig,
+        description="where the ledger lives: SQLite in state_dir, or a shared PostgreSQL",
+    )
     log: LogConfig = Field(default_factory=LogConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     watch_config: bool = Field(

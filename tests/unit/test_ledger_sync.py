@@ -1,4 +1,5 @@
-"""The ledger's state machine and the sync pool against the in-memory test sink."""
+"""The ledger's state machine and the sync pool against the in-memory test sink, on
+both engines (SQLite, and PostgreSQL in a schema of its own)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import asyncio
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ingestd.core.errors import PermanentError, RetriableError
 from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot
-from ingestd.ledger import AsyncLedger, Ledger
+from ingestd.ledger import AsyncLedger, Ledger, LedgerAt
 from ingestd.pipeline.outcome import backoff_delay
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.side import WatchSide
 from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.memory import MemorySink
 from ingestd.sources.local import LocalFolderSource
+
+from tests.support.ledgers import ENGINES, ledger_at
 
 
 def make_plan(
@@ -44,9 +48,17 @@ def apply(ledger: Ledger, plan: ItemPlan, watch: str = "w", dataset: str = "ds")
     return result
 
 
+@pytest.fixture(params=ENGINES)
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerAt]:
+    with ledger_at(request.param, tmp_path / "state") as at:
+        yield at
+
+
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return Ledger(tmp_path)
+def ledger(where: LedgerAt) -> Iterator[Ledger]:
+    lg = Ledger(where)
+    yield lg
+    lg.close()
 
 
 def test_plan_states(ledger: Ledger) -> None:
@@ -120,10 +132,12 @@ def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:
 # -- the pool ---------------------------------------------------------------------------
 
 
-async def run_pool(tmp_path: Path, sink: MemorySink, files: dict[str, bytes], until) -> AsyncLedger:
+async def run_pool(
+    tmp_path: Path, sink: MemorySink, files: dict[str, bytes], until, where: LedgerAt
+) -> AsyncLedger:
     root = tmp_path / "src"
     root.mkdir(exist_ok=True)
-    ledger = AsyncLedger(tmp_path / "state")
+    ledger = AsyncLedger(where)
     await ledger.open()
     ops = []
     for rel, data in files.items():
@@ -150,10 +164,10 @@ def _all_synced(n: int):
     return lambda lg: lg.counts().get("w") is not None and lg.counts()["w"].synced == n
 
 
-async def test_pool_syncs_and_skips_unchanged_content(tmp_path: Path) -> None:
+async def test_pool_syncs_and_skips_unchanged_content(tmp_path: Path, where: LedgerAt) -> None:
     sink = MemorySink()
     files = {f"f{i}.jpg": f"content {i}".encode() for i in range(20)}
-    ledger = await run_pool(tmp_path, sink, files, _all_synced(20))
+    ledger = await run_pool(tmp_path, sink, files, _all_synced(20), where)
     puts = [c for c in sink.calls if c[0] == "put_item"]
     assert len(puts) == 20
     # touch every file: new fingerprints, same bytes → no sink call at all
@@ -166,15 +180,17 @@ async def test_pool_syncs_and_skips_unchanged_content(tmp_path: Path) -> None:
     await ledger.write_many(ops)
     await ledger.close()
     sink2_calls_before = len(sink.calls)
-    ledger = await run_pool(tmp_path, sink, {}, _all_synced(20))
+    ledger = await run_pool(tmp_path, sink, {}, _all_synced(20), where)
     assert len(sink.calls) == sink2_calls_before
     await ledger.close()
 
 
-async def test_pool_retries_transient_and_records_permanent(tmp_path: Path) -> None:
+async def test_pool_retries_transient_and_records_permanent(
+    tmp_path: Path, where: LedgerAt
+) -> None:
     sink = MemorySink()
     sink.fail_next(2, RetriableError("503 from backend", retry_after=0.05))
-    ledger = await run_pool(tmp_path, sink, {"a.jpg": b"a"}, _all_synced(1))
+    ledger = await run_pool(tmp_path, sink, {"a.jpg": b"a"}, _all_synced(1), where)
     await ledger.close()
     sink.fail_next(1, PermanentError("rejected: bad name"))
     (tmp_path / "src" / "b.jpg").write_bytes(b"b")
@@ -182,17 +198,17 @@ async def test_pool_retries_transient_and_records_permanent(tmp_path: Path) -> N
     def failed(lg: Ledger) -> bool:
         return lg.counts()["w"].failed == 1
 
-    ledger = await run_pool(tmp_path, sink, {"b.jpg": b"b"}, failed)
+    ledger = await run_pool(tmp_path, sink, {"b.jpg": b"b"}, failed, where)
     row = await ledger.call(ledger.sync.item_row, "w", "b.jpg")
     assert row["last_error"] == "rejected: bad name"
     await ledger.close()
 
 
-async def test_pool_discards_a_file_changed_since_planned(tmp_path: Path) -> None:
+async def test_pool_discards_a_file_changed_since_planned(tmp_path: Path, where: LedgerAt) -> None:
     sink = MemorySink()
     root = tmp_path / "src"
     root.mkdir()
-    ledger = AsyncLedger(tmp_path / "state")
+    ledger = AsyncLedger(where)
     await ledger.open()
     (root / "a.jpg").write_bytes(b"first")
     plan = make_plan("a.jpg", 5, os.stat(root / "a.jpg").st_mtime_ns)

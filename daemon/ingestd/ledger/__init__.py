@@ -3,7 +3,10 @@
 All SQL against the ledger lives in this package; everyone else calls its functions
 and methods. By role:
 
-- db.py: the SQLite file, its schema and migrations, `connect`
+- where.py: `LedgerAt`, where the ledger lives (SQLite under state_dir, or PostgreSQL)
+- engine.py: `connect`, a connection of either engine
+- db.py: the SQLite file, its schema and migrations
+- pg.py: PostgreSQL: its schema, the SQL adapter, leases, daemons (a shared ledger)
 - model.py: Claim, WatchCounts and the types of ops
 - reads.py: every read query, as functions of a connection (any connection, read-only too)
 - ops.py: every write, as `op_*` functions returning ops for a transaction
@@ -24,8 +27,8 @@ from ingestd.ledger.db import (
     PENDING,
     SIDECAR,
     SYNCED,
-    connect,
 )
+from ingestd.ledger.engine import connect
 from ingestd.ledger.hints import (
     HintRow,
     op_clear_queue_problem,
@@ -43,6 +46,7 @@ from ingestd.ledger.ops import (
 )
 from ingestd.ledger.reader import LedgerReader
 from ingestd.ledger.reads import entries_in_dir, entry_dirs
+from ingestd.ledger.where import LedgerAt
 
 __all__ = [
     "DELETED",
@@ -58,6 +62,7 @@ __all__ = [
     "ConflictCheck",
     "HintRow",
     "Ledger",
+    "LedgerAt",
     "LedgerOp",
     "LedgerReader",
     "TypeOf",

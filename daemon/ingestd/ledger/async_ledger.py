@@ -18,6 +18,7 @@ import asyncio
 import errno
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,10 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ingestd.ledger.db import LEDGER_FILE, ensure_settings, set_setting
+from ingestd.ledger.db import ensure_settings, set_setting
+from ingestd.ledger.engine import Conn
 from ingestd.ledger.ledger import Failed, Ledger
+from ingestd.ledger.where import LedgerAt
 
 T = TypeVar("T")
 
@@ -51,6 +54,19 @@ _UNWRITABLE_SQLITE = (
 )
 
 
+def _pg_reason(e: BaseException) -> str | None:
+    """PostgreSQL's version: the server cannot be reached or refuses writes."""
+    psycopg = sys.modules.get("psycopg")  # loaded only with a shared ledger
+    if psycopg is None or not isinstance(e, psycopg.Error):
+        return None
+    if isinstance(e, psycopg.OperationalError):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"PostgreSQL unreachable ({first[:200]})"
+    if getattr(e, "sqlstate", None) in ("53100", "25006"):  # disk full, read-only
+        return f"PostgreSQL refuses writes ({str(e).strip()[:200]})"
+    return None
+
+
 def unwritable_reason(e: BaseException) -> str | None:
     """Why `e` means the ledger cannot be written at all, in a few words, or None when
     it is some other failure. Follows the chain: a failed ROLLBACK after a disk-full
@@ -59,6 +75,8 @@ def unwritable_reason(e: BaseException) -> str | None:
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        if (pg := _pg_reason(cause)) is not None:
+            return pg
         if isinstance(cause, sqlite3.Error):
             text = str(cause).lower()
             for words, reason in _UNWRITABLE_SQLITE:
@@ -81,7 +99,7 @@ def _mount_of(path: Path) -> str:
     return p
 
 
-def _probe(conn: sqlite3.Connection) -> None:
+def _probe(conn: Conn) -> None:
     ensure_settings(conn)
     set_setting(conn, "writable_probe", repr(time.time()))
 
@@ -90,11 +108,12 @@ class AsyncLedger:
     """The daemon's view of the ledger: every call runs on one dedicated thread, and
     writes submitted while a transaction runs are committed together in the next one."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, where: Path | LedgerAt) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self._ledger: Ledger | None = None
-        self._state_dir = state_dir
-        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self.at = LedgerAt.of(where)
+        self._state_dir = self.at.state_dir
+        self._batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any]]] = []
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
         # None while writes commit; a sentence naming the file and the fix otherwise
@@ -107,7 +126,7 @@ class AsyncLedger:
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        self._ledger = await loop.run_in_executor(self._executor, Ledger, self._state_dir)
+        self._ledger = await loop.run_in_executor(self._executor, Ledger, self.at)
 
     @property
     def sync(self) -> Ledger:
@@ -116,7 +135,11 @@ class AsyncLedger:
 
     @property
     def path(self) -> Path:
-        return self._state_dir / LEDGER_FILE
+        return self.at.sqlite_path
+
+    @property
+    def shared(self) -> bool:
+        return self.at.shared
 
     def add_writable_listener(self, fn: Callable[[], None]) -> None:
         """Call `fn` (on the event loop) each time the ledger is writable again."""
@@ -133,11 +156,18 @@ class AsyncLedger:
     def _unwritable(self, reason: str) -> None:
         """Writes fail for want of space (or a writable disk): say so once, probe."""
         if self.problem is None:
-            self.problem = (
-                f"ledger {self.path} cannot be written: {reason}; free space on (or fix) "
-                f"{_mount_of(self._state_dir)}; work is kept and retried every second"
-            )
-            log.error("ledger cannot be written", path=str(self.path), reason=reason)
+            if self.shared:
+                self.problem = (
+                    f"ledger {self.at.describe()} cannot be written: {reason}; start the "
+                    "server (or fix the network or its disk); work is kept and retried "
+                    "every second"
+                )
+            else:
+                self.problem = (
+                    f"ledger {self.path} cannot be written: {reason}; free space on (or "
+                    f"fix) {_mount_of(self._state_dir)}; work is kept and retried every second"
+                )
+            log.error("ledger cannot be written", ledger=self.at.describe(), reason=reason)
         self.writable.clear()
         if self._prober is None or self._prober.done():
             self._prober = asyncio.get_running_loop().create_task(self._probe_loop())
@@ -168,7 +198,7 @@ class AsyncLedger:
             self._prober = None
         self.problem = None
         self.writable.set()
-        log.info("ledger writable again", path=str(self.path))
+        log.info("ledger writable again", ledger=self.at.describe())
         for fn in list(self._listeners):
             try:
                 fn()
@@ -176,11 +206,18 @@ class AsyncLedger:
                 log.exception("writable listener failed")
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a read (or a non-batched write) on the ledger thread."""
+        """Run a read (or a non-batched write) on the ledger thread. A failure that
+        means the ledger cannot be reached (a shared one whose server went away) is the
+        ledger's problem, as a failed commit is; the caller gets the exception."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except Exception as e:
+            if (reason := unwritable_reason(e)) is not None:
+                self._unwritable(reason)
+            raise
 
-    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, op: Callable[[Conn], T]) -> T:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._batch.append((op, fut))
@@ -189,7 +226,7 @@ class AsyncLedger:
             self._flusher = loop.create_task(self._flush())
         return await fut
 
-    async def write_many(self, ops: Sequence[Callable[[sqlite3.Connection], T]]) -> list[T]:
+    async def write_many(self, ops: Sequence[Callable[[Conn], T]]) -> list[T]:
         # Plain futures, not one Task per op: a batch can hold thousands of ops.
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[T]] = [loop.create_future() for _ in ops]

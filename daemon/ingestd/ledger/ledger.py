@@ -4,19 +4,31 @@ Not thread-safe by itself: the daemon drives it through AsyncLedger's single thr
 CLI commands use it directly in their own process. The SQL lives in reads.py and
 ops.py; the methods here only bind them to this connection, and the `op_*` names stay
 reachable as `Ledger.op_*` for the callers that build ops from the class.
+
+Either engine (where.py): the interface is the same. What differs is behind a few
+methods: claims (`due`) are kept in memory by the SQLite daemon (one per state_dir) and
+are leases in PostgreSQL (`pg.claim_keys`), renewed by `renew` and given back by
+`close`; `hold_watch` and `heartbeat` are no-ops with SQLite.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import dataclasses
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ingestd.ledger import ops as write_ops
 from ingestd.ledger import reads
-from ingestd.ledger.db import LEDGER_FILE, connect
+from ingestd.ledger.engine import Conn, connect
 from ingestd.ledger.model import Claim, WatchCounts
+from ingestd.ledger.where import LedgerAt
+
+# PostgreSQL errors after which the whole transaction is run again: another daemon's
+# transaction locked the same rows in the other order, or a schema create raced.
+_RERUN = ("40P01", "40001", "23505")
+RERUNS = 5
 
 
 class Failed:
@@ -31,18 +43,49 @@ class Failed:
 class Ledger:
     """Synchronous ledger operations over one connection."""
 
-    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
-        self.path = Path(state_dir) / LEDGER_FILE
-        self.conn = connect(self.path, readonly=readonly)
+    def __init__(self, where: Path | LedgerAt, *, readonly: bool = False) -> None:
+        self.at = LedgerAt.of(where)
+        # What engine.connect opens for another connection to the same ledger.
+        self.path: Path | LedgerAt = self.at if self.at.shared else self.at.sqlite_path
+        self.readonly = readonly
+        self.conn: Conn = connect(self.at, readonly=readonly)
+        self._beating = False  # a daemon's ledger: says in `daemons` that it stopped
+
+    @property
+    def shared(self) -> bool:
+        return self.at.shared
 
     def close(self) -> None:
+        if self.shared and not self.readonly:
+            from ingestd.ledger import pg
+
+            try:
+                pg.release_claims(self.conn, self.at.holder)
+                if self._beating:
+                    pg.heartbeat(self.conn, self.at.holder, stopping=True)
+            except Exception:  # the server is gone: the leases run out by themselves
+                pass
         self.conn.close()
 
     # -- transactions -------------------------------------------------------------------
 
-    def transaction(self, ops: Sequence[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    def transaction(self, ops: Sequence[Callable[[Conn], Any]]) -> list[Any]:
         """Run ops in one transaction; one op's exception is returned, not raised, so a
-        bad op cannot roll back the others' work."""
+        bad op cannot roll back the others' work. In PostgreSQL a transaction that lost
+        a deadlock to another daemon's is run again whole (ops are functions of the
+        connection, so running one again redoes it against the rows as they are now)."""
+        for attempt in range(RERUNS):
+            try:
+                return self._transaction(ops)
+            except Exception as e:
+                if not self.shared or attempt == RERUNS - 1:
+                    raise
+                if getattr(e, "sqlstate", None) not in _RERUN:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _transaction(self, ops: Sequence[Callable[[Conn], Any]]) -> list[Any]:
         results: list[Any] = []
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -116,12 +159,60 @@ class Ledger:
         exclude: Iterable[tuple[str, str]] = (),
         watches: Sequence[str] | None = None,
     ) -> list[Claim]:
-        return reads.due(self.conn, now, limit, exclude, watches)
+        """Due items, claimed: in PostgreSQL leased to this daemon for `at.lease`
+        seconds (renew them with `renew` while they are in flight); with SQLite only the
+        caller's memory holds them, so it passes what it has in flight as `exclude`."""
+        if not self.shared:
+            return reads.due(self.conn, now, limit, exclude, watches)
+        from ingestd.ledger import pg
+
+        skip = set(exclude)
+        keys = pg.claim_keys(self.conn, self.at.holder, now, self.at.lease, limit, watches)
+        # An item of ours whose lease ran out while in flight is ours already.
+        claims = reads.claims_of(self.conn, [k for k in keys if k not in skip])
+        return [dataclasses.replace(c, holder=self.at.holder) for c in claims]
+
+    def renew(self, keys: Sequence[tuple[str, str]]) -> int:
+        """Extend the leases of the items in flight (PostgreSQL; 0 with SQLite)."""
+        if not self.shared or not keys:
+            return 0
+        from ingestd.ledger import pg
+
+        return pg.renew_claims(self.conn, self.at.holder, keys, time.time() + self.at.lease)
+
+    def hold_watch(self, watch: str) -> tuple[bool, str]:
+        """Take or renew the listing lease of `watch`: (whether this daemon lists it,
+        who does). With SQLite this daemon always does."""
+        if not self.shared:
+            return True, self.at.holder
+        from ingestd.ledger import pg
+
+        return pg.hold_watch(self.conn, watch, self.at.holder, time.time(), self.at.lease)
+
+    def heartbeat(self) -> None:
+        """This daemon is alive (the `daemons` table of a shared ledger)."""
+        if self.shared:
+            from ingestd.ledger import pg
+
+            pg.heartbeat(self.conn, self.at.holder)
+            self._beating = True
+
+    def daemons(self) -> list[dict[str, Any]]:
+        """The daemons sharing this ledger ([] with SQLite: the pid file says)."""
+        if not self.shared:
+            return []
+        from ingestd.ledger import pg
+
+        return pg.daemons(self.conn)
 
     def next_due_time(
         self, watches: Sequence[str] | None = None, exclude: Iterable[tuple[str, str]] = ()
     ) -> float | None:
-        return reads.next_due_time(self.conn, watches, exclude)
+        if not self.shared:
+            return reads.next_due_time(self.conn, watches, exclude)
+        from ingestd.ledger import pg
+
+        return pg.next_due_time(self.conn, self.at.holder, watches, time.time())
 
     def key_owner(
         self, dataset: str, key: str, watch: str, source_id: str

@@ -25,6 +25,9 @@ class Claim:
     backend_id: str | None
     key_owner: tuple[str, str] | None = None  # another live item holding this key
     planned_at: float = 0.0  # items.updated_at when claimed: planned, or its last retry set
+    # The daemon holding the lease (a shared ledger); None with SQLite, whose claims
+    # live only in the daemon's memory. Outcome ops apply only while it still holds it.
+    holder: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,14 @@ from ingestd.ledger.db import (
 from ingestd.ledger.model import Claim, ConflictCheck, TypeOf
 from ingestd.ledger.reads import key_owner
 
+# What every outcome op adds. The claim's lease ends with its outcome, and the outcome
+# applies only while this daemon still holds it: a daemon that stalled past its lease
+# and lost the item to another leaves the other's result alone (the other sends it
+# too; puts are idempotent, so the only cost is the second send). With SQLite both
+# columns stay NULL and `claim.holder` is None: the guard is always true.
+_UNCLAIM = "claimed_by=NULL, lease_until=NULL"
+_HELD = "AND claimed_by IS ?"
+
 
 def _said(text: str | None) -> str | None:
     """A reason or problem as stored: a message that quotes a file name which is not
@@ -174,8 +182,7 @@ def op_synced(
             " last_error=NULL, error_kind=NULL, updated_at=?,"
             " status=CASE WHEN desired_fp IS ? THEN"
             "   (CASE WHEN ? IS NULL THEN 'deleted' ELSE 'synced' END)"
-            " ELSE 'pending' END"
-            " WHERE watch=? AND source_id=?",
+            f" ELSE 'pending' END, {_UNCLAIM} WHERE watch=? AND source_id=? {_HELD}",
             (
                 claim.desired_fp,
                 json.dumps(manifest, sort_keys=True) if manifest is not None else None,
@@ -185,6 +192,7 @@ def op_synced(
                 claim.desired_fp,
                 claim.watch,
                 claim.source_id,
+                claim.holder,
             ),
         )
 
@@ -199,8 +207,8 @@ def op_synced_many(
     sql = (
         "UPDATE items SET synced_fp=?, synced_manifest=?, backend_id=?, attempts=0,"
         " last_error=NULL, error_kind=NULL, updated_at=?,"
-        " status=CASE WHEN desired_fp IS ? THEN 'synced' ELSE 'pending' END"
-        " WHERE watch=? AND source_id=?"
+        " status=CASE WHEN desired_fp IS ? THEN 'synced' ELSE 'pending' END,"
+        f" {_UNCLAIM} WHERE watch=? AND source_id=? {_HELD}"
     )
 
     def op(conn: sqlite3.Connection) -> None:
@@ -215,6 +223,7 @@ def op_synced_many(
                     c.desired_fp,
                     c.watch,
                     c.source_id,
+                    c.holder,
                 )
                 for c, manifest, backend_id in done
             ],
@@ -229,7 +238,8 @@ def op_retry_later(
     def op(conn: sqlite3.Connection) -> None:
         conn.execute(
             "UPDATE items SET attempts=attempts+?, next_attempt=?, last_error=?,"
-            " error_kind=?, updated_at=? WHERE watch=? AND source_id=? AND status='pending'",
+            f" error_kind=?, updated_at=?, {_UNCLAIM} WHERE watch=? AND source_id=?"
+            f" AND status='pending' {_HELD}",
             (
                 1 if count_attempt else 0,
                 at,
@@ -238,6 +248,7 @@ def op_retry_later(
                 now,
                 claim.watch,
                 claim.source_id,
+                claim.holder,
             ),
         )
 
@@ -253,9 +264,9 @@ def op_retry_held(
 
     def op(conn: sqlite3.Connection) -> None:
         conn.execute(
-            "UPDATE items SET next_attempt=?, last_error=?, error_kind=?, updated_at=?"
-            " WHERE watch=? AND source_id=? AND status='pending'",
-            (at, _said(reason), condition, now, claim.watch, claim.source_id),
+            f"UPDATE items SET next_attempt=?, last_error=?, error_kind=?, updated_at=?,"
+            f" {_UNCLAIM} WHERE watch=? AND source_id=? AND status='pending' {_HELD}",
+            (at, _said(reason), condition, now, claim.watch, claim.source_id, claim.holder),
         )
 
     return op
@@ -284,8 +295,17 @@ def op_failed(
     def op(conn: sqlite3.Connection) -> None:
         conn.execute(
             "UPDATE items SET status='failed', attempts=attempts+1, last_error=?,"
-            " error_kind=?, updated_at=? WHERE watch=? AND source_id=? AND desired_fp IS ?",
-            (_said(reason), kind, now, claim.watch, claim.source_id, claim.desired_fp),
+            f" error_kind=?, updated_at=?, {_UNCLAIM} WHERE watch=? AND source_id=?"
+            f" AND desired_fp IS ? {_HELD}",
+            (
+                _said(reason),
+                kind,
+                now,
+                claim.watch,
+                claim.source_id,
+                claim.desired_fp,
+                claim.holder,
+            ),
         )
 
     return op

@@ -8,32 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ingestd.ledger import reads
-from ingestd.ledger.db import connect
+from ingestd.ledger.engine import Conn, connect
+from ingestd.ledger.where import LedgerAt
 
 T = TypeVar("T")
 
 
 class LedgerReader:
-    """Reads of the ledger at `path`, each run on the reader's own thread. The
-    connection opens on first use: the daemon may start before the ledger exists."""
+    """Reads of the ledger at `path` (the SQLite file, or a LedgerAt), each run on the
+    reader's own thread. The connection opens on first use: the daemon may start before
+    the ledger exists."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | LedgerAt) -> None:
         self.path = path
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="control-db")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Conn | None = None
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[Conn], T]) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._call, fn)
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _call(self, fn: Callable[[Conn], T]) -> T:
         if self._conn is None:
             self._conn = connect(self.path, readonly=True)
         return fn(self._conn)
@@ -63,6 +64,14 @@ class LedgerReader:
 
     async def item(self, watch: str, source_id: str) -> dict[str, Any] | None:
         return await self.run(lambda c: reads.item_summary(c, watch, source_id))
+
+    async def daemons(self) -> list[dict[str, Any]]:
+        """The daemons sharing a PostgreSQL ledger ([] for SQLite)."""
+        if not isinstance(self.path, LedgerAt) or not self.path.shared:
+            return []
+        from ingestd.ledger import pg
+
+        return await self.run(pg.daemons)
 
     async def recent_keys(self, max_items: int, limit: int) -> list[tuple[str, str]]:
         return await self.run(lambda c: reads.recent_keys(c, max_items, limit))

@@ -125,7 +125,10 @@ class ControlServer:
         self.metrics = DaemonMetrics()
         self.activity = Activity()
         self.thumbs = ThumbCache(self.state_dir / "thumbs")
-        self.reader = LedgerReader(self.state_dir / LEDGER_FILE)
+        at = getattr(getattr(target, "ledger", None), "at", None)  # a shared ledger's place
+        self.reader = LedgerReader(
+            at if at is not None and at.shared else self.state_dir / LEDGER_FILE
+        )
         self._runner: web.AppRunner | None = None
         self._socket_path: Path | None = None
         self._listening = False

@@ -21,7 +21,7 @@ import yaml
 
 from ingestd.config import Config, Problem
 from ingestd.core.pidfile import running_pid
-from ingestd.ledger import LEDGER_FILE, Ledger
+from ingestd.ledger import Ledger, LedgerAt
 from ingestd.observe.listen import ADDR_FILE
 
 REJECTED_FILE = "config-rejected.json"
@@ -48,21 +48,44 @@ def read_rejected(state_dir: Path) -> list[dict[str, str]]:
     return data if isinstance(data, list) else []
 
 
+def ledger_at(config: Config) -> LedgerAt:
+    """Where the config puts the ledger (its `state` key)."""
+    s = config.state
+    return LedgerAt(config.state_dir, dsn=s.dsn, password=s.password(), lease=s.lease)
+
+
 def status_data(config: Config, path: Path) -> dict[str, Any]:
-    return status_report(config.state_dir, path, [(w.name, w.dataset) for w in config.watches])
+    return status_report(
+        config.state_dir, path, [(w.name, w.dataset) for w in config.watches], ledger_at(config)
+    )
 
 
 def status_report(
-    state_dir: Path, path: Path, watch_list: Sequence[tuple[str, str]]
+    state_dir: Path,
+    path: Path,
+    watch_list: Sequence[tuple[str, str]],
+    at: LedgerAt | None = None,
 ) -> dict[str, Any]:
-    """The status of these (watch, dataset) pairs, from the ledger under state_dir."""
+    """The status of these (watch, dataset) pairs, from the ledger (under state_dir
+    unless `at` says where). A shared ledger's counts are the whole watch's, whichever
+    daemon did the work, and `daemons` lists every daemon using it."""
+    at = at or LedgerAt(state_dir)
     pid = running_pid(state_dir)
     ledger = None
-    if (state_dir / LEDGER_FILE).exists():  # no ledger yet: nothing happened
-        ledger = Ledger(state_dir, readonly=True)
+    unreachable = None
+    if at.exists():  # no ledger yet: nothing happened
+        try:
+            ledger = Ledger(at, readonly=True)
+        except Exception as e:
+            if not at.shared:
+                raise
+            # The server is down: say so on every watch rather than fail `status`.
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            unreachable = f"ledger {at.describe()} unreachable: {first}"
     try:
         counts = ledger.counts() if ledger else {}
         problems = ledger.watch_problems() if ledger else {}
+        daemons = ledger.daemons() if ledger else []
         watches = [
             {
                 "name": name,
@@ -71,7 +94,7 @@ def status_report(
                 "pending": counts[name].pending if name in counts else 0,
                 "failed": counts[name].failed if name in counts else 0,
                 "last_errors": ledger.last_errors(name) if ledger else [],
-                "problem": problems.get(name),
+                "problem": problems.get(name) or unreachable,
                 **dict.fromkeys(LIVE_FIELDS),
             }
             for name, dataset in watch_list
@@ -81,6 +104,8 @@ def status_report(
             ledger.close()
     return {
         "daemon": {"running": pid is not None, "pid": pid, "live": False},
+        "ledger": at.describe(),
+        "daemons": daemons,
         "config": {
             "path": str(path),
             "rejected": read_rejected(state_dir) if pid is not None else [],

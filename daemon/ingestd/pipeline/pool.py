@@ -20,6 +20,11 @@ new is claimed. An item that fails for a condition of the sink (out of space:
 RetriableError.condition) holds the pool: `problem` says so, one item a second goes
 as the probe, and when one goes through every item held by the condition is due at
 once (op_wake_pending) and the pool runs at full speed again.
+
+With a shared ledger (PostgreSQL, several daemons) a claim is a lease: `due` leases
+the items to this daemon, the pool renews the leases of its items in flight every
+third of the lease, and outcome ops end them. A daemon that dies stops renewing, and
+its items are due for the others once the lease has run out.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import structlog
 
@@ -50,6 +56,7 @@ from ingestd.sinks.base import BatchLimits, Sink
 AHEAD = 2
 GROUPS_AHEAD = 2
 PROBE_EVERY = 1.0  # seconds between probe items while the pool is held
+T = TypeVar("T")
 
 log = structlog.get_logger("ingestd.sync")
 
@@ -160,6 +167,27 @@ async def _record(ledger: AsyncLedger, ops: list[LedgerOp]) -> None:
         await ledger.wait_writable()
 
 
+async def _renew_leases(ledger: AsyncLedger, inflight: Callable[[], list[tuple[str, str]]]) -> None:
+    """Keep the leases of the items in flight, a shared ledger's (until cancelled)."""
+    while True:
+        await asyncio.sleep(ledger.at.lease / 3)
+        keys = inflight()
+        if keys:
+            with contextlib.suppress(Exception):  # a lost server is the ledger's problem
+                await ledger.call(ledger.sync.renew, keys)
+
+
+async def _unless_unwritable(ledger: AsyncLedger, read: Awaitable[T]) -> T | None:
+    """A ledger read, or None when the ledger cannot be reached (its problem says so;
+    the pool waits for it to be writable again)."""
+    try:
+        return await read
+    except Exception as e:
+        if not ledger.is_unwritable(e):
+            raise
+        return None
+
+
 class SyncPool:
     def __init__(
         self,
@@ -229,6 +257,16 @@ class SyncPool:
     async def run(self, poll: float = 1.0) -> None:
         """Dispatch until stopped. Polls the ledger at least every `poll` seconds so that
         `ingestd retry` from another process and backoff timers are picked up."""
+        renew = None
+        if self.ledger.shared:
+            renew = asyncio.create_task(_renew_leases(self.ledger, lambda: list(self._inflight)))
+        try:
+            await self._run(poll)
+        finally:
+            if renew is not None:
+                renew.cancel()
+
+    async def _run(self, poll: float) -> None:
         while not self._stopping:
             self._wake.clear()
             if not self.ledger.writable.is_set():
@@ -239,7 +277,10 @@ class SyncPool:
             free = self._hold.free(self._depth() - self._busy)
             claims: list[Claim] = []
             if free > 0:
-                claims = await self._claim(free, [])
+                got = await _unless_unwritable(self.ledger, self._claim(free, []))
+                if got is None:
+                    continue  # the ledger is gone (a shared one's server): wait above
+                claims = got
                 limits = self._sender.batches()
                 if (
                     limits
@@ -261,8 +302,11 @@ class SyncPool:
             elif free > 0 and not claims:
                 # Items in flight are still pending in the ledger, and due: without them
                 # excluded the wait would be 0 until they finish (a busy loop).
-                nxt = await self.ledger.call(
-                    self.ledger.sync.next_due_time, list(self.watches), list(self._inflight)
+                nxt = await _unless_unwritable(
+                    self.ledger,
+                    self.ledger.call(
+                        self.ledger.sync.next_due_time, list(self.watches), list(self._inflight)
+                    ),
                 )
                 if nxt is not None:
                     timeout = min(poll, max(0.0, nxt - time.time()))

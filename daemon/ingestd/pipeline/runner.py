@@ -156,6 +156,12 @@ class WatchRunner:
         # file, not only changed ones, until one has been planned through.
         self.replan = False
         self._settler_overflows = 0
+        # A shared ledger (several daemons): one of them lists a bucket watch at a time,
+        # by lease; a local folder is listed by the daemon whose machine has it.
+        self._leased = bool(getattr(ledger, "shared", False)) and not (
+            self.source.features.local_paths
+        )
+        self.lister: str | None = None  # who holds the listing lease, when leased
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -187,6 +193,8 @@ class WatchRunner:
             self.log.exception("watch start failed; trying again with backoff", error=str(e))
         if self._observe or not self.events:
             self._tasks.append(asyncio.create_task(self._pass_loop(), name=f"pass:{name}"))
+        if self._leased:
+            self._tasks.append(asyncio.create_task(self._lease_loop(), name=f"lease:{name}"))
         if self.hints is not None:
             self._tasks += self.hints.tasks()
 
@@ -215,7 +223,10 @@ class WatchRunner:
 
     async def _full_pass(self, reason: str) -> None:
         """A full pass, after the settings check if that has not succeeded yet. An
-        exception (the ledger) is the runner's problem until a pass completes."""
+        exception (the ledger) is the runner's problem until a pass completes. With a
+        shared ledger only the holder of the watch's listing lease lists it."""
+        if not await self._may_list():
+            return
         try:
             if not self._settings_checked:
                 await self.check_settings()
@@ -246,6 +257,25 @@ class WatchRunner:
             self.log.info("item settings changed; planning every file again")
             self.replan = True
 
+    async def _may_list(self) -> bool:
+        """Take or renew the listing lease (always ours without a shared ledger)."""
+        if not self._leased:
+            return True
+        held, self.lister = await self.ledger.call(self.ledger.sync.hold_watch, self.watch.name)
+        return bool(held)
+
+    async def _lease_loop(self) -> None:
+        """Renew the listing lease while listing; take it over, and list at once, when
+        the lister stopped renewing it (died). A lost server is the ledger's problem."""
+        me = self.ledger.at.holder
+        while True:
+            await asyncio.sleep(self.ledger.at.lease / 3)
+            was = self.lister == me
+            with contextlib.suppress(Exception):
+                if await self._may_list() and not was:
+                    self.log.info("listing this watch now (lease taken over)")
+                    self.request_rescan("start")
+
     def request_rescan(self, reason: str = "request") -> None:
         """A full pass soon. `reason` is one of REASONS; an overflow is also timed."""
         if reason == "overflow":
@@ -263,6 +293,7 @@ class WatchRunner:
             "mode_reason": features.mode_reason,
             "last_overflow": self.last_overflow,
             "last_rescan": self.last_rescan.as_json() if self.last_rescan else None,
+            **({"lister": self.lister} if self._leased else {}),
         }
 
     def hint_changed(self, relpaths: Sequence[str]) -> None:

@@ -17,7 +17,7 @@ import structlog
 
 from ingestd.config import Config, Problem, backend_identity
 from ingestd.ledger import AsyncLedger, op_switch_backend
-from ingestd.observe.status import status_data, write_rejected
+from ingestd.observe.status import ledger_at, status_data, write_rejected
 from ingestd.pipeline.outcome import Outcome
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ingestd")
 
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= updates
+HEARTBEAT_EVERY = 3.0  # seconds between heartbeats in a shared ledger's `daemons`
 SHUTDOWN_GRACE = 6.0  # in-flight uploads get this long; the whole stop stays under 10 s
 SINK_CLOSE_TIMEOUT = 1.0  # closing the sink's connections, at most
 
@@ -44,7 +45,7 @@ class App:
     def __init__(self, config: Config, config_path: Path) -> None:
         self.config = config
         self.config_path = config_path
-        self.ledger = AsyncLedger(config.state_dir)
+        self.ledger = AsyncLedger(ledger_at(config))
         self.sink: Sink | None = None
         self.pool: SyncPool | None = None
         self.runners: dict[str, WatchRunner] = {}
@@ -196,6 +197,8 @@ class App:
             await self.watch_config_file()
             self.spawn(self.reloader.loop(), "reload")
             self.spawn(self._status_loop(), "notify-status")
+            if self.ledger.shared:
+                self.spawn(self._heartbeat_loop(), "heartbeat")
             self.spawn(watchdog_loop(self.notifier, self._healthy), "watchdog")
             await self._stop.wait()
             self.notifier.stopping()
@@ -248,6 +251,14 @@ class App:
             await asyncio.sleep(STATUS_EVERY)
             with contextlib.suppress(Exception):
                 await self.update_status()
+
+    async def _heartbeat_loop(self) -> None:
+        """A shared ledger's `daemons` row: `status` on any machine shows this daemon
+        and when it was last heard of. A failed beat is the ledger's problem (call)."""
+        while True:
+            with contextlib.suppress(Exception):
+                await self.ledger.call(self.ledger.sync.heartbeat)
+            await asyncio.sleep(HEARTBEAT_EVERY)
 
     async def update_status(self) -> None:
         counts = await self.ledger.call(self.ledger.sync.counts)
