@@ -322,6 +322,50 @@ def start_azure(*, log_dir: Path | None = None, own_group: bool = True) -> Servi
     return Service("azurite", endpoint, {ENV_AZURE_ENDPOINT: endpoint}, time.monotonic() - t0, proc)
 
 
+# --- Azure queues: Azurite's queue service -----------------------------------------------------
+
+# http://127.0.0.1:PORT/devstoreaccount1 (Azurite's queue service)
+ENV_AZURE_QUEUE_ENDPOINT = "INGESTD_TEST_AZURE_QUEUE_ENDPOINT"
+AZURITE_QUEUE_BIN = NPM_PREFIX / "node_modules" / ".bin" / "azurite-queue"
+
+
+def start_azure_queue(*, log_dir: Path | None = None, own_group: bool = True) -> Service:
+    """Azurite's queue service beside its blob service, for bucket event queues
+    (tests/e2e/test_bucket_events.py). Azurite has no Event Grid: tests write the
+    Event Grid messages into the queue themselves."""
+    t0 = time.monotonic()
+    queue_bin = AZURITE_QUEUE_BIN
+    if not queue_bin.exists():
+        raise ServiceError(f"no Azurite queue service at {queue_bin}: `bash .ci/run` installs it")
+    workdir = str(log_dir) if log_dir is not None else tempfile.mkdtemp(prefix="ingestd-azq-")
+    proc, port = _start(
+        "azurite-queue",
+        lambda p: [
+            str(queue_bin),
+            "--queueHost",
+            "127.0.0.1",
+            "--queuePort",
+            str(p),
+            "--inMemoryPersistence",
+            "--skipApiVersionCheck",
+            "--loose",
+            "--disableTelemetry",
+            "--silent",
+        ],
+        lambda p: (
+            lambda: http_answers(
+                f"http://127.0.0.1:{p}/{AZURITE_ACCOUNT}?comp=list", ok=(200, 400, 401, 403)
+            )
+        ),
+        log_dir=log_dir,
+        own_group=own_group,
+        cwd=workdir,
+    )
+    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    env = {ENV_AZURE_QUEUE_ENDPOINT: endpoint}
+    return Service("azurite-queue", endpoint, env, time.monotonic() - t0, proc)
+
+
 # --- GCS: fake-gcs-server ---------------------------------------------------------------------
 
 
@@ -385,6 +429,7 @@ def start_pg(*, log_dir: Path | None = None, own_group: bool = True) -> Service:
 STARTERS: dict[str, Callable[..., Service]] = {
     "s3": start_s3,
     "az": start_azure,
+    "azq": start_azure_queue,
     "gs": start_gcs,
     "pg": start_pg,
 }

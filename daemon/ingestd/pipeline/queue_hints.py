@@ -63,8 +63,9 @@ class QueueHints:
         self._stamp = 0
         self._gone: dict[str, int] = {}  # key -> stamp, judged with the runner's deletions
         self._recent: OrderedDict[str, None] = OrderedDict()
-        self._unannounced: list[str] = []
-        self._unannounced_n = 0
+        # Objects a listing found new that no message had named: key -> last-modified.
+        # Judged once older than the grace, by the pass that ends after that.
+        self._suspects: OrderedDict[str, float] = OrderedDict()
 
     def tasks(self) -> list[asyncio.Task[None]]:
         name = self.runner.watch.name
@@ -96,6 +97,7 @@ class QueueHints:
                 await r.ledger.wait_writable()
         for h in hints:
             self._remember(h.relpath)
+            self._suspects.pop(h.relpath, None)  # late, but the queue did name it
             self._note(h.relpath, stamp)
             self.log.debug("queue hint", item=h.relpath, kind=h.kind)
 
@@ -276,22 +278,25 @@ class QueueHints:
 
     def listed(self, changed: list[Entry]) -> None:
         """A listing found these new or changed: those written since the queue was
-        first read, long enough ago, that no message named, count against the queue."""
+        first read that no message named are suspects, judged by `pass_done` once
+        their message can no longer be merely late."""
         since = self.feed.started_at
-        upto = time.time() - UNANNOUNCED_GRACE - self.settle
         for e in changed:
             t = e.mtime_ns / 1e9
-            if since <= t <= upto and e.relpath not in self._recent and e.relpath not in self.noted:
-                self._unannounced_n += 1
-                if len(self._unannounced) < 3:
-                    self._unannounced.append(e.relpath)
+            if t >= since and e.relpath not in self._recent and e.relpath not in self.noted:
+                self._suspects[e.relpath] = t
+                while len(self._suspects) > RECENT_KEYS:
+                    self._suspects.popitem(last=False)
 
     async def pass_done(self, *, complete: bool) -> None:
         """After a full pass: name a queue that is not receiving the bucket's events."""
-        n, examples = self._unannounced_n, self._unannounced
-        self._unannounced_n, self._unannounced = 0, []
         if not complete or self.feed.problem is not None:
             return
+        upto = time.time() - UNANNOUNCED_GRACE - self.settle
+        judged = [k for k, t in self._suspects.items() if t <= upto]
+        for k in judged:
+            del self._suspects[k]
+        n, examples = len(judged), judged[:3]
         if not n:
             await self.report(None)
             return

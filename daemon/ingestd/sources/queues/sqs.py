@@ -23,6 +23,8 @@ BATCH = 10  # SQS's largest receive and delete batch
 
 _REGION_HOST = re.compile(r"^(?:sqs[.-])?([a-z]{2}(?:-gov|-iso[a-z]*)?-[a-z]+-\d)\.")
 
+_XML_CODE = re.compile(r"<Code>([^<]+)</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]+)</Message>")
 _NOT_FOUND = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 _DENIED = ("AccessDenied", "AccessDeniedException", "AuthorizationError")
 _CREDENTIALS = (
@@ -145,6 +147,13 @@ class SqsQueue:
         return queue_error("other", self.url, f"{op} failed", "see the log", f"{name}: {e}")
 
     def _coded(self, code: str, message: str, op: str) -> QueueError:
+        # Some SQS-compatible servers answer the JSON protocol with an XML error body,
+        # which botocore reports as the bare HTTP status: read the code from the XML.
+        xml_code, xml_message = _XML_CODE.search(message), _XML_MESSAGE.search(message)
+        if xml_code:
+            code = xml_code.group(1)
+        if xml_message:
+            message = xml_message.group(1)
         detail = f"{code}: {message}"
         if code in _NOT_FOUND:
             return queue_error(
