@@ -116,7 +116,7 @@ def test_daemon_syncs_over_https_with_a_private_ca(
     backend = {"url": server.url, "token_env": TOKEN_ENV, "ca_file": str(ca.pem)}
     configure(env, drop, backend)
     env.start()
-    wait_for(lambda: synced(env, len(expected)), 90, 0.3, "every item synced over https")
+    wait_for(lambda: synced(env, len(expected)), 180, 0.3, "every item synced over https")
     assert env.stop() == 0
     assert_arrived_once(server, expected)
     assert token not in env.log() and token not in server.log()
@@ -139,7 +139,7 @@ def test_daemon_syncs_over_mutual_tls(env: Env, servers: list[TlsServer], tmp_pa
     }
     configure(env, drop, backend)
     env.start()
-    wait_for(lambda: synced(env, len(expected)), 90, 0.3, "every item synced over mutual TLS")
+    wait_for(lambda: synced(env, len(expected)), 180, 0.3, "every item synced over mutual TLS")
     assert env.stop() == 0
     assert_arrived_once(server, expected)
     # And a client without a certificate gets nowhere, not even /healthz.
