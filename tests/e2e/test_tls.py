@@ -186,7 +186,13 @@ def test_certificate_problem_is_named_sends_nothing_and_heals(
         0.3,
         "the items' last error to name the problem",
     )
-    w = env.watch_status("w")
+    # `status` names it as the watch's problem (the held pool's, from the live part).
+    w = wait_for(
+        lambda: (w := env.watch_status("w"))["problem"] and named in w["problem"] and w,
+        60,
+        0.3,
+        "status to name the problem as the watch's",
+    )
     assert w["failed"] == 0 and w["synced"] == 0, w
     assert env.daemon is not None and env.daemon.poll() is None, "the daemon stopped"
     assert api_requests(server) == 0, "something was sent despite the certificate problem"
@@ -202,6 +208,7 @@ def test_certificate_problem_is_named_sends_nothing_and_heals(
         renewed = ca.issue("renewed", ["127.0.0.1"], folder=tmp_path / "renewed")
         renew(server, renewed)
     wait_for(lambda: synced(env, len(expected)), 120, 0.3, "every item synced after the fix")
+    wait_for(lambda: env.watch_status("w")["problem"] is None, 30, 0.3, "the problem cleared")
     assert env.stop() == 0
     assert_arrived_once(server, expected)
 
