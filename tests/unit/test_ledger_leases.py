@@ -168,3 +168,21 @@ async def test_postgresql_going_away_is_a_problem_and_nothing_is_lost(tmp_path: 
             await ledger.close()
     finally:
         server.remove()
+
+
+def test_a_claimed_item_whose_source_goes_is_deleted_where_it_may_have_been_sent(
+    two: tuple[Ledger, Ledger],
+) -> None:
+    """a claims (and maybe sends) an item, then dies before recording it; the object is
+    deleted meanwhile: with on_delete: delete the item must still be deleted from the
+    backend, not forgotten as never sent."""
+    a, b = two
+    plan_items(a, 1)
+    [claim] = a.due(time.time(), 10, [], ["w"])
+    b.transaction([Ledger.op_gone("w", [claim.source_id], "delete", time.time())])
+    a.close()  # died: its claims are released (or would run out)
+    [gone] = b.due(time.time(), 10, [], ["w"])
+    assert gone.plan is None
+    assert gone.synced_manifest == {"dataset": "ds", "path": "/", "name": claim.source_id}
+    b.transaction([Ledger.op_synced(gone, None, None, time.time())])
+    assert b.item_row("w", claim.source_id)["status"] == "deleted"

@@ -382,6 +382,7 @@ def _drop_item(
     conn: sqlite3.Connection, watch: str, source_id: str, on_delete: str, now: float
 ) -> None:
     if on_delete == "delete":
+        _may_have_been_sent(conn, watch, source_id)
         conn.execute(
             "UPDATE items SET plan=NULL, desired_fp=NULL,"
             " status=CASE WHEN synced_manifest IS NULL THEN 'deleted' ELSE 'pending' END,"
@@ -396,6 +397,27 @@ def _drop_item(
             " WHERE watch=? AND source_id=?",
             (now, watch, source_id),
         )
+
+
+def _may_have_been_sent(conn: sqlite3.Connection, watch: str, source_id: str) -> None:
+    """An item claimed and never recorded as synced may still be on the backend: a
+    daemon of a shared ledger sent it and died before recording it (its lease is still
+    in the row). Deleting its source must then delete it there too, so it gets the
+    place it was sent to as its synced manifest (a delete of what is not there is a
+    no-op for every sink). With SQLite claims live in memory: claimed_by is NULL."""
+    row = conn.execute(
+        "SELECT plan, dataset FROM items WHERE watch=? AND source_id=?"
+        " AND claimed_by IS NOT NULL AND synced_manifest IS NULL AND plan IS NOT NULL",
+        (watch, source_id),
+    ).fetchone()
+    if row is None:
+        return
+    plan = json.loads(row[0])
+    place = {"dataset": row[1], "path": plan["path"], "name": plan["name"]}
+    conn.execute(
+        "UPDATE items SET synced_manifest=? WHERE watch=? AND source_id=?",
+        (json.dumps(place, sort_keys=True), watch, source_id),
+    )
 
 
 def _put_entries(

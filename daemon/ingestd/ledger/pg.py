@@ -139,6 +139,7 @@ CREATE TABLE IF NOT EXISTS daemons (
     stopped double precision
 );
 """
+SCHEMA_VERSION = "1"  # raise with every change of _SCHEMA (it is run again then)
 _SCHEMA_LOCK = 0x1A6E57D  # advisory lock: two daemons starting at once create it once
 DAEMON_FORGET = 24 * 3600.0  # a stopped or silent daemon leaves `status` after a day
 
@@ -244,10 +245,26 @@ def connect(at: LedgerAt, *, readonly: bool = False) -> PgConn:
     conn = PgConn(at, readonly=readonly)
     if not readonly:
         raw = conn._conn()
+        # Only when missing or older: replacing the trigger takes a lock on items that
+        # would deadlock with the other daemons' writes.
         with raw.transaction():
             raw.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            raw.execute(_SCHEMA)
+            if _schema_version(raw) != SCHEMA_VERSION:
+                raw.execute(_SCHEMA)
+                raw.execute(
+                    "INSERT INTO settings (k, v) VALUES ('pg_schema', %s)"
+                    " ON CONFLICT (k) DO UPDATE SET v=excluded.v",
+                    (SCHEMA_VERSION,),
+                )
     return conn
+
+
+def _schema_version(raw: psycopg.Connection[Any]) -> str | None:
+    row = raw.execute("SELECT to_regclass('settings') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    row = raw.execute("SELECT v FROM settings WHERE k='pg_schema'").fetchone()
+    return None if row is None else str(row[0])
 
 
 # -- claims with leases ---------------------------------------------------------------
