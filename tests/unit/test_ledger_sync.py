@@ -14,6 +14,7 @@ import pytest
 from ingestd.core.errors import PermanentError, RetriableError
 from ingestd.core.model import Entry, ItemPlan, PlannedFile, PlannedSlot
 from ingestd.ledger import AsyncLedger, Ledger, LedgerAt
+from ingestd.ledger.ledger import Failed
 from ingestd.pipeline.outcome import backoff_delay
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.side import WatchSide
@@ -120,6 +121,119 @@ def test_retry_requeues_failed(ledger: Ledger) -> None:
     assert ledger.counts()["w"].failed == 1
     assert ledger.retry("w") == 1
     assert ledger.counts()["w"].pending == 1
+
+
+def test_a_retried_conflict_is_claimed_with_the_key_owner(ledger: Ledger) -> None:
+    """Claims are read a batch at a time (rows, then the key owners): each keeps its
+    own owner, and the order of the due query."""
+    for i in range(5):
+        apply(ledger, make_plan(f"x{i}/a{i}.jpg", 1, 1))
+    assert apply(ledger, make_plan("y/a2.jpg", 1, 1)) == "failed"  # /a2.jpg is x2's
+    # Queued again with its plan while x2 still holds the key (as an item that failed
+    # for another reason and is retried would be):
+    ledger.conn.execute(
+        "UPDATE items SET status='pending', error_kind=NULL WHERE source_id='y/a2.jpg'"
+    )
+    claims = ledger.due(time.time() + 1, 10)
+    assert [c.source_id for c in claims][:5] == [f"x{i}/a{i}.jpg" for i in range(5)]
+    owners = {c.source_id: c.key_owner for c in claims}
+    # Both are pending with one key now: each claim names the other, as key_owner does.
+    assert owners == {
+        **{f"x{i}/a{i}.jpg": None for i in (0, 1, 3, 4)},
+        "x2/a2.jpg": ("w", "y/a2.jpg"),
+        "y/a2.jpg": ("w", "x2/a2.jpg"),
+    }
+
+
+def _bad_sql(conn: object) -> None:
+    conn.execute("UPDATE items SET status='synced' WHERE watch='w'")  # type: ignore[attr-defined]
+    conn.execute("INSERT INTO no_such_table VALUES (1)")  # type: ignore[attr-defined]
+
+
+def _bad_python(conn: object) -> None:
+    conn.execute("UPDATE items SET status='failed' WHERE watch='w'")  # type: ignore[attr-defined]
+    raise ValueError("an op's own bug")
+
+
+def _swallows(conn: object) -> str:
+    """A failed statement caught inside the op: PostgreSQL has aborted the transaction
+    all the same, and a COMMIT then would roll everything back without an error."""
+    try:
+        conn.execute("INSERT INTO no_such_table VALUES (1)")  # type: ignore[attr-defined]
+    except Exception:
+        return "swallowed"
+    return "ran"
+
+
+@pytest.mark.parametrize("bad", [_bad_sql, _bad_python, _swallows])
+def test_one_failing_op_does_not_roll_back_the_others(ledger: Ledger, bad: object) -> None:
+    """A group commit's ops stand alone: a failing op's own writes are undone, the
+    others' are committed (PostgreSQL runs the ops without savepoints first and, when
+    one fails, all of them again with a savepoint each)."""
+    apply(ledger, make_plan("a.jpg", 1, 1))
+    apply(ledger, make_plan("b.jpg", 1, 1))
+    claims = {c.source_id: c for c in ledger.due(time.time() + 1, 10)}
+    results = ledger.transaction(
+        [
+            Ledger.op_synced(claims["a.jpg"], {"m": 1}, "id-a", 0),
+            bad,  # type: ignore[list-item]
+            Ledger.op_failed(claims["b.jpg"], "rejected", "sink", 0),
+        ]
+    )
+    assert results[0] is None and results[2] is None, [getattr(r, "error", r) for r in results]
+    if bad is _swallows and ledger.shared:
+        assert isinstance(results[1], Failed), "an aborted transaction is the op's failure"
+    elif bad is not _swallows:
+        assert isinstance(results[1], Failed)
+    assert ledger.item_row("w", "a.jpg")["status"] == "synced"
+    assert ledger.item_row("w", "a.jpg")["backend_id"] == "id-a"
+    assert ledger.item_row("w", "b.jpg")["status"] == "failed"
+    assert ledger.counts()["w"].synced == 1 and ledger.counts()["w"].failed == 1
+
+
+class _Counting:
+    """A connection that counts the statements sent through it (round trips)."""
+
+    def __init__(self, conn: object) -> None:
+        self.conn = conn
+        self.sent: list[str] = []
+
+    def execute(self, sql: str, params: object = ()) -> object:
+        self.sent.append(sql.split()[0].upper())
+        return self.conn.execute(sql, params)  # type: ignore[attr-defined]
+
+    def executemany(self, sql: str, rows: object) -> object:
+        self.sent.append(sql.split()[0].upper())
+        return self.conn.executemany(sql, rows)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+def test_a_claimed_batch_costs_a_few_statements_not_a_few_per_item(ledger: Ledger) -> None:
+    for i in range(64):
+        apply(ledger, make_plan(f"f{i:02}.jpg", 1, 1))
+    real = ledger.conn
+    ledger.conn = counting = _Counting(real)
+    try:
+        claims = ledger.due(time.time() + 1, 64, [], ["w"])
+        assert len(claims) == 64
+        # SQLite: the due keys, the rows, the key owners. PostgreSQL: the claim returns
+        # the rows; then the key owners.
+        assert len(counting.sent) == (2 if ledger.shared else 3), counting.sent
+        counting.sent.clear()
+        ledger.transaction(
+            [
+                Ledger.op_retry_later(c, None, time.time() + 60, count_attempt=False, now=0)
+                for c in claims
+            ]
+        )
+        # BEGIN, one statement per op, COMMIT; SQLite keeps a savepoint per op (no
+        # round trips there).
+        assert counting.sent.count("SAVEPOINT") == (0 if ledger.shared else 64)
+    finally:
+        ledger.conn = real
+    assert ledger.counts()["w"].pending == 64
 
 
 def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:

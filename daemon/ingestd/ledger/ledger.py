@@ -7,7 +7,7 @@ reachable as `Ledger.op_*` for the callers that build ops from the class.
 
 Either engine (where.py): the interface is the same. What differs is behind a few
 methods: claims (`due`) are kept in memory by the SQLite daemon (one per state_dir) and
-are leases in PostgreSQL (`pg.claim_keys`), renewed by `renew` and given back by
+are leases in PostgreSQL (`pg.claim_rows`), renewed by `renew` and given back by
 `close`; `hold_watch` and `heartbeat` are no-ops with SQLite.
 """
 
@@ -29,6 +29,13 @@ from ingestd.ledger.where import LedgerAt
 # transaction locked the same rows in the other order, or a schema create raced.
 _RERUN = ("40P01", "40001", "23505")
 RERUNS = 5
+
+
+def _aborted() -> RuntimeError:
+    # PostgreSQL: an op caught a failed statement of its own and went on. The
+    # transaction is aborted all the same (RELEASE would pass the abort on to the
+    # next op, and COMMIT would roll everything back without an error): the op failed.
+    return RuntimeError("the op caught a failed statement; its transaction was aborted")
 
 
 class Failed:
@@ -86,14 +93,49 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _transaction(self, ops: Sequence[Callable[[Conn], Any]]) -> list[Any]:
+        if self.shared:
+            results = self._transaction_at_once(ops)
+            if results is not None:
+                return results
+        return self._transaction_per_op(ops)
+
+    def _transaction_at_once(self, ops: Sequence[Callable[[Conn], Any]]) -> list[Any] | None:
+        """PostgreSQL: the ops without a savepoint each (two round trips per op saved);
+        None, with nothing written, when one of them failed. Then the caller runs them
+        all again with a savepoint each, so the failing op alone is left out: the
+        others' work is never rolled back with it, as the per-op path guarantees. Ops
+        are functions of the connection (the deadlock re-run relies on it too), so the
+        second run does against the rows as they are what the first would have done."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [op(self.conn) for op in ops]
+            if self.conn.aborted():
+                raise _aborted()
+        except Exception:
+            self.conn.execute("ROLLBACK")
+            return None
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return results
+
+    def _transaction_per_op(self, ops: Sequence[Callable[[Conn], Any]]) -> list[Any]:
         results: list[Any] = []
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
                 self.conn.execute("SAVEPOINT op")
                 try:
-                    results.append(op(self.conn))
+                    result = op(self.conn)
+                    if self.shared and self.conn.aborted():
+                        raise _aborted()
                     self.conn.execute("RELEASE op")
+                    results.append(result)
                 except Exception as e:
                     self.conn.execute("ROLLBACK TO op")
                     self.conn.execute("RELEASE op")
@@ -167,9 +209,9 @@ class Ledger:
         from ingestd.ledger import pg
 
         skip = set(exclude)
-        keys = pg.claim_keys(self.conn, self.at.holder, now, self.at.lease, limit, watches)
+        rows = pg.claim_rows(self.conn, self.at.holder, now, self.at.lease, limit, watches)
         # An item of ours whose lease ran out while in flight is ours already.
-        claims = reads.claims_of(self.conn, [k for k in keys if k not in skip])
+        claims = reads.claims_from_rows(self.conn, [r for r in rows if (r[0], r[1]) not in skip])
         return [dataclasses.replace(c, holder=self.at.holder) for c in claims]
 
     def renew(self, keys: Sequence[tuple[str, str]]) -> int:

@@ -15,7 +15,7 @@ Values are bound on the client (psycopg's ClientCursor), as sqlite3 does, so a b
 `? IS NULL` needs no type. What only this engine has lives here and nowhere else: the
 schema (double precision for REAL, bigint for sizes, text `COLLATE "C"` so keys sort
 byte-wise as in SQLite, object stores and Python), item counts as append-only deltas
-(see _SCHEMA), and the multi-daemon parts: claims with leases (`claim_keys`,
+(see _SCHEMA), and the multi-daemon parts: claims with leases (`claim_rows`,
 `renew_claims`, `release_claims`), the listing lease per watch (`hold_watch`) and the
 `daemons` table (`heartbeat`, `daemons`). SQL that would differ in meaning between the
 engines must not be put in ops.py or reads.py.
@@ -32,6 +32,7 @@ from typing import Any
 
 import psycopg
 
+from ingestd.ledger.reads import CLAIM_COLUMNS
 from ingestd.ledger.where import LedgerAt
 
 # Item counts: every daemon changes the same few (watch, status) rows, so a counter
@@ -211,6 +212,14 @@ class PgConn:
             self._in_tx = False
         return cur
 
+    def aborted(self) -> bool:
+        """Whether the transaction under way has failed (PostgreSQL then ignores every
+        statement until ROLLBACK, and turns COMMIT into a rollback without an error)."""
+        raw = self._raw
+        return (
+            raw is not None and raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        )
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor[Any]:
         cur = self._conn().cursor()
         cur.executemany(translate(sql), [tuple(r) for r in rows])
@@ -270,29 +279,30 @@ def _schema_version(raw: psycopg.Connection[Any]) -> str | None:
 # -- claims with leases ---------------------------------------------------------------
 
 
-def claim_keys(
+def claim_rows(
     conn: PgConn,
     holder: str,
     now: float,
     lease: float,
     limit: int,
     watches: Sequence[str] | None,
-) -> list[tuple[str, str]]:
+) -> list[tuple[Any, ...]]:
     """Claim up to `limit` due items for `holder` until now + lease, oldest due first,
-    and return their keys. SKIP LOCKED: daemons claiming at the same moment each get
-    other rows instead of waiting for each other; an item whose lease ran out (its
-    daemon died or stalled) is due again for anyone."""
+    and return their rows (reads.CLAIM_COLUMNS). SKIP LOCKED: daemons claiming at the
+    same moment each get other rows instead of waiting for each other; an item whose
+    lease ran out (its daemon died or stalled) is due again for anyone. The rows come
+    back with the claim itself: reading them apiece cost a round trip per item."""
     only = "" if watches is None else " AND watch = ANY(?)"
     rows = conn.execute(
         "UPDATE items SET claimed_by=?, lease_until=? WHERE (watch, source_id) IN ("
         " SELECT watch, source_id FROM items WHERE status='pending' AND next_attempt <= ?"
         " AND (lease_until IS NULL OR lease_until < ?)"
         f"{only} ORDER BY next_attempt LIMIT ? FOR UPDATE SKIP LOCKED)"
-        " RETURNING watch, source_id, next_attempt",
+        f" RETURNING next_attempt, {CLAIM_COLUMNS}",
         (holder, now + lease, now, now, *([list(watches)] if watches is not None else []), limit),
     ).fetchall()
-    rows.sort(key=lambda r: r[2])
-    return [(w, s) for w, s, _ in rows]
+    rows.sort(key=lambda r: r[0])
+    return [tuple(r[1:]) for r in rows]
 
 
 def next_due_time(

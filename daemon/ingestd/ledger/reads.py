@@ -250,34 +250,74 @@ def due(
     return claims_of(conn, keys)
 
 
+# A claim's columns, in the order claims_from_rows reads them.
+CLAIM_COLUMNS = (
+    "watch, source_id, dataset, key, plan, desired_fp, synced_manifest, attempts, backend_id,"
+    " updated_at"
+)
+_CHUNK = 200  # rows of a VALUES list: 4 values each stays under SQLite's 999 parameters
+
+
 def claims_of(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> list[Claim]:
     """The claims of these (watch, source_id) keys that are still pending, in order."""
-    out: list[Claim] = []
-    for w, sid in keys:
-        row = conn.execute(
-            "SELECT dataset, key, plan, desired_fp, synced_manifest, attempts, backend_id,"
-            " updated_at FROM items WHERE watch=? AND source_id=? AND status='pending'",
-            (w, sid),
-        ).fetchone()
-        if row is None:  # gone since the first query (another process)
-            continue
-        ds, key, plan, dfp, sm, att, bid, at = row
-        out.append(
-            Claim(
-                w,
-                sid,
-                ds,
-                key,
-                ItemPlan.from_json(json.loads(plan)) if plan else None,
-                dfp,
-                json.loads(sm) if sm else None,
-                att,
-                bid,
-                # Checked here again because `ingestd retry` re-queues conflicted items.
-                key_owner(conn, ds, key, w, sid) if plan else None,
-                planned_at=at,
-            )
+    found: dict[tuple[str, str], Sequence[Any]] = {}
+    for i in range(0, len(keys), _CHUNK):
+        chunk = keys[i : i + _CHUNK]
+        # One statement per chunk, not one per key: against PostgreSQL each statement
+        # is a round trip. A join, for the reason given in items_by_key.
+        rows = conn.execute(
+            f"WITH k(w, s) AS (VALUES {','.join(['(?, ?)'] * len(chunk))})"
+            f" SELECT {', '.join('items.' + c.strip() for c in CLAIM_COLUMNS.split(','))}"
+            " FROM k JOIN items ON items.watch=k.w AND items.source_id=k.s"
+            " WHERE items.status='pending'",
+            [v for k in chunk for v in k],
+        ).fetchall()
+        found.update(((r[0], r[1]), r) for r in rows)
+    # Rows gone since the keys were read (another process) are left out.
+    return claims_from_rows(conn, [found[k] for k in keys if k in found])
+
+
+def claims_from_rows(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> list[Claim]:
+    """Claims of rows of CLAIM_COLUMNS (pending items), in the rows' order, each with
+    the other live item holding its key, if any: checked here again because `ingestd
+    retry` re-queues conflicted items."""
+    owners = key_owners(conn, [(r[2], r[3], r[0], r[1]) for r in rows if r[4]])
+    return [
+        Claim(
+            w,
+            sid,
+            ds,
+            key,
+            ItemPlan.from_json(json.loads(plan)) if plan else None,
+            dfp,
+            json.loads(sm) if sm else None,
+            att,
+            bid,
+            owners.get((w, sid)) if plan else None,
+            planned_at=at,
         )
+        for w, sid, ds, key, plan, dfp, sm, att, bid, at in rows
+    ]
+
+
+def key_owners(
+    conn: sqlite3.Connection, wanted: Sequence[tuple[str, str, str, str]]
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """key_owner for many (dataset, key, watch, source_id) at once: (watch, source_id) →
+    another live item holding that dataset key, for those that have one."""
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for i in range(0, len(wanted), _CHUNK):
+        chunk = wanted[i : i + _CHUNK]
+        rows = conn.execute(
+            f"WITH k(ds, key, w, s) AS (VALUES {','.join(['(?, ?, ?, ?)'] * len(chunk))})"
+            " SELECT k.w, k.s, items.watch, items.source_id FROM k JOIN items"
+            " ON items.dataset=k.ds AND items.key=k.key WHERE items.status != 'deleted'"
+            " AND coalesce(items.error_kind, '') != 'conflict'"
+            " AND NOT (items.watch=k.w AND items.source_id=k.s)",
+            [v for k in chunk for v in k],
+        ).fetchall()
+        for w, s, ow, osid in rows:
+            out.setdefault((w, s), (ow, osid))
     return out
 
 
