@@ -38,6 +38,7 @@ from ingestd.server.common import (
     ApiError,
     Manifest,
     ServerState,
+    blob_received,
     blob_size,
     body_length,
     check_blobs,
@@ -325,6 +326,8 @@ async def post_batch(request: web.Request) -> web.Response:
         await asyncio.shield(st.run(store.blobs.discard, list(got.staged.values())))
         raise
     results = await st.run(_commit, store, entries, got)
+    for d, size in got.stored.items():
+        blob_received("/v1/batch", d, size, new=d in got.staged)
     for r in results:
         st.metrics.item(r["status"], r.get("changed"))
     return web.json_response({"results": results})

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+import structlog
 from aiohttp import web
 
 from ingestd.server.auth import TokenAuth
@@ -29,6 +30,9 @@ MAX_KEY_BYTES = 1024
 MAX_SEGMENT_BYTES = 255
 MAX_DATASET_CHARS = 128
 SLOT_TYPES = frozenset({"image", "video", "frames", "dicom", "file"})
+
+
+_log = structlog.get_logger("ingestd.serve")
 
 
 class ApiError(Exception):
@@ -283,6 +287,14 @@ def check_manifest(body: Any) -> Manifest:
         for j, f in enumerate(files):
             _check_file(f"slots[{i}].files[{j}]", f, sizes)
     return slots, metadata, sizes
+
+
+def blob_received(route: str, digest: str, size: int, *, new: bool) -> None:
+    """One line per blob whose bytes a request delivered whole (a PUT, a finished
+    upload, a blob of a batch), `new` when the store did not hold it yet: the audit of
+    what clients uploaded, per digest (a client sending bytes the store already held
+    shows as new=false). A body that broke off is not a delivery and is not logged."""
+    _log.info("blob_received", route=route, digest=digest, size=size, new=new)
 
 
 def blob_size(store: Store, d: str) -> int | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from ingestd.server.common import ApiError, Manifest
+from ingestd.server.common import ApiError, Manifest, blob_received
 from ingestd.server.common import blob_size as _blob_size
 from ingestd.server.common import body_length as _body_length
 from ingestd.server.common import check_blobs as _check_blobs
@@ -157,6 +157,7 @@ async def put_blob(request: web.Request) -> web.Response:
             written = BlobWrite(digest, size, created=False)
     if written is None:
         written = await _receive_blob(request, store, digest)
+    blob_received("/v1/blobs/{digest}", digest, written.size, new=written.created)
     return web.json_response(
         {"digest": written.digest, "size": written.size, "created": written.created},
         status=201 if written.created else 200,
@@ -305,6 +306,7 @@ async def put_upload(request: web.Request) -> web.Response:
                 expected=e.expected,
                 actual=e.actual,
             ) from None
+    blob_received("/v1/uploads/{id}", digest, written.size, new=written.created)
     return web.json_response(
         {"digest": written.digest, "size": written.size, "created": written.created}, status=201
     )
