@@ -38,6 +38,7 @@ log = structlog.get_logger("ingestd.ledger")
 
 PROBE_FIRST = 1.0  # seconds before the first probe write, and its backoff's growth...
 PROBE_CAP = 2.0  # ...up to this: space that comes back is noticed within ~2 s
+OPEN_RETRY = 3.0  # seconds between attempts to open a shared ledger whose server is down
 _UNWRITABLE_ERRNOS = {
     errno.ENOSPC: "disk full",
     errno.EDQUOT: "disk quota exceeded",
@@ -124,9 +125,42 @@ class AsyncLedger:
         self._prober: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
 
-    async def open(self) -> None:
+    async def open(
+        self, *, wait: bool = False, on_waiting: Callable[[str], None] | None = None
+    ) -> None:
+        """Open the ledger. With `wait`, a shared ledger whose server cannot be reached
+        is not an error: it is the ledger's `problem` (`on_waiting` hears it once) and
+        opening is tried again every OPEN_RETRY seconds until the server answers. A
+        daemon started before its database (a reboot, a failover) then starts by
+        itself instead of exiting for systemd to restart in a loop. Other errors (no
+        right to create the tables) are raised: they need a person."""
         loop = asyncio.get_running_loop()
-        self._ledger = await loop.run_in_executor(self._executor, Ledger, self.at)
+        while True:
+            try:
+                self._ledger = await loop.run_in_executor(self._executor, Ledger, self.at)
+            except Exception as e:
+                if not (wait and self.shared and _pg_reason(e) is not None):
+                    raise
+                if self.problem is None:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                    self.problem = (
+                        f"ledger {self.at.url()} unreachable: {first}; retried every few "
+                        "seconds (start the server, or fix the network or state.ledger); "
+                        "the watches start once it answers"
+                    )
+                    log.error("ledger unreachable", ledger=self.at.url(), error=first)
+                    if on_waiting is not None:
+                        on_waiting(self.problem)
+                await asyncio.sleep(OPEN_RETRY)
+                continue
+            if self.problem is not None:
+                self.problem = None
+                log.info("ledger reachable; starting", ledger=self.at.url())
+            return
+
+    @property
+    def is_open(self) -> bool:
+        return self._ledger is not None
 
     @property
     def sync(self) -> Ledger:

@@ -55,6 +55,16 @@ class LedgerAt:
         the first daemon, and reading an empty one is fine)."""
         return self.shared or self.sqlite_path.exists()
 
+    def url(self) -> str:
+        """The DSN as a user may see it: scheme, user, host, port and database, never
+        a password or the query's options ("" for SQLite)."""
+        if self.dsn is None:
+            return ""
+        parts = urlsplit(self.dsn)
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{user}{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
+
     def describe(self) -> str:
         """For messages: the file, or the server and database (never the password)."""
         if self.dsn is None:

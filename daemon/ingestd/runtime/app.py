@@ -82,8 +82,10 @@ class App:
 
     async def open(self, *, observe: bool, on_outcome: Callable[[Outcome], None] | None) -> None:
         """Open the ledger and the sink, and build the sync pool and one runner per
-        watch (not started). `observe`: runners follow file events, not only scans."""
-        await self.ledger.open()
+        watch (not started). `observe`: runners follow file events, not only scans.
+        `run` opens the ledger before (`_open_ledger`); the one-pass forms here."""
+        if not self.ledger.is_open:
+            await self.ledger.open()
         if on_outcome is not None:
             self._outcome_listeners.append(on_outcome)
         self.sink = build_sink(self.config)
@@ -176,11 +178,12 @@ class App:
         try:
             loop = asyncio.get_running_loop()
             install_signals(loop, self._stop.set, self._rescan_all, self.request_reload)
+            await asyncio.to_thread(write_rejected, self.config.state_dir, [])
+            if not await self._open_ledger():
+                return 0
             await self.open(observe=True, on_outcome=None)
             assert self.pool is not None
             self._pool_task = pool_task = asyncio.create_task(self.pool.run(), name="sync-pool")
-            await asyncio.to_thread(write_rejected, self.config.state_dir, [])
-            await self.start_control()
             log.info(
                 "ingestd started",
                 config=str(self.config_path),
@@ -199,7 +202,6 @@ class App:
             self.spawn(self._status_loop(), "notify-status")
             if self.ledger.shared:
                 self.spawn(self._heartbeat_loop(), "heartbeat")
-            self.spawn(watchdog_loop(self.notifier, self._healthy), "watchdog")
             await self._stop.wait()
             self.notifier.stopping()
             log.info("stopping: finishing in-flight uploads")
@@ -218,11 +220,26 @@ class App:
         finally:
             lock.release()
 
+    async def _open_ledger(self) -> bool:
+        """Serve the control endpoint and ping the watchdog, then open the ledger
+        (`open_when_reachable`). False: told to stop first, and stopped."""
+        await self.start_control()
+        self.spawn(watchdog_loop(self.notifier, self._healthy), "watchdog")
+        opened = False
+        try:
+            opened = await open_when_reachable(self.ledger, self._stop, self.notifier)
+        finally:
+            if not opened:
+                for task in list(self._background):
+                    task.cancel()
+                if self.control is not None:
+                    await self.control.stop()
+                await self.ledger.close()
+        return opened
+
     def _healthy(self) -> bool:
-        """Worth a watchdog ping: not stopping, and the sync pool is still running."""
-        return (
-            not self._stop.is_set() and self._pool_task is not None and not self._pool_task.done()
-        )
+        """Worth a watchdog ping: not stopping, the pool running (or waiting for the ledger)."""
+        return not self._stop.is_set() and (self._pool_task is None or not self._pool_task.done())
 
     def _rescan_all(self) -> None:
         log.info("rescan requested")
@@ -299,13 +316,7 @@ class App:
         data["daemon"]["live"] = True
         # The ledger and the sink are shared: their trouble is every watch's.
         shared = [self.ledger.problem, self.pool.problem if self.pool is not None else None]
-        for w in data["watches"]:
-            runner = self.runners.get(w["name"])
-            if runner is None:  # just removed by a reload
-                continue
-            w.update(runner.live())
-            problems = [p for p in (w["problem"], runner.problem, *shared) if p]
-            w["problem"] = "; ".join(dict.fromkeys(problems)) or None
+        _merge_live(data["watches"], self.runners, shared, self.ledger.is_open)
         return data
 
     async def retry(self, watch: str | None, source_id: str | None) -> int:
@@ -324,6 +335,48 @@ class App:
 
     def add_outcome_listener(self, fn: Callable[[Outcome], None]) -> None:
         self._outcome_listeners.append(fn)
+
+
+def _merge_live(
+    watches: list[dict[str, Any]],
+    runners: dict[str, WatchRunner],
+    shared: list[str | None],
+    ledger_open: bool,
+) -> None:
+    """Each watch's live part and problems: the recorded one, the runner's, and the
+    daemon-wide ones (also before the runners exist, while it waits for its ledger)."""
+    for w in watches:
+        runner = runners.get(w["name"])
+        if runner is not None:  # None: not built yet, or just removed by a reload
+            w.update(runner.live())
+        own = runner.problem if runner is not None else None
+        # Not open yet: what the ledger read says is "unreachable", said already.
+        recorded = w["problem"] if ledger_open else None
+        problems = [p for p in (recorded, own, *shared) if p]
+        w["problem"] = "; ".join(dict.fromkeys(problems)) or None
+
+
+async def open_when_reachable(ledger: AsyncLedger, stop: asyncio.Event, notifier: Notifier) -> bool:
+    """Open the ledger, waiting for a shared ledger's server that does not answer yet:
+    that is the ledger's problem on every watch in `status` (and systemd's status
+    line), not an exit that systemd would turn into a restart loop. False when `stop`
+    is set first."""
+
+    def waiting(problem: str) -> None:
+        notifier.ready()  # up, and saying why it waits: not a start that timed out
+        notifier.status(problem)
+
+    opening = asyncio.create_task(ledger.open(wait=True, on_waiting=waiting))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if opening.done():
+        opening.result()  # raises what is not worth waiting for
+        return True
+    opening.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await opening
+    return False
 
 
 def run_app(app: App) -> int:

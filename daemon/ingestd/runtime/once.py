@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ingestd.config import Config
-from ingestd.ledger import LEDGER_FILE, AsyncLedger, WatchCounts
+from ingestd.ledger import AsyncLedger, LedgerAt, WatchCounts
+from ingestd.observe.status import ledger_at
 from ingestd.pipeline.dry_run import dry_run_watch
 from ingestd.pipeline.runner import make_runner
 from ingestd.runtime.app import App
@@ -90,12 +91,14 @@ def _report(
 
 
 async def dry_run(config: Config) -> list[str]:
-    """What a sync would create, update or delete; changes nothing. Without a ledger
-    yet, compares against an empty one in a temporary folder."""
-    ledger_file = config.state_dir / LEDGER_FILE
+    """What a sync would create, update or delete; changes nothing. Compares with the
+    configured ledger (a shared PostgreSQL one, or state_dir's SQLite file); without a
+    SQLite ledger yet, with an empty one in a temporary folder."""
+    at = ledger_at(config)
     with tempfile.TemporaryDirectory(prefix="ingestd-dry-") as tmp:
-        state = config.state_dir if ledger_file.exists() else Path(tmp)
-        ledger = AsyncLedger(state)
+        if not at.exists():
+            at = LedgerAt(Path(tmp))
+        ledger = AsyncLedger(at)
         await ledger.open()
         lines: list[str] = []
         try:
