@@ -6,6 +6,13 @@ of its watch again (op_take_hints). A row is dropped once its key is planned or 
 gone (op_drop_hint), only if no newer message named the key meanwhile (`noted` is the
 recording's stamp, and a later recording raises it).
 
+With a shared ledger the rows of one watch are recorded by every daemon consuming its
+queue. A recording always raises a row's `noted` (to the recorder's stamp, or one past
+the row's when the recorder's clock is behind) and returns the stamp it left, so a
+daemon that looked at the key earlier cannot drop a row another daemon noted after it.
+Rows whose recorder died before looking at them are taken by the others once they are
+old (op_take_hints with `noted_before`).
+
 Plain SQL that SQLite and PostgreSQL both accept (INSERT ... ON CONFLICT DO UPDATE,
 DELETE ... WHERE), as the rest of the ledger's ops. The table is in db.py's schema.
 """
@@ -45,14 +52,17 @@ def op_note_hints(
     watch: str,
     hints: Sequence[tuple[str, str, str | None, int | None, float]],
     noted: int,
-) -> Callable[[sqlite3.Connection], int]:
-    """Record (relpath, kind, etag, size, event_time) hints with the stamp `noted`
-    (larger than any earlier one). Of two events for one key the later by event time
-    keeps its details; either way the row is noted again, so it is looked at again."""
+) -> Callable[[sqlite3.Connection], dict[str, int]]:
+    """Record (relpath, kind, etag, size, event_time) hints with the stamp `noted`. Of
+    two events for one key the later by event time keeps its details; either way the
+    row is noted again, so it is looked at again: its stamp becomes `noted`, or one past
+    the stamp it had if that was not lower (another daemon's clock ahead of ours).
+    Returns each key's stamp as recorded: the one to drop it with."""
 
-    def op(conn: sqlite3.Connection) -> int:
+    def op(conn: sqlite3.Connection) -> dict[str, int]:
+        stamps: dict[str, int] = {}
         for relpath, kind, etag, size, event_time in hints:
-            conn.execute(
+            row = conn.execute(
                 "INSERT INTO hints (watch, relpath, kind, etag, size, event_time, noted)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (watch, relpath) DO UPDATE SET"
@@ -64,25 +74,30 @@ def op_note_hints(
                 " THEN excluded.size ELSE hints.size END,"
                 " event_time = CASE WHEN excluded.event_time >= hints.event_time"
                 " THEN excluded.event_time ELSE hints.event_time END,"
-                " noted = excluded.noted",
+                " noted = CASE WHEN excluded.noted > hints.noted"
+                " THEN excluded.noted ELSE hints.noted + 1 END"
+                " RETURNING noted",
                 (watch, relpath, kind, etag, size, event_time, noted),
-            )
-        return len(hints)
+            ).fetchone()
+            stamps[relpath] = int(row[0])
+        return stamps
 
     return op
 
 
 def op_take_hints(
-    watch: str, after: str | None = None, limit: int = 10_000
+    watch: str, after: str | None = None, limit: int = 10_000, *, noted_before: int | None = None
 ) -> Callable[[sqlite3.Connection], list[HintRow]]:
-    """The watch's hint rows in key order after `after`, at most `limit` (a read, run as
-    an op so that it goes through whichever ledger engine the daemon has)."""
+    """The watch's hint rows in key order after `after`, at most `limit`; with
+    `noted_before`, only rows last noted before that stamp (left by a daemon that died,
+    or whose drop failed). A read, run as an op so that it goes through whichever ledger
+    engine the daemon has."""
 
     def op(conn: sqlite3.Connection) -> list[HintRow]:
         rows = conn.execute(
             "SELECT relpath, kind, etag, size, event_time, noted FROM hints"
-            " WHERE watch = ? AND relpath > ? ORDER BY relpath LIMIT ?",
-            (watch, after or "", limit),
+            " WHERE watch = ? AND relpath > ? AND noted < ? ORDER BY relpath LIMIT ?",
+            (watch, after or "", noted_before if noted_before is not None else 2**63 - 1, limit),
         ).fetchall()
         return [HintRow(*row) for row in rows]
 

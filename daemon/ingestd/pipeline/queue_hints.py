@@ -13,6 +13,19 @@ the plan: messages come late, twice and out of order, and what is planned must b
 the bucket holds now. A key found gone joins the runner's deletions, judged in batches
 once none arrived for `settle` (so the `max_delete` guard sees a mass deletion whole).
 
+A key found gone is HEADed once more just before the batch is applied: a message may
+have named it again meanwhile (deleted and written again), and a plan recorded from
+that must not be undone by the older judgement.
+
+With a shared ledger every daemon consumes the watch's queue, so one key's messages may
+reach different daemons. Each daemon looks at the rows it recorded; a row's stamp is
+raised by every recording (ledger/hints.py), so a daemon drops only what no later
+message named. Rows left by a daemon that died are taken by the others once older than
+ADOPT_AGE (or by any daemon's start). A plan recorded from an older look can land after
+a newer one (two daemons, two messages): the sync step then finds the object changed
+under it (its ETag no longer matches) and `look_again` HEADs the key, which plans what
+the bucket holds now; no listing is needed.
+
 A full listing still runs every `poll_interval` (1 h by default with a queue) and at
 start: it repairs anything a message never named, and it is how a queue that does not
 receive the bucket's events is noticed (`listed`, `pass_done`).
@@ -24,7 +37,8 @@ import asyncio
 import heapq
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ingestd.core.model import Entry
 from ingestd.core.source import SourceError
@@ -48,6 +62,11 @@ RETRY_LOOK = 5.0  # seconds before a key whose HEAD failed is looked at again
 # when it is older than this plus `settle`: its message may still be on its way.
 UNANNOUNCED_GRACE = 30.0
 RECENT_KEYS = 200_000  # keys named by messages, remembered to judge the listing
+# Rows noted longer ago than this that this daemon does not hold are taken and looked
+# at: their recorder died (or could not drop them). Several leases, so that a live
+# daemon's backlog is not looked at twice; at least a minute.
+ADOPT_MIN_AGE = 60.0
+ADOPT_LEASES = 3
 
 
 class QueueHints:
@@ -62,22 +81,29 @@ class QueueHints:
         self._wake = asyncio.Event()
         self._stamp = 0
         self._gone: dict[str, int] = {}  # key -> stamp, judged with the runner's deletions
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        # Objects a listing found new that no message had named: key -> last-modified.
-        # Judged once older than the grace, by the pass that ends after that.
-        self._suspects: OrderedDict[str, float] = OrderedDict()
+        self._gone_at = 0.0  # when the last key was found gone (monotonic)
+        lease = float(getattr(getattr(runner.ledger, "at", None), "lease", 0.0) or 0.0)
+        self.adopt_age = max(ADOPT_MIN_AGE, ADOPT_LEASES * lease)
+        self.judge = QueueJudge(self)
 
-    def tasks(self) -> list[asyncio.Task[None]]:
+    def tasks(self) -> list[asyncio.Task[Any]]:
         name = self.runner.watch.name
         return [
             asyncio.create_task(self._load(), name=f"hints-load:{name}"),
             asyncio.create_task(self.feed.run(self.record, self.report), name=f"queue:{name}"),
             asyncio.create_task(self._look_loop(), name=f"hints:{name}"),
             asyncio.create_task(self._gone_loop(), name=f"hints-gone:{name}"),
+            asyncio.create_task(self._adopt_loop(), name=f"hints-adopt:{name}"),
         ]
 
     def __len__(self) -> int:
         return len(self.noted)
+
+    def listed(self, changed: list[Entry]) -> None:
+        self.judge.listed(changed)
+
+    async def pass_done(self, *, complete: bool) -> None:
+        await self.judge.pass_done(complete=complete)
 
     # -- from the feed ------------------------------------------------------------------
 
@@ -89,16 +115,16 @@ class QueueHints:
         rows = [(h.relpath, h.kind, h.etag, h.size, h.event_time) for h in hints]
         while True:
             try:
-                await r.ledger.write(op_note_hints(r.watch.name, rows, stamp))
+                # The stamps as recorded: another daemon may have noted a key later.
+                stamps = await r.ledger.write(op_note_hints(r.watch.name, rows, stamp))
                 break
             except Exception as e:
                 if not r.ledger.is_unwritable(e):
                     raise
                 await r.ledger.wait_writable()
         for h in hints:
-            self._remember(h.relpath)
-            self._suspects.pop(h.relpath, None)  # late, but the queue did name it
-            self._note(h.relpath, stamp)
+            self.judge.named(h.relpath)
+            self._note(h.relpath, stamps.get(h.relpath, stamp))
             self.log.debug("queue hint", item=h.relpath, kind=h.kind)
 
     async def report(self, problem: str | None) -> None:
@@ -112,14 +138,23 @@ class QueueHints:
         except Exception:  # the ledger's own problem is shown; the feed retries anyway
             self.log.debug("cannot record the queue's problem")
 
-    async def _load(self) -> None:
-        """Hints recorded before a crash or a stop: look at them again."""
+    def look_again(self, relpaths: Sequence[str]) -> None:
+        """The sync step found these objects changed under it (a plan from an older
+        look): HEAD them again. Stamp 0 drops no row: only a message's look does."""
+        for rel in relpaths:
+            if rel not in self.noted:
+                self._note(rel, 0)
+
+    async def _load(self, noted_before: int | None = None) -> int:
+        """Hints recorded before a crash or a stop (or, with `noted_before`, left by
+        another daemon): look at those this daemon does not hold."""
         r = self.runner
         after: str | None = None
         taken = 0
         while True:
             try:
-                rows = await r.ledger.write(op_take_hints(r.watch.name, after))
+                op = op_take_hints(r.watch.name, after, noted_before=noted_before)
+                rows = await r.ledger.write(op)
             except Exception as e:
                 if not r.ledger.is_unwritable(e):
                     raise
@@ -128,11 +163,28 @@ class QueueHints:
             if not rows:
                 break
             for row in rows:
-                self._note(row.relpath, row.noted)
-            taken += len(rows)
+                if row.relpath not in self.noted:
+                    self._note(row.relpath, row.noted)
+                    taken += 1
             after = rows[-1].relpath
-        if taken:
+        if taken and noted_before is None:
             self.log.info("hints recorded before the start taken again", hints=taken)
+        return taken
+
+    async def _adopt_loop(self) -> None:
+        # Rows whose recorder died hold keys no message will name again.
+        while True:
+            await asyncio.sleep(self.adopt_age / 2)
+            cutoff = time.time_ns() - int(self.adopt_age * 1e9)
+            try:
+                taken = await self._load(noted_before=cutoff)
+            except Exception:  # the ledger's own problem is shown; try again next round
+                self.log.debug("cannot read old hint rows")
+                continue
+            if taken:
+                self.log.info(
+                    "old hint rows taken (recorded by a daemon that stopped)", hints=taken
+                )
 
     def _next_stamp(self) -> int:
         self._stamp = max(self._stamp + 1, time.time_ns())
@@ -148,12 +200,6 @@ class QueueHints:
     def _push(self, relpath: str, due: float) -> None:
         heapq.heappush(self._heap, (due, relpath))
         self._wake.set()
-
-    def _remember(self, relpath: str) -> None:
-        self._recent[relpath] = None
-        self._recent.move_to_end(relpath)
-        while len(self._recent) > RECENT_KEYS:
-            self._recent.popitem(last=False)
 
     # -- looking ------------------------------------------------------------------------
 
@@ -206,7 +252,7 @@ class QueueHints:
                 done.append(rel)
             elif look is None:
                 self._gone[rel] = stamps[rel]
-                r._on_gone([rel])
+                self._gone_at = now
             elif self._settled(rel, look, now_wall, now):
                 ready.append(look)
         if ready:
@@ -252,6 +298,8 @@ class QueueHints:
         if self.noted.get(rel) == stamp:
             del self.noted[rel]
             self.first_look.pop(rel, None)
+        if stamp <= 0:
+            return  # a look the sync step asked for: no row of its own
         try:
             await r.ledger.write(op_drop_hint(r.watch.name, rel, stamp))
         except Exception:  # kept: taken again at the next start, harmlessly
@@ -264,29 +312,84 @@ class QueueHints:
         quiet = max(self.settle, 0.5)
         while True:
             await asyncio.sleep(quiet / 2)
-            if not self._gone or time.monotonic() - r.gone_at < quiet:
+            if not self._gone or time.monotonic() - self._gone_at < quiet:
+                continue
+            if time.monotonic() - r.gone_at < quiet:
                 continue
             gone, self._gone = self._gone, {}
-            try:
-                await r.apply_gone(full_pass=False)
-            except Exception:
-                self.log.exception("applying deletions failed; the next listing tries again")
+            back = await self._still_there(list(gone))
+            for rel in back:
+                if self.noted.get(rel) == gone[rel]:
+                    self._push(rel, time.monotonic())  # written again: look at it afresh
+                del gone[rel]
+            if gone:
+                r._on_gone(list(gone))
+                try:
+                    await r.apply_gone(full_pass=False)
+                except Exception:
+                    self.log.exception("applying deletions failed; the next listing tries again")
             for rel, stamp in gone.items():
                 await self._drop(rel, stamp)
 
-    # -- judging the queue by the listing ------------------------------------------------
+    async def _still_there(self, rels: list[str]) -> set[str]:
+        """Of keys found gone, those the bucket holds again (or cannot be asked about:
+        kept, and looked at again, rather than deleted on a guess)."""
+        limit = asyncio.Semaphore(LOOKS_AT_ONCE)
+
+        async def there(rel: str) -> bool:
+            async with limit:
+                try:
+                    return await self.runner.source.stat(rel) is not None
+                except SourceError:
+                    return True
+
+        found = await asyncio.gather(*(there(rel) for rel in rels))
+        return {rel for rel, yes in zip(rels, found, strict=True) if yes}
+
+
+class QueueJudge:
+    """Whether the queue receives the bucket's events, judged by the listing: objects a
+    listing found new, written since the queue was first read, that no message named.
+
+    With a shared ledger the messages spread over the daemons, and this one knows only
+    those it received; a key another daemon was named is in the ledger once planned, so
+    the listing finds it new only while that daemon has not planned it yet. There an
+    object counts only if it was already older than the grace when listed: every daemon
+    had that long to plan it."""
+
+    def __init__(self, hints: QueueHints) -> None:
+        self.hints = hints
+        self.feed = hints.feed
+        self.settle = hints.settle
+        self.shared = bool(getattr(hints.runner.ledger, "shared", False))
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        # Objects a listing found new that no message had named: key -> last-modified.
+        # Judged once older than the grace, by the pass that ends after that.
+        self._suspects: OrderedDict[str, float] = OrderedDict()
+
+    def named(self, relpath: str) -> None:
+        self._recent[relpath] = None
+        self._recent.move_to_end(relpath)
+        while len(self._recent) > RECENT_KEYS:
+            self._recent.popitem(last=False)
+        self._suspects.pop(relpath, None)  # late, but the queue did name it
 
     def listed(self, changed: list[Entry]) -> None:
         """A listing found these new or changed: those written since the queue was
         first read that no message named are suspects, judged by `pass_done` once
         their message can no longer be merely late."""
         since = self.feed.started_at
+        young = time.time() - UNANNOUNCED_GRACE - self.settle if self.shared else None
+        held = self.hints.noted
         for e in changed:
             t = e.mtime_ns / 1e9
-            if t >= since and e.relpath not in self._recent and e.relpath not in self.noted:
-                self._suspects[e.relpath] = t
-                while len(self._suspects) > RECENT_KEYS:
-                    self._suspects.popitem(last=False)
+            if t < since or e.relpath in self._recent or e.relpath in held:
+                continue
+            if young is not None and t > young:
+                continue  # another daemon may be planning it now
+            self._suspects[e.relpath] = t
+            while len(self._suspects) > RECENT_KEYS:
+                self._suspects.popitem(last=False)
 
     async def pass_done(self, *, complete: bool) -> None:
         """After a full pass: name a queue that is not receiving the bucket's events."""
@@ -298,7 +401,7 @@ class QueueHints:
             del self._suspects[k]
         n, examples = len(judged), judged[:3]
         if not n:
-            await self.report(None)
+            await self.hints.report(None)
             return
         heard = (
             f"{self.feed.messages} messages since the start"
@@ -311,5 +414,5 @@ class QueueHints:
             f"first read ({heard}); check the bucket's event notifications to this queue "
             "(docs/bucket-events.md). The listing syncs them meanwhile"
         )
-        self.log.error("queue misses the bucket's events", objects=n, examples=examples)
-        await self.report(problem)
+        self.hints.log.error("queue misses the bucket's events", objects=n, examples=examples)
+        await self.hints.report(problem)

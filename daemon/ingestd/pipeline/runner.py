@@ -298,6 +298,9 @@ class WatchRunner:
 
     def hint_changed(self, relpaths: Sequence[str]) -> None:
         """The sync step saw these files change under it: look again."""
+        if self.queue_hints is not None:
+            self.queue_hints.look_again(relpaths)  # a HEAD each, not a listing of the prefix
+            return
         if not self.events:
             self.request_rescan()  # a listing is the only way to look at an object
         for rel in relpaths:
