@@ -17,7 +17,7 @@ from ingestd.core.rawnames import to_os
 from ingestd.core.regular import NotRegularFile, open_regular
 from ingestd.pipeline.hashing import hash_checked
 from ingestd.sources import open_source
-from ingestd.sources.local import LocalFolderSource
+from ingestd.sources.local import DEEP_RESCANS, LocalFolderSource
 from ingestd.sources.local_poll import DirMemory, WatchMode, choose_mode
 from ingestd.sources.mounts import Mount
 
@@ -162,8 +162,8 @@ def test_folders_not_met_are_forgotten_and_a_failed_pass_starts_over() -> None:
 class Pass:
     """Scans of a polled LocalFolderSource; records the folders each one listed."""
 
-    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.src = LocalFolderSource(root, mode=WatchMode(True, "test"), rescan=600)
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch, *, polled: bool = True) -> None:
+        self.src = LocalFolderSource(root, mode=WatchMode(polled, "test"), rescan=600)
         self.clock = Clock()
         assert self.src._memory is not None
         self.src._memory._clock = self.clock
@@ -172,7 +172,8 @@ class Pass:
         real = os.scandir
 
         def scandir(path: Any) -> Any:
-            self.listed.append(os.path.relpath(path, root))
+            if isinstance(path, str):  # the walk's; watchdog's own (bytes) are not counted
+                self.listed.append(os.path.relpath(path, root))
             return real(path)
 
         monkeypatch.setattr("ingestd.sources.local.os.scandir", scandir)
@@ -236,6 +237,41 @@ def test_a_new_folder_below_a_skipped_one_is_found(
     (tmp_path / "a" / "deep" / "new" / "x.dat").write_bytes(b"x")
     assert p.run() == (["a/deep/new/x.dat"], [])
     assert sorted(p.listed) == ["a/deep", "a/deep/new"]
+
+
+def test_with_events_a_timer_rescan_skips_unchanged_folders_until_events_are_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify reports in-place rewrites, so a timer rescan of an events watch lists
+    only folders whose mtime moved, every folder each DEEP_RESCANS rescans, and every
+    folder after events were lost or while no observer ran."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.dat").write_bytes(b"1")
+    p = Pass(tmp_path, monkeypatch, polled=False)
+    assert p.src.features.events
+    assert p.run() == (["a/1.dat"], [])
+    p.run()
+    assert p.run() == ([], []) and p.listed == []
+    (tmp_path / "a" / "2.dat").write_bytes(b"2")
+    assert p.run() == (["a/2.dat"], []) and p.listed == ["a"]
+
+    lost: list[str] = []
+    p.src.start(lambda *_: None, lambda: lost.append("overflow"))
+    try:
+        assert sorted(p.run()[0]) == [] and sorted(p.listed) == [".", "a"]  # observer new
+        p.run()
+        assert p.run() == ([], []) and p.listed == []
+        p.src._events_lost()  # what the observer's handler calls on EventsLostEvent
+        assert lost == ["overflow"]
+        p.run()
+        assert sorted(p.listed) == [".", "a"]  # events were lost: everything listed
+    finally:
+        p.src.stop()
+    p.run()
+    assert p.run() == ([], []) and p.listed == []
+    p.clock.now += 600 * DEEP_RESCANS
+    p.run()
+    assert sorted(p.listed) == [".", "a"]  # the deep rescan
 
 
 # --- names that are not UTF-8 ------------------------------------------------------------
