@@ -27,6 +27,7 @@ import pytest
 from tests.support.daemon import Env, log_lines, sha256_digest, synced_lines
 from tests.support.emulators import REGION, AzureEmulator, S3Emulator, unique_name
 from tests.support.need import need
+from tests.support.notifications import notified_bucket, sqs_client, visible_messages
 from tests.support.services import ENV_AZURE_QUEUE_ENDPOINT
 from tests.support.wait import wait_for
 
@@ -38,38 +39,6 @@ def s3(s3_emulator: S3Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3E
     for k, v in s3_emulator.env.items():
         monkeypatch.setenv(k, v)
     yield s3_emulator
-
-
-def sqs_client(emu: S3Emulator, key: tuple[str, str] | None = None) -> Any:
-    access, secret = key or (emu.access_key, emu.secret_key)
-    return boto3.client(
-        "sqs",
-        endpoint_url=emu.endpoint,
-        region_name=REGION,
-        aws_access_key_id=access,
-        aws_secret_access_key=secret,
-    )
-
-
-def notified_bucket(emu: S3Emulator, visibility: int = 2) -> tuple[str, str]:
-    """A bucket whose ObjectCreated/ObjectRemoved events go to a new SQS queue."""
-    bucket = emu.create_bucket()
-    sqs = sqs_client(emu)
-    url = sqs.create_queue(
-        QueueName=unique_name("q"), Attributes={"VisibilityTimeout": str(visibility)}
-    )["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    emu.client().put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [
-                {"QueueArn": arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"]}
-            ]
-        },
-    )
-    return bucket, url
 
 
 def queue_watch(emu: Any, bucket: str, queue: str, **kw: Any) -> dict[str, Any]:
@@ -93,16 +62,6 @@ def listings(env: Env) -> int:
 def digest_of(env: Env, key: str) -> str | None:
     item = env.items_by_key().get(key)
     return item["slots"][0]["files"][0]["digest"] if item else None
-
-
-def visible_messages(emu: S3Emulator, url: str) -> int:
-    attrs = sqs_client(emu).get_queue_attributes(
-        QueueUrl=url,
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-    )["Attributes"]
-    return int(attrs["ApproximateNumberOfMessages"]) + int(
-        attrs["ApproximateNumberOfMessagesNotVisible"]
-    )
 
 
 def test_sqs_notified_watch_syncs_new_overwritten_and_deleted_objects(

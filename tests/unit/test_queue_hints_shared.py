@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 from ingestd.config import Watch, parse_bucket_url
-from ingestd.ledger import AsyncLedger, LedgerAt, op_drop_hint, op_note_hints, op_take_hints
+from ingestd.ledger import (
+    AsyncLedger,
+    LedgerAt,
+    op_drop_hint,
+    op_hinted,
+    op_note_hints,
+    op_take_hints,
+)
 from ingestd.pipeline.queue_hints import QueueHints
 from ingestd.pipeline.runner import WatchRunner
 from ingestd.sources.bucket_poll import StoreHandle
@@ -126,6 +133,7 @@ async def test_a_rows_stamp_only_rises_so_an_earlier_look_cannot_drop_a_later_no
     assert await write(op_note_hints("b", [("z", "created", None, None, 1.0)], 300)) == {"z": 300}
     old = await write(op_take_hints("b", noted_before=250))
     assert [(r.relpath, r.noted) for r in old] == [("a", 201)]
+    assert await write(op_hinted("b", ["a", "z", "y"])) == {"a", "z"}
     assert await write(op_drop_hint("b", "a", 201))
     assert daemon.rows() == ["z"]
 

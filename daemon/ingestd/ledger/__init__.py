@@ -33,6 +33,7 @@ from ingestd.ledger.hints import (
     HintRow,
     op_clear_queue_problem,
     op_drop_hint,
+    op_hinted,
     op_note_hints,
     op_take_hints,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "key_conflict_reason",
     "op_clear_queue_problem",
     "op_drop_hint",
+    "op_hinted",
     "op_note_hints",
     "op_plan_settled",
     "op_switch_backend",

@@ -104,6 +104,25 @@ def op_take_hints(
     return op
 
 
+def op_hinted(watch: str, relpaths: Sequence[str]) -> Callable[[sqlite3.Connection], set[str]]:
+    """Of `relpaths`, those with a hint row now: named by a message some daemon
+    received and has not planned yet."""
+
+    def op(conn: sqlite3.Connection) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(relpaths), 500):
+            part = list(relpaths[i : i + 500])
+            marks = ", ".join("?" * len(part))
+            rows = conn.execute(
+                f"SELECT relpath FROM hints WHERE watch = ? AND relpath IN ({marks})",
+                (watch, *part),
+            ).fetchall()
+            found.update(r[0] for r in rows)
+        return found
+
+    return op
+
+
 def op_drop_hint(watch: str, relpath: str, noted: int) -> Callable[[sqlite3.Connection], bool]:
     """Forget a hint that was looked at, unless it was noted again after `noted`."""
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from ingestd.ledger import (
     Ledger,
     op_clear_queue_problem,
     op_drop_hint,
+    op_hinted,
     op_note_hints,
     op_take_hints,
 )
@@ -354,8 +356,8 @@ class QueueJudge:
     With a shared ledger the messages spread over the daemons, and this one knows only
     those it received; a key another daemon was named is in the ledger once planned, so
     the listing finds it new only while that daemon has not planned it yet. There an
-    object counts only if it was already older than the grace when listed: every daemon
-    had that long to plan it."""
+    object counts only if it was already older than the grace when listed (every daemon
+    had that long to plan it) and has no hint row when judged (no daemon holds it)."""
 
     def __init__(self, hints: QueueHints) -> None:
         self.hints = hints
@@ -378,7 +380,9 @@ class QueueJudge:
         """A listing found these new or changed: those written since the queue was
         first read that no message named are suspects, judged by `pass_done` once
         their message can no longer be merely late."""
-        since = self.feed.started_at
+        # S3 gives last-modified in whole seconds, truncated: an object written in the
+        # second the queue was first read may look older than that moment.
+        since = math.floor(self.feed.started_at)
         young = time.time() - UNANNOUNCED_GRACE - self.settle if self.shared else None
         held = self.hints.noted
         for e in changed:
@@ -399,6 +403,14 @@ class QueueJudge:
         judged = [k for k, t in self._suspects.items() if t <= upto]
         for k in judged:
             del self._suspects[k]
+        if judged and self.shared:
+            # Named to another daemon, which has not planned it yet.
+            r = self.hints.runner
+            try:
+                hinted = await r.ledger.write(op_hinted(r.watch.name, judged))
+            except Exception:  # the ledger's own problem is shown; judge at the next pass
+                return
+            judged = [k for k in judged if k not in hinted]
         n, examples = len(judged), judged[:3]
         if not n:
             await self.hints.report(None)
