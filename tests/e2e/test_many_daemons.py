@@ -17,8 +17,18 @@ Two variants:
 Scaled down from the issue's 20,000 objects to N = 3,000 in CI (listing 81 s, queue
 ~100 s here): moto writes a few hundred objects a second while three daemons, the
 server and PostgreSQL share the two cores, and the suite must stay within 15 minutes.
-INGESTD_MANY_OBJECTS=20000 runs the queue variant at the issue's size (not in CI); run
-once on 2026-12-05: see RUN_20K below.
+INGESTD_MANY_OBJECTS=20000 runs the queue variant at the issue's size (not in CI). Run
+once, 2026-12-05 (commit d9f134a, load average 5-9 from other sessions' tests): 1,063 s
+in all; every live object one item with its digest, the deleted ones deleted, 18,817
+digests delivered, 3 of them twice (the killed daemon's in flight), every message
+deleted, every hint row dropped; it FAILED the last check: status named the queue "not
+receiving" for 92 objects. moto's SQS receive costs O(queue length) (0.7 ms per queued
+message, ~1.5 s a receive at 3,000 queued), so messages lagged minutes behind the
+writes; the one listing (by the daemon that took the lease over, itself minutes long
+under backpressure) found objects older than the 30 s grace that no daemon had planned
+yet, and by the end of the pass the daemon that got their messages had planned them
+and dropped the rows. The judgement needs a shared record of named keys that outlives
+the rows (see docs/bucket-events.md); at 3,000 the queue keeps up and the check holds.
 """
 
 from __future__ import annotations
@@ -46,7 +56,6 @@ from tests.support.wait import wait_for
 
 N_LISTING = 3000
 N_QUEUE = int(os.environ.get("INGESTD_MANY_OBJECTS") or 3000)
-RUN_20K = "(not yet run)"
 LEASE = "5s"  # short, so the killed daemon's claims and listing move on quickly
 # The queue variant's: 5 s is shorter than a live daemon's stalls here (two cores, three
 # daemons, moto, PostgreSQL, the server): a lease that lapsed while its item was in
