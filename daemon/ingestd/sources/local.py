@@ -62,7 +62,9 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 # With events, every DEEP_RESCANS-th timer rescan lists every folder (at the default
-# `rescan: 10m`, hourly: Syncthing's full rescan interval with its watcher on).
+# `rescan: 10m`, hourly: Syncthing's full rescan interval with its watcher on). At a
+# million files a full pass is ~7 s of CPU: every 10 min that was 1.15 % of a core for
+# an idle daemon; a pass of unchanged folders costs 0.025x that (bench/rescan.py).
 DEEP_RESCANS = 6
 # Chunks of changed files (1,000 each) the walk thread may be ahead of the pass by: it
 # lists far faster than files are settled and planned, and a first pass of a million
@@ -184,9 +186,7 @@ class LocalFolderSource:
     lists everything every `rescan` seconds, where an in-place rewrite in an unchanged
     folder is found. With events, inotify reports such rewrites (close-after-write), so
     a timer rescan may skip too and lists everything every DEEP_RESCANS rescans; after
-    lost events (an overflow) or a (re)started observer the next pass lists everything.
-    At a million files a full pass is ~7 s of CPU: every 10 min that was 1.15 % of a
-    core for an idle daemon, the folder-level pass a fraction of it."""
+    lost events (an overflow) or a (re)started observer the next pass lists everything."""
 
     def __init__(
         self,
