@@ -212,6 +212,20 @@ async def test_healthz_status_and_addr_file(served: tuple[Daemon, ControlServer,
     assert info["kind"] == "daemon" and info["watches"] == ["w"] and info["retry"] is True
 
 
+async def test_status_is_cached_for_dashboards_and_fresh_on_request(
+    served: tuple[Daemon, ControlServer, str],
+) -> None:
+    """Dashboards poll /api/status and share a report up to a second old; `ingestd
+    status` asks `?fresh=1` so that it never shows what was true before a retry."""
+    d, _, base = served
+    before = await get_json(f"{base}/api/status")
+    assert before["watches"][0]["failed"] == 1
+    await d.ledger.call(d.ledger.sync.retry, "w", None, None)  # failed → pending
+    # Within STATUS_TTL of the first request a plain one would answer 1 from the cache.
+    fresh = await get_json(f"{base}/api/status?fresh=1")
+    assert fresh["watches"][0]["failed"] == 0
+
+
 async def test_items_recent_and_failed(served: tuple[Daemon, ControlServer, str]) -> None:
     _, _, base = served
     items = (await get_json(f"{base}/api/items"))["items"]

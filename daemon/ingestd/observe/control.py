@@ -286,16 +286,16 @@ class ControlServer:
             }
         )
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, *, fresh: bool = False) -> dict[str, Any]:
         async with self._status_lock:
             now = time.monotonic()
-            if self._status is None or now - self._status[0] >= STATUS_TTL:
+            if fresh or self._status is None or now - self._status[0] >= STATUS_TTL:
                 data = await asyncio.to_thread(self.target.status_json)
                 self._status = (time.monotonic(), data)
             return self._status[1]
 
     async def _api_status(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.status())
+        return web.json_response(await self.status(fresh=request.query.get("fresh") == "1"))
 
     async def _api_activity(self, request: web.Request) -> web.Response:
         t = self.target

@@ -175,7 +175,9 @@ def live_status(
         host, _, port = rest.rpartition(":")
         conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
     try:
-        conn.request("GET", "/api/status", headers={"Accept": "application/json"})
+        # fresh: `status` right after `retry` or an edit must not read a dashboard's
+        # cached second-old report.
+        conn.request("GET", "/api/status?fresh=1", headers={"Accept": "application/json"})
         response = conn.getresponse()
         body = response.read()
         if response.status != 200:
