@@ -285,22 +285,26 @@ def start_s3(auth: bool = True, *, log_dir: Path | None = None, own_group: bool 
 # --- Azure: Azurite --------------------------------------------------------------------------
 
 
-def start_azure(*, log_dir: Path | None = None, own_group: bool = True) -> Service:
-    t0 = time.monotonic()
-    if not AZURITE_BIN.exists():
+def _start_azurite(
+    name: str, binary: Path, service: str, *, log_dir: Path | None, own_group: bool
+) -> tuple[Service, str]:
+    """One of Azurite's services (`service`: blob or queue) on a free port, in memory;
+    (the running service, its endpoint http://127.0.0.1:PORT/devstoreaccount1)."""
+    if not binary.exists():
         raise ServiceError(
-            f"no Azurite at {AZURITE_BIN}: `bash .ci/run` installs it "
+            f"no Azurite {service} service at {binary}: `bash .ci/run` installs it "
             f"(npm install --prefix {NPM_PREFIX} azurite)"
         )
+    t0 = time.monotonic()
     # in-memory persistence: the cwd only catches stray files
-    workdir = str(log_dir) if log_dir is not None else tempfile.mkdtemp(prefix="ingestd-azurite-")
+    workdir = str(log_dir) if log_dir is not None else tempfile.mkdtemp(prefix=f"ingestd-{name}-")
     proc, port = _start(
-        "azurite",
+        name,
         lambda p: [
-            str(AZURITE_BIN),
-            "--blobHost",
+            str(binary),
+            f"--{service}Host",
             "127.0.0.1",
-            "--blobPort",
+            f"--{service}Port",
             str(p),
             "--inMemoryPersistence",
             "--skipApiVersionCheck",
@@ -319,7 +323,15 @@ def start_azure(*, log_dir: Path | None = None, own_group: bool = True) -> Servi
         cwd=workdir,
     )
     endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
-    return Service("azurite", endpoint, {ENV_AZURE_ENDPOINT: endpoint}, time.monotonic() - t0, proc)
+    return Service(name, endpoint, {}, time.monotonic() - t0, proc), endpoint
+
+
+def start_azure(*, log_dir: Path | None = None, own_group: bool = True) -> Service:
+    svc, endpoint = _start_azurite(
+        "azurite", AZURITE_BIN, "blob", log_dir=log_dir, own_group=own_group
+    )
+    svc.env[ENV_AZURE_ENDPOINT] = endpoint
+    return svc
 
 
 # --- Azure queues: Azurite's queue service -----------------------------------------------------
@@ -333,37 +345,11 @@ def start_azure_queue(*, log_dir: Path | None = None, own_group: bool = True) ->
     """Azurite's queue service beside its blob service, for bucket event queues
     (tests/e2e/test_bucket_events.py). Azurite has no Event Grid: tests write the
     Event Grid messages into the queue themselves."""
-    t0 = time.monotonic()
-    queue_bin = AZURITE_QUEUE_BIN
-    if not queue_bin.exists():
-        raise ServiceError(f"no Azurite queue service at {queue_bin}: `bash .ci/run` installs it")
-    workdir = str(log_dir) if log_dir is not None else tempfile.mkdtemp(prefix="ingestd-azq-")
-    proc, port = _start(
-        "azurite-queue",
-        lambda p: [
-            str(queue_bin),
-            "--queueHost",
-            "127.0.0.1",
-            "--queuePort",
-            str(p),
-            "--inMemoryPersistence",
-            "--skipApiVersionCheck",
-            "--loose",
-            "--disableTelemetry",
-            "--silent",
-        ],
-        lambda p: (
-            lambda: http_answers(
-                f"http://127.0.0.1:{p}/{AZURITE_ACCOUNT}?comp=list", ok=(200, 400, 401, 403)
-            )
-        ),
-        log_dir=log_dir,
-        own_group=own_group,
-        cwd=workdir,
+    svc, endpoint = _start_azurite(
+        "azurite-queue", AZURITE_QUEUE_BIN, "queue", log_dir=log_dir, own_group=own_group
     )
-    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
-    env = {ENV_AZURE_QUEUE_ENDPOINT: endpoint}
-    return Service("azurite-queue", endpoint, env, time.monotonic() - t0, proc)
+    svc.env[ENV_AZURE_QUEUE_ENDPOINT] = endpoint
+    return svc
 
 
 # --- GCS: fake-gcs-server ---------------------------------------------------------------------
