@@ -10,6 +10,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ingestd.core.model import Entry, ItemPlan
@@ -26,7 +27,7 @@ from ingestd.ledger.db import (
     setting,
 )
 from ingestd.ledger.model import Claim, ConflictCheck, TypeOf
-from ingestd.ledger.reads import key_owner
+from ingestd.ledger.reads import key_holders, meta_types_of, plan_rows
 
 # What every outcome op adds. The claim's lease ends with its outcome, and the outcome
 # applies only while this daemon still holds it: a daemon that stalled past its lease
@@ -47,6 +48,25 @@ def _said(text: str | None) -> str | None:
 # -- what items should be (planning) -----------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class PlanFailure:
+    """Files that could not be turned into an item (a bad sidecar, an unreadable
+    header): what op_plan_failed records, as one element of op_apply_plans."""
+
+    source_id: str
+    key: str
+    fingerprint: str
+    reason: str
+
+
+# One element of a planning result: a plan, a failed plan, or None (entries alone:
+# sidecars, files of items planned elsewhere), with the entries to record either way.
+Planning = tuple[ItemPlan | PlanFailure | None, Sequence[tuple[Entry, str]]]
+# What op_apply_plans returns per element: 'unchanged', 'pending' or 'failed' (None for
+# entries alone), and the reason of a failure.
+PlanResult = tuple[str | None, str | None]
+
+
 def op_apply_plan(
     watch: str,
     dataset: str,
@@ -57,42 +77,43 @@ def op_apply_plan(
     now: float,
 ) -> Callable[[sqlite3.Connection], str]:
     """Record what an item should now be. Returns 'unchanged', 'pending' or 'failed'."""
+    batch = op_apply_plans(watch, dataset, [(plan, entries)], check_types, type_of, now)
 
     def op(conn: sqlite3.Connection) -> str:
-        _put_entries(conn, watch, entries)
-        row = conn.execute(
-            "SELECT desired_fp, status, dataset FROM items WHERE watch=? AND source_id=?",
-            (watch, plan.source_id),
-        ).fetchone()
-        # The dataset is the watch's, not part of the plan: an edit of it is a change.
-        if row and row[0] == plan.fingerprint and row[1] != DELETED and row[2] == dataset:
-            return "unchanged"
-        error, kind = _plan_problem(conn, watch, dataset, plan, check_types, type_of)
-        status = FAILED if error else PENDING
-        conn.execute(
-            "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
-            " attempts, next_attempt, last_error, error_kind, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
-            " ON CONFLICT (watch, source_id) DO UPDATE SET dataset=excluded.dataset,"
-            " key=excluded.key, plan=excluded.plan, desired_fp=excluded.desired_fp,"
-            " status=excluded.status, attempts=0, next_attempt=excluded.next_attempt,"
-            " last_error=excluded.last_error, error_kind=excluded.error_kind,"
-            " updated_at=excluded.updated_at",
-            (
-                watch,
-                plan.source_id,
-                dataset,
-                plan.key,
-                plan.dumps(),
-                plan.fingerprint,
-                status,
-                now,
-                error,
-                kind,
-                now,
-            ),
-        )
-        return status
+        result = batch(conn)[0][0]
+        assert result is not None
+        return result
+
+    return op
+
+
+def op_apply_plans(
+    watch: str,
+    dataset: str,
+    planned: Sequence[Planning],
+    check_types: ConflictCheck,
+    type_of: TypeOf,
+    now: float,
+) -> Callable[[sqlite3.Connection], list[PlanResult]]:
+    """Record a planning result, in a few statements whatever its size: against
+    PostgreSQL every statement is a round trip, and one per plan made planning the
+    slowest part of a sync. Each element's result is exactly what op_apply_plan and
+    op_plan_failed, run in the batch's order, would have returned and written: the rows
+    the batch touches, the live holders of the keys it claims and the metadata types
+    it uses are read once, the conflicts are decided in order in Python over them (a
+    plan sees the plans before it, so two claiming one key conflict as they would in
+    sequence), and the writes go out as one executemany per table."""
+
+    def op(conn: sqlite3.Connection) -> list[PlanResult]:
+        if entries := [e for _, es in planned for e in es]:
+            _put_entries(conn, watch, entries)
+        batch = _PlanBatch(conn, watch, dataset, [p for p, _ in planned if p is not None])
+        results = [
+            batch.record(p, check_types, type_of, now) if p is not None else (None, None)
+            for p, _ in planned
+        ]
+        batch.write(conn)
+        return results
 
     return op
 
@@ -112,13 +133,7 @@ def op_plan_failed(
     def op(conn: sqlite3.Connection) -> str:
         _put_entries(conn, watch, entries)
         conn.execute(
-            "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
-            " attempts, next_attempt, last_error, error_kind, updated_at)"
-            " VALUES (?, ?, ?, ?, NULL, ?, 'failed', 1, ?, ?, 'plan', ?)"
-            " ON CONFLICT (watch, source_id) DO UPDATE SET key=excluded.key,"
-            " desired_fp=excluded.desired_fp, status='failed', attempts=attempts+1,"
-            " last_error=excluded.last_error, error_kind='plan', updated_at=excluded.updated_at",
-            (watch, source_id, dataset, key, fingerprint, now, _said(reason), now),
+            _FAILED_UPSERT, (watch, source_id, dataset, key, fingerprint, now, _said(reason), now)
         )
         return FAILED
 
@@ -432,48 +447,169 @@ def _put_entries(
     )
 
 
-def _plan_problem(
-    conn: sqlite3.Connection,
-    watch: str,
-    dataset: str,
-    plan: ItemPlan,
-    check_types: ConflictCheck,
-    type_of: TypeOf,
-) -> tuple[str | None, str | None]:
-    owner = key_owner(conn, dataset, plan.key, watch, plan.source_id)
-    if owner:
-        return key_conflict_reason(plan.key, plan.source_id, owner), "conflict"
-    keys = list(plan.metadata)
-    if keys:
-        known: dict[str, tuple[str, str]] = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            known.update(
-                (k, (t, item))
-                for k, t, item, shared in conn.execute(
-                    "SELECT key, type, item, shared FROM meta_types WHERE dataset=? AND key IN"
-                    f" ({','.join('?' * len(chunk))})",
-                    (dataset, *chunk),
+_PLAN_UPSERT = (
+    "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
+    " attempts, next_attempt, last_error, error_kind, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+    " ON CONFLICT (watch, source_id) DO UPDATE SET dataset=excluded.dataset,"
+    " key=excluded.key, plan=excluded.plan, desired_fp=excluded.desired_fp,"
+    " status=excluded.status, attempts=0, next_attempt=excluded.next_attempt,"
+    " last_error=excluded.last_error, error_kind=excluded.error_kind,"
+    " updated_at=excluded.updated_at"
+)
+# `items.attempts`: PostgreSQL reads a bare `attempts` as ambiguous (the row's or
+# `excluded`'s) and refused the whole statement, so no failed plan was ever recorded.
+_FAILED_UPSERT = (
+    "INSERT INTO items (watch, source_id, dataset, key, plan, desired_fp, status,"
+    " attempts, next_attempt, last_error, error_kind, updated_at)"
+    " VALUES (?, ?, ?, ?, NULL, ?, 'failed', 1, ?, ?, 'plan', ?)"
+    " ON CONFLICT (watch, source_id) DO UPDATE SET key=excluded.key,"
+    " desired_fp=excluded.desired_fp, status='failed', attempts=items.attempts+1,"
+    " last_error=excluded.last_error, error_kind='plan', updated_at=excluded.updated_at"
+)
+# Relative to the row as it is when it runs, so the batch's rows go through it in
+# order, as the plans' own upserts did one at a time.
+_META_UPSERT = (
+    "INSERT INTO meta_types (dataset, key, type, item) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (dataset, key) DO UPDATE SET"
+    " type=CASE WHEN meta_types.shared = 0 AND meta_types.item = excluded.item"
+    "   THEN excluded.type ELSE meta_types.type END,"
+    " shared=CASE WHEN meta_types.item != excluded.item THEN 1 ELSE meta_types.shared END"
+)
+
+
+class _PlanBatch:
+    """op_apply_plans' view of the rows its batch touches, kept as the batch's writes
+    would leave them: the batch's items (source_id → desired_fp, status, dataset, key,
+    error_kind), the live holders of the keys it claims, the metadata types it uses."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        watch: str,
+        dataset: str,
+        plans: Sequence[ItemPlan | PlanFailure],
+    ) -> None:
+        self.watch, self.dataset = watch, dataset
+        sids = [p.source_id for p in plans]
+        self.rows = plan_rows(conn, watch, sids)
+        # Plans whose row says 'unchanged' need nothing more, unless an item comes twice
+        # (the second then meets the first one's write, not this row).
+        items = [p for p in plans if isinstance(p, ItemPlan)]
+        if len(set(sids)) == len(sids):
+            items = [p for p in items if not self._unchanged(p)]
+        self.holders = key_holders(conn, dataset, sorted({p.key for p in items}))
+        self.types = meta_types_of(conn, dataset, sorted({k for p in items for k in p.metadata}))
+        # Writes in rounds: a round holds each item once, so its rows go out in any
+        # order; an item's second write (it came twice) waits for the next round.
+        self.rounds: list[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]] = []
+        self.seen: dict[str, int] = {}
+        self.meta_writes: list[tuple[str, str, str, str]] = []
+
+    def _unchanged(self, plan: ItemPlan) -> bool:
+        row = self.rows.get(plan.source_id)
+        # The dataset is the watch's, not part of the plan: an edit of it is a change.
+        return bool(
+            row and row[0] == plan.fingerprint and row[1] != DELETED and row[2] == self.dataset
+        )
+
+    def record(
+        self, p: ItemPlan | PlanFailure, check_types: ConflictCheck, type_of: TypeOf, now: float
+    ) -> PlanResult:
+        n = self.seen[p.source_id] = self.seen.get(p.source_id, -1) + 1
+        if n == len(self.rounds):
+            self.rounds.append(([], []))
+        plans, failures = self.rounds[n]
+        if isinstance(p, PlanFailure):
+            row = self.rows.get(p.source_id)
+            failures.append(
+                (
+                    self.watch,
+                    p.source_id,
+                    self.dataset,
+                    p.key,
+                    p.fingerprint,
+                    now,
+                    _said(p.reason),
+                    now,
                 )
-                # an item may change the type of a key that no other item has used yet
-                if shared or item != plan.key
             )
+            # On conflict the row keeps its dataset (see _FAILED_UPSERT).
+            self._moved(
+                p.source_id, (p.fingerprint, FAILED, row[2] if row else self.dataset, p.key, "plan")
+            )
+            return FAILED, p.reason
+        if self._unchanged(p):
+            return "unchanged", None
+        error, kind = self._problem(p, check_types, type_of)
+        status = FAILED if error else PENDING
+        plans.append(
+            (
+                self.watch,
+                p.source_id,
+                self.dataset,
+                p.key,
+                p.dumps(),
+                p.fingerprint,
+                status,
+                now,
+                error,
+                kind,
+                now,
+            )
+        )
+        self._moved(p.source_id, (p.fingerprint, status, self.dataset, p.key, kind))
+        return status, error
+
+    def _moved(self, sid: str, row: tuple[Any, ...]) -> None:
+        """The item's row is now `row`: it holds its new key (unless it failed for a
+        conflict, as reads.key_owner counts holders) and no longer its old one."""
+        old = self.rows.get(sid)
+        me = (self.watch, sid)
+        if old is not None:
+            self.holders.get((old[2], old[3]), {}).pop(me, None)
+        if row[4] != "conflict":
+            self.holders.setdefault((row[2], row[3]), {})[me] = None
+        self.rows[sid] = row
+
+    def _problem(
+        self, plan: ItemPlan, check_types: ConflictCheck, type_of: TypeOf
+    ) -> tuple[str | None, str | None]:
+        me = (self.watch, plan.source_id)
+        owner = next((h for h in self.holders.get((self.dataset, plan.key), {}) if h != me), None)
+        if owner:
+            return key_conflict_reason(plan.key, plan.source_id, owner), "conflict"
+        if not plan.metadata:
+            return None, None
+        known = {
+            k: (m[0], m[1])
+            for k in plan.metadata
+            # an item may change the type of a key that no other item has used yet
+            if (m := self.types.get(k)) is not None and (m[2] or m[1] != plan.key)
+        }
         conflicts = check_types(plan.metadata, known)
         if conflicts:
             return "; ".join(conflicts), "metadata"
-        conn.executemany(
-            "INSERT INTO meta_types (dataset, key, type, item) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (dataset, key) DO UPDATE SET"
-            " type=CASE WHEN meta_types.shared = 0 AND meta_types.item = excluded.item"
-            "   THEN excluded.type ELSE meta_types.type END,"
-            " shared=CASE WHEN meta_types.item != excluded.item THEN 1 ELSE meta_types.shared END",
-            [
-                (dataset, k, t, plan.key)
-                for k, v in plan.metadata.items()
-                if (t := type_of(v)) is not None
-            ],
-        )
-    return None, None
+        for k, v in plan.metadata.items():
+            if (t := type_of(v)) is None:
+                continue
+            self.meta_writes.append((self.dataset, k, t, plan.key))
+            m = self.types.get(k)
+            if m is None:
+                self.types[k] = (t, plan.key, 0)
+            else:  # as _META_UPSERT does it
+                same = m[1] == plan.key
+                self.types[k] = (t if same and not m[2] else m[0], m[1], m[2] if same else 1)
+        return None, None
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        if self.meta_writes:
+            conn.executemany(_META_UPSERT, self.meta_writes)
+        for plans, failures in self.rounds:
+            if plans:
+                conn.executemany(_PLAN_UPSERT, plans)
+            if failures:
+                conn.executemany(_FAILED_UPSERT, failures)
 
 
 def key_conflict_reason(key: str, source_id: str, owner: tuple[str, str]) -> str:

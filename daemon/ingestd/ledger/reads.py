@@ -209,6 +209,63 @@ def item_row(conn: sqlite3.Connection, watch: str, source_id: str) -> dict[str, 
     return None if row is None else _row_dict(cur, row)
 
 
+def plan_rows(
+    conn: sqlite3.Connection, watch: str, source_ids: Sequence[str]
+) -> dict[str, tuple[Any, ...]]:
+    """source_id → (desired_fp, status, dataset, key, error_kind) of those items of
+    `watch` that exist: what planning compares a batch of plans with."""
+    out: dict[str, tuple[Any, ...]] = {}
+    wanted = sorted(set(source_ids))
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        out.update(
+            (sid, tuple(rest))
+            for sid, *rest in conn.execute(
+                "SELECT source_id, desired_fp, status, dataset, key, error_kind FROM items"
+                f" WHERE watch=? AND source_id IN ({_in(len(chunk))})",
+                (watch, *chunk),
+            )
+        )
+    return out
+
+
+def key_holders(
+    conn: sqlite3.Connection, dataset: str, keys: Sequence[str]
+) -> dict[tuple[str, str], dict[tuple[str, str], None]]:
+    """(dataset, key) → the live items holding that key, as an ordered set of (watch,
+    source_id): key_owner's rule for many keys in one statement per 500."""
+    out: dict[tuple[str, str], dict[tuple[str, str], None]] = {}
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+        for key, w, sid in conn.execute(
+            "SELECT key, watch, source_id FROM items WHERE dataset=?"
+            f" AND key IN ({_in(len(chunk))}) AND status != 'deleted'"
+            " AND coalesce(error_kind, '') != 'conflict' ORDER BY key, watch, source_id",
+            (dataset, *chunk),
+        ):
+            out.setdefault((dataset, key), {})[(w, sid)] = None
+    return out
+
+
+def meta_types_of(
+    conn: sqlite3.Connection, dataset: str, keys: Sequence[str]
+) -> dict[str, tuple[str, str, int]]:
+    """Metadata key → (type, the item that set it first, whether other items use it)
+    of those of `keys` the dataset has seen."""
+    out: dict[str, tuple[str, str, int]] = {}
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+        out.update(
+            (k, (t, item, int(shared)))
+            for k, t, item, shared in conn.execute(
+                "SELECT key, type, item, shared FROM meta_types WHERE dataset=?"
+                f" AND key IN ({_in(len(chunk))})",
+                (dataset, *chunk),
+            )
+        )
+    return out
+
+
 def key_owner(
     conn: sqlite3.Connection, dataset: str, key: str, watch: str, source_id: str
 ) -> tuple[str, str] | None:

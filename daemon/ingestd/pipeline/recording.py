@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ingestd.ledger import Ledger
+from ingestd.ledger.ops import PlanFailure, Planning, op_apply_plans
 from ingestd.pipeline.planner import PlanBatch, failed_fingerprint
 from ingestd.plan.metadata import type_conflicts, value_type
 
@@ -15,39 +16,30 @@ if TYPE_CHECKING:
 
 
 async def record_plans(runner: WatchRunner, batch: PlanBatch) -> None:
-    """Write a planning result to the ledger and log the items that failed."""
+    """Write a planning result to the ledger and log the items that failed. The whole
+    batch is one op of a few statements (op_apply_plans), not one op per item: with a
+    shared PostgreSQL ledger every statement is a round trip."""
     now = time.time()
     w = runner.watch
     ledger = runner.ledger
-    ops = []
+    planned: list[Planning] = []
     for p in batch.planned:
         if p.plan is not None:
-            ops.append(
-                Ledger.op_apply_plan(
-                    w.name, w.dataset, p.plan, p.entries, type_conflicts, value_type, now
-                )
-            )
+            planned.append((p.plan, p.entries))
         elif p.error is not None:
-            fp = failed_fingerprint(p.entries)
-            ops.append(
-                Ledger.op_plan_failed(
-                    w.name, w.dataset, p.source_id, p.key, fp, p.entries, p.error, now
-                )
-            )
+            failure = PlanFailure(p.source_id, p.key, failed_fingerprint(p.entries), p.error)
+            planned.append((failure, p.entries))
         else:
-            ops.append(Ledger.op_put_entries(w.name, p.entries))
+            planned.append((None, p.entries))
     if batch.entries_only:
-        ops.append(Ledger.op_put_entries(w.name, batch.entries_only))
+        planned.append((None, batch.entries_only))
+    ops = [op_apply_plans(w.name, w.dataset, planned, type_conflicts, value_type, now)]
     for group_dir, source_ids in batch.groups.items():
         existing = await ledger.call(ledger.sync.group_items, w.name, group_dir)
         stale = [sid for sid in existing if sid not in source_ids]
         if stale:
             ops.append(Ledger.op_drop_items(w.name, stale, w.on_delete, now))
-    results = await ledger.write_many(ops)
-    for p, result in zip(batch.planned, results, strict=False):
+    results = (await ledger.write_many(ops))[0]
+    for p, (result, reason) in zip(batch.planned, results, strict=False):
         if result == "failed":
-            reason = p.error
-            if reason is None:
-                row = await ledger.call(ledger.sync.item_row, w.name, p.source_id)
-                reason = row["last_error"] if row else None
             runner.log.error("item failed", item=p.key, source=p.source_id, reason=reason)
