@@ -103,11 +103,28 @@ def test_renewed_leases_stay_and_a_stopping_daemon_gives_its_claims_back(
     a, b = two
     plan_items(a, 2)
     mine = a.due(time.time(), 10, [], ["w"])
-    assert a.renew([(c.watch, c.source_id) for c in mine]) == 2
+    keys = [(c.watch, c.source_id) for c in mine]
+    assert a.renew(keys) == set(keys)
     nxt = b.next_due_time(["w"])
     assert nxt is not None and nxt > time.time(), "b waits for a's leases, no busy loop"
     a.close()
     assert len(b.due(time.time(), 10, [], ["w"])) == 2  # at once, not after the lease
+
+
+def test_a_lapsed_lease_taken_by_another_daemon_is_not_renewed(
+    two: tuple[Ledger, Ledger],
+) -> None:
+    """a stalls past its lease, b claims the item: a's renewal says it lost it (the pool
+    then abandons it instead of sending it a second time)."""
+    a, b = two
+    plan_items(a, 1)
+    mine = a.due(time.time(), 10, [], ["w"])
+    keys = [(c.watch, c.source_id) for c in mine]
+    assert len(keys) == 1
+    taken = wait_for(lambda: b.due(time.time(), 10, [], ["w"]), 15, what="the lease to lapse")
+    assert [(c.watch, c.source_id) for c in taken] == keys
+    assert a.renew(keys) == set(), "a no longer holds it"
+    assert b.renew(keys) == set(keys)
 
 
 def test_one_lister_per_watch_and_handover(two: tuple[Ledger, Ledger]) -> None:

@@ -45,3 +45,8 @@ class MediaError(PermanentError):
 class Abandoned(Exception):
     """The daemon is stopping and gave up this work between chunks; the item stays
     pending in the ledger and is redone on the next start."""
+
+
+class LeaseLost(Abandoned):
+    """With a shared ledger: the item's lease ran out while this daemon stalled and
+    another daemon claimed it, so this one does not send it (pipeline/leases.py)."""

@@ -214,10 +214,12 @@ class Ledger:
         claims = reads.claims_from_rows(self.conn, [r for r in rows if (r[0], r[1]) not in skip])
         return [dataclasses.replace(c, holder=self.at.holder) for c in claims]
 
-    def renew(self, keys: Sequence[tuple[str, str]]) -> int:
-        """Extend the leases of the items in flight (PostgreSQL; 0 with SQLite)."""
+    def renew(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Extend the leases of the items in flight; returns those still held, the rest
+        were taken by another daemon after their lease ran out (PostgreSQL; with SQLite
+        claims live in memory and every key is held)."""
         if not self.shared or not keys:
-            return 0
+            return set(keys)
         from ingestd.ledger import pg
 
         return pg.renew_claims(self.conn, self.at.holder, keys, time.time() + self.at.lease)

@@ -99,8 +99,11 @@ CREATE TABLE IF NOT EXISTS hints (
     size bigint,
     event_time double precision NOT NULL,
     noted bigint NOT NULL,
+    done double precision,
     PRIMARY KEY (watch, relpath)
 );
+ALTER TABLE hints ADD COLUMN IF NOT EXISTS done double precision;
+CREATE INDEX IF NOT EXISTS hints_done ON hints(watch, done) WHERE done IS NOT NULL;
 CREATE TABLE IF NOT EXISTS item_count_deltas (
     watch text COLLATE "C" NOT NULL,
     status text NOT NULL,
@@ -140,7 +143,7 @@ CREATE TABLE IF NOT EXISTS daemons (
     stopped double precision
 );
 """
-SCHEMA_VERSION = "1"  # raise with every change of _SCHEMA (it is run again then)
+SCHEMA_VERSION = "2"  # raise with every change of _SCHEMA (it is run again then)
 _SCHEMA_LOCK = 0x1A6E57D  # advisory lock: two daemons starting at once create it once
 DAEMON_FORGET = 24 * 3600.0  # a stopped or silent daemon leaves `status` after a day
 
@@ -327,15 +330,19 @@ def next_due_time(
     return min(times) if times else None
 
 
-def renew_claims(conn: PgConn, holder: str, keys: Sequence[tuple[str, str]], until: float) -> int:
-    """Extend `holder`'s leases on the items in flight; returns how many it still held."""
+def renew_claims(
+    conn: PgConn, holder: str, keys: Sequence[tuple[str, str]], until: float
+) -> set[tuple[str, str]]:
+    """Extend `holder`'s leases on the items in flight; returns the keys it still held
+    (a lease that ran out may have been claimed by another daemon meanwhile)."""
     if not keys:
-        return 0
-    return conn.execute(
+        return set()
+    rows = conn.execute(
         "UPDATE items SET lease_until=? WHERE claimed_by=? AND (watch, source_id) IN"
-        " (SELECT * FROM unnest(?::text[], ?::text[]))",
+        " (SELECT * FROM unnest(?::text[], ?::text[])) RETURNING watch, source_id",
         (until, holder, [k[0] for k in keys], [k[1] for k in keys]),
-    ).rowcount
+    ).fetchall()
+    return {(r[0], r[1]) for r in rows}
 
 
 def release_claims(conn: PgConn, holder: str) -> None:

@@ -43,6 +43,7 @@ from ingestd.core.errors import SPACE
 from ingestd.ledger import AsyncLedger, Claim, LedgerOp
 from ingestd.ledger.ops import op_wake_pending
 from ingestd.media.transform import transforms
+from ingestd.pipeline.leases import Key, Leases
 from ingestd.pipeline.outcome import Outcome, abandoned, crashed
 from ingestd.pipeline.prepare import Preparer
 from ingestd.pipeline.send import Sender, old_place
@@ -167,16 +168,6 @@ async def _record(ledger: AsyncLedger, ops: list[LedgerOp]) -> None:
         await ledger.wait_writable()
 
 
-async def _renew_leases(ledger: AsyncLedger, inflight: Callable[[], list[tuple[str, str]]]) -> None:
-    """Keep the leases of the items in flight, a shared ledger's (until cancelled)."""
-    while True:
-        await asyncio.sleep(ledger.at.lease / 3)
-        keys = inflight()
-        if keys:
-            with contextlib.suppress(Exception):  # a lost server is the ledger's problem
-                await ledger.call(ledger.sync.renew, keys)
-
-
 async def _unless_unwritable(ledger: AsyncLedger, read: Awaitable[T]) -> T | None:
     """A ledger read, or None when the ledger cannot be reached (its problem says so;
     the pool waits for it to be writable again)."""
@@ -186,6 +177,35 @@ async def _unless_unwritable(ledger: AsyncLedger, read: Awaitable[T]) -> T | Non
         if not ledger.is_unwritable(e):
             raise
         return None
+
+
+def groupable(
+    claim: Claim, limits: BatchLimits | None, side: WatchSide | None, sender: Sender
+) -> int | None:
+    """The bytes a group would move for the item, when it can go in one: a small
+    item of local files sent as they are, or bucket objects registered by URL (no
+    bytes), with no conflict to report. The common cases, which a group handles
+    with a fraction of the per-item cost; None for the rest."""
+    plan = claim.plan
+    if limits is None or plan is None or side is None or claim.key_owner:
+        return None
+    if old_place(claim) is not None:  # rare; the per-item path handles the move
+        return None
+    if not side.source.features.local_paths:
+        return 0 if sender.transfer(side) == "register" else None
+    media = side.media
+    # Images are checked (and maybe downscaled), DICOM headers checked, in one
+    # media-pool trip per group; what derives more (frames, de-identified DICOM)
+    # goes alone.
+    if media is not None and any(
+        transforms(s.type, media)
+        and s.type != "image"
+        and (s.type != "dicom" or media.dicom.deidentify)
+        for s in plan.slots
+    ):
+        return None
+    size = sum(f.size for slot in plan.slots for f in slot.files)
+    return size if size <= limits.small else None
 
 
 class SyncPool:
@@ -213,7 +233,8 @@ class SyncPool:
         self._wake = asyncio.Event()
         self._stopping = False
         self._stop_event = threading.Event()
-        self._sender = Sender(sink, self._slots)
+        self._leases = Leases(ledger, self._lost)
+        self._sender = Sender(sink, self._slots, self._leases.fence if ledger.shared else None)
         self._preparer = Preparer(self._stop_event, spool_root, self._sender.transfer)
         self._step = SyncStep(self._preparer, self._sender)
         self._hold = _Hold()
@@ -259,7 +280,7 @@ class SyncPool:
         `ingestd retry` from another process and backoff timers are picked up."""
         renew = None
         if self.ledger.shared:
-            renew = asyncio.create_task(_renew_leases(self.ledger, lambda: list(self._inflight)))
+            renew = asyncio.create_task(self._leases.run())
         try:
             await self._run(poll)
         finally:
@@ -322,9 +343,21 @@ class SyncPool:
     async def _claim(self, n: int, also: list[Claim]) -> list[Claim]:
         """Up to `n` due items, none of those in flight or in `also`."""
         exclude = list(self._inflight) + [(c.watch, c.source_id) for c in also]
-        return await self.ledger.call(
+        asked_at = time.monotonic()
+        claims = await self.ledger.call(
             self.ledger.sync.due, time.time(), n, exclude, list(self.watches)
         )
+        self._leases.claimed(claims, asked_at)
+        return claims
+
+    def _lost(self, keys: set[Key]) -> None:
+        """Another daemon has these items now: stop an upload of one of them under way.
+        A group's task is left to finish: its items are small, and the fence kept the
+        lost ones out of its sink call."""
+        for k in keys:
+            task = self._inflight.get(k)
+            if task is not None and sum(t is task for t in self._inflight.values()) == 1:
+                task.cancel()
 
     def _dispatch(self, claims: list[Claim]) -> None:
         """A task per claim, or per group of small items for a sink that takes groups."""
@@ -333,7 +366,7 @@ class SyncPool:
         group_bytes = 0
         for claim in claims:
             self._busy += 1
-            size = self._groupable(claim, limits)
+            size = groupable(claim, limits, self.watches.get(claim.watch), self._sender)
             if size is not None:
                 assert limits is not None
                 if group and group_bytes + size > limits.bytes:
@@ -358,33 +391,6 @@ class SyncPool:
             task = asyncio.create_task(self._process_group(group))
             for c in group:
                 self._inflight[(c.watch, c.source_id)] = task
-
-    def _groupable(self, claim: Claim, limits: BatchLimits | None) -> int | None:
-        """The bytes a group would move for the item, when it can go in one: a small
-        item of local files sent as they are, or bucket objects registered by URL (no
-        bytes), with no conflict to report. The common cases, which a group handles
-        with a fraction of the per-item cost; None for the rest."""
-        plan = claim.plan
-        side = self.watches.get(claim.watch)
-        if limits is None or plan is None or side is None or claim.key_owner:
-            return None
-        if old_place(claim) is not None:  # rare; the per-item path handles the move
-            return None
-        if not side.source.features.local_paths:
-            return 0 if self._sender.transfer(side) == "register" else None
-        media = side.media
-        # Images are checked (and maybe downscaled), DICOM headers checked, in one
-        # media-pool trip per group; what derives more (frames, de-identified DICOM)
-        # goes alone.
-        if media is not None and any(
-            transforms(s.type, media)
-            and s.type != "image"
-            and (s.type != "dicom" or media.dicom.deidentify)
-            for s in plan.slots
-        ):
-            return None
-        size = sum(f.size for slot in plan.slots for f in slot.files)
-        return size if size <= limits.small else None
 
     async def stop(self, grace: float) -> None:
         """Stop taking work; give in-flight items `grace` seconds, then abandon them.
@@ -436,11 +442,12 @@ class SyncPool:
         finally:
             self._inflight.pop(k, None)
             self._hold.done(k)
+            self._leases.done(k)
             self._wake.set()
         self._report(outcome)
 
     async def _process_group(self, claims: list[Claim]) -> None:
-        """_process for a group of small local items (see _groupable): one thread hop
+        """_process for a group of small local items (see groupable): one thread hop
         hashes them all, one batch put stores those that changed, one ledger
         transaction records every result. Each item's outcome is its own."""
         done: list[tuple[Outcome, LedgerOp | None]] = []
@@ -465,6 +472,7 @@ class SyncPool:
                 k = (c.watch, c.source_id)
                 self._inflight.pop(k, None)
                 self._hold.done(k)
+                self._leases.done(k)
             self._wake.set()
         for outcome, _ in done:
             self._report(outcome)

@@ -8,17 +8,21 @@ each item goes to the sink it was handed, new work to the new one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
 import structlog
 
-from ingestd.core.errors import SyncError
+from ingestd.core.errors import LeaseLost, SyncError
 from ingestd.core.model import ItemPayload, item_key
 from ingestd.ledger import Claim
 from ingestd.pipeline.side import Transfer, WatchSide
 from ingestd.sinks.base import BatchItem, BatchLimits, BatchPutter, MetadataUpdater, PutResult, Sink
+
+# Of the (watch, source_id) keys about to be sent, those no longer this daemon's (a
+# shared ledger's lease lost while it stalled: pipeline/leases.py).
+Fence = Callable[[Sequence[tuple[str, str]]], Awaitable[set[tuple[str, str]]]]
 
 log = structlog.get_logger("ingestd.sync")
 
@@ -27,9 +31,15 @@ class Sender:
     """Calls into the sink. `slots` bounds the calls at once (the pool's `workers`);
     the caller holds one around `send`, the other calls take their own."""
 
-    def __init__(self, sink: Sink, slots: AbstractAsyncContextManager[None]) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        slots: AbstractAsyncContextManager[None],
+        fence: Fence | None = None,
+    ) -> None:
         self.sink = sink
         self.slots = slots
+        self.fence = fence
         self._datasets_ready: set[str] = set()
         self._dataset_lock = asyncio.Lock()
 
@@ -76,6 +86,7 @@ class Sender:
         bound: structlog.typing.FilteringBoundLogger,
     ) -> PutResult:
         """One item to `sink` (the caller holds a sink slot)."""
+        await self._fenced(claim)
         # An item an edit moved is new where it goes: no update in place, and what the
         # old place held says nothing about the new one.
         synced = _previous(claim)
@@ -110,6 +121,12 @@ class Sender:
                     out[i] = e
             else:
                 whole.append(i)
+        if whole and self.fence is not None:
+            lost = await self.fence([(items[i][0].watch, items[i][0].source_id) for i in whole])
+            for i in whole:
+                if (items[i][0].watch, items[i][0].source_id) in lost:
+                    out[i] = LeaseLost(items[i][0].key)
+            whole = [i for i in whole if out[i] is None]
         if whole:
             batch = [
                 BatchItem(items[i][0].dataset, items[i][1], _previous(items[i][0])) for i in whole
@@ -159,9 +176,15 @@ class Sender:
         m = claim.synced_manifest
         sink = self.sink
         if m is not None and sink.capabilities.delete:
+            await self._fenced(claim)
             async with self.slots:
                 await sink.delete_item(m.get("dataset", claim.dataset), m["path"], m["name"])
             bound.info("deleted from the dataset (on_delete: delete)")
+
+    async def _fenced(self, claim: Claim) -> None:
+        """Raise LeaseLost when the item is no longer this daemon's to send."""
+        if self.fence is not None and await self.fence([(claim.watch, claim.source_id)]):
+            raise LeaseLost(claim.key)
 
 
 def old_place(claim: Claim) -> tuple[str, str, str] | None:

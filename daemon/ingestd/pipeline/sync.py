@@ -95,7 +95,7 @@ class SyncStep:
     async def sync_group(
         self, claims: list[Claim], sides: list[WatchSide]
     ) -> tuple[list[tuple[Outcome, LedgerOp | None]], LedgerOp | None]:
-        """sync_one for a group of small local items (see SyncPool._groupable). Each
+        """sync_one for a group of small local items (see pool.groupable). Each
         item's outcome with the op recording it, except that the items the sink took
         are recorded together by the second value."""
         done: list[tuple[Outcome, LedgerOp | None] | None] = [None] * len(claims)
