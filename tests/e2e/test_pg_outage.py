@@ -5,8 +5,11 @@ watches and syncs. And `sync --dry-run` compares with the configured ledger."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,20 @@ def live_problems(env: Env) -> dict[str, Any] | None:
     return {w["name"]: w["problem"] for w in data["watches"]}
 
 
+def control_call(base: str, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(
+        base + path,
+        method=method,
+        data=b"{}" if method == "POST" else None,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 @pytest.mark.timeout(240)
 def test_a_daemon_started_before_its_postgresql_waits_for_it_and_syncs(
     tmp_path: Path, server: PostgresServer
@@ -83,6 +100,11 @@ def test_a_daemon_started_before_its_postgresql_waits_for_it_and_syncs(
             assert "retried every few seconds" in p
         assert "ingestd started" not in env.log()
         assert env.daemon is not None and env.daemon.poll() is None, "it did not exit"
+        # The dashboard's other routes say the same, not "internal error".
+        base = (env.state / "control.addr").read_text().strip()
+        for method, path in (("GET", "/api/items?status=failed"), ("POST", "/api/retry")):
+            code, body = control_call(base, method, path)
+            assert code == 503 and "unreachable" in body["error"], (path, code, body)
 
         server.start()
         wait_for(lambda: "ingestd started" in env.log(), 60, what="the daemon to start")

@@ -251,6 +251,12 @@ class ControlServer:
                 return json_error(e.status, e.reason)
             raise
         except Exception as e:
+            # A shared ledger whose server is away (or not reached yet at the start):
+            # what the request needed cannot be read or written; say why, not "500".
+            problem = getattr(getattr(self.target, "ledger", None), "problem", None)
+            if problem:
+                log.debug("control request waits for the ledger", path=request.path)
+                return json_error(503, f"the ledger cannot be used now: {problem}")
             log.exception("control request failed", path=request.path)
             return json_error(500, f"internal error: {type(e).__name__}")
 
