@@ -42,6 +42,7 @@ class Queue:
 
     url = "http://queue.invalid/1/q"
     describe = f"S3 event notifications from {url}"
+    batch = 10
 
     def __init__(self) -> None:
         self.bodies: dict[int, str] = {}
@@ -104,7 +105,7 @@ class Daemon:
         return dict(self.query("SELECT source_id, status FROM items WHERE watch='b'"))  # type: ignore[arg-type]
 
     def rows(self) -> list[str]:
-        return [r[0] for r in self.query("SELECT relpath FROM hints WHERE watch='b'")]
+        return [r[0] for r in self.query("SELECT relpath FROM hints WHERE watch='b' AND done IS NULL")]
 
 
 @pytest.fixture(params=ENGINES)

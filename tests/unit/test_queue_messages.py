@@ -216,6 +216,7 @@ class MemoryQueue:
 
     url = "http://queue.invalid/1/q"
     describe = f"S3 event notifications from {url}"
+    batch = 10
 
     def __init__(self) -> None:
         self.bodies: list[str] = []
@@ -295,7 +296,7 @@ class QueueHarness:
 
     def hint_rows(self) -> list[str]:
         return [
-            r[0] for r in self.ledger.sync.conn.execute("SELECT relpath FROM hints WHERE watch='b'")
+            r[0] for r in self.ledger.sync.conn.execute("SELECT relpath FROM hints WHERE watch='b' AND done IS NULL")
         ]
 
     def problem(self) -> str | None:
@@ -366,5 +367,5 @@ def test_hints_table_in_a_fresh_ledger(tmp_path: Path) -> None:
 
     conn = connect(tmp_path / "l.sqlite")
     cols = [r[1] for r in conn.execute("PRAGMA table_info(hints)")]
-    assert cols == ["watch", "relpath", "kind", "etag", "size", "event_time", "noted"]
+    assert cols == ["watch", "relpath", "kind", "etag", "size", "event_time", "noted", "done"]
     assert isinstance(conn, sqlite3.Connection)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from ingestd.ledger.hints import HINTS_TABLE
+from ingestd.ledger.hints import HINTS_DONE_INDEX, HINTS_TABLE
 
 LEDGER_FILE = "ledger.sqlite"
 
@@ -168,6 +168,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as e:
                 if "duplicate column" not in str(e):
                     raise
+    # Hint rows are marked looked at, not deleted, so that the queue's judge can tell
+    # which keys it named (hints.py).
+    if "done" not in {row[1] for row in conn.execute("PRAGMA table_info(hints)")}:
+        try:
+            conn.execute("ALTER TABLE hints ADD COLUMN done REAL")
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):
+                raise
+    conn.execute(HINTS_DONE_INDEX)
 
 
 def ensure_settings(conn: sqlite3.Connection) -> None:

@@ -2,9 +2,17 @@
 
 A queue message is deleted only after its keys are recorded here (op_note_hints), so a
 crash between receiving and planning loses nothing: at start the runner takes every row
-of its watch again (op_take_hints). A row is dropped once its key is planned or found
-gone (op_drop_hint), only if no newer message named the key meanwhile (`noted` is the
-recording's stamp, and a later recording raises it).
+of its watch again (op_take_hints). A row is marked looked at (`done`, the wall time)
+once its key is planned or found gone (op_drop_hint), only if no newer message named the
+key meanwhile (`noted` is the recording's stamp, and a later recording raises it and
+makes the row live again).
+
+Done rows are the shared record of which keys the queue named, for the judge of a queue
+that does not receive the bucket's events (pipeline/queue_hints.py): with several
+daemons the one that lists is not the one that got a key's message, and by the time it
+judges, the other may have planned the key long ago. So a done row stays DONE_KEEP
+(10 min) and is then deleted in batches by whichever daemon runs the watch
+(op_clean_hints); op_take_hints and hint_count ignore done rows, op_hinted counts them.
 
 With a shared ledger the rows of one watch are recorded by every daemon consuming its
 queue. A recording always raises a row's `noted` (to the recorder's stamp, or one past
@@ -20,10 +28,12 @@ DELETE ... WHERE), as the rest of the ledger's ops. The table is in db.py's sche
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-# columns: watch, relpath, kind (created | removed), etag, size, event_time, noted
+# columns: watch, relpath, kind (created | removed), etag, size, event_time, noted,
+# done (when it was looked at, wall seconds; NULL while live). pg.py has its own copy.
 HINTS_TABLE = """
 CREATE TABLE IF NOT EXISTS hints (
     watch TEXT NOT NULL,
@@ -33,9 +43,19 @@ CREATE TABLE IF NOT EXISTS hints (
     size BIGINT,
     event_time DOUBLE PRECISION NOT NULL,
     noted BIGINT NOT NULL,
+    done DOUBLE PRECISION,
     PRIMARY KEY (watch, relpath)
 );
 """
+# Created after the column exists (db.py adds it to an older ledger first).
+HINTS_DONE_INDEX = (
+    "CREATE INDEX IF NOT EXISTS hints_done ON hints(watch, done) WHERE done IS NOT NULL"
+)
+# How long a done row is kept. The judge checks its suspects against the rows far more
+# often than this (queue_hints.CHECK_EVERY), so a key named at any time while a suspect
+# waits is seen, whichever daemon got its message and however long ago it planned it.
+DONE_KEEP = 600.0
+CLEAN_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +75,9 @@ def op_note_hints(
 ) -> Callable[[sqlite3.Connection], dict[str, int]]:
     """Record (relpath, kind, etag, size, event_time) hints with the stamp `noted`. Of
     two events for one key the later by event time keeps its details; either way the
-    row is noted again, so it is looked at again: its stamp becomes `noted`, or one past
-    the stamp it had if that was not lower (another daemon's clock ahead of ours).
-    Returns each key's stamp as recorded: the one to drop it with."""
+    row is noted again and live (not done), so it is looked at again: its stamp becomes
+    `noted`, or one past the stamp it had if that was not lower (another daemon's clock
+    ahead of ours). Returns each key's stamp as recorded: the one to drop it with."""
 
     def op(conn: sqlite3.Connection) -> dict[str, int]:
         stamps: dict[str, int] = {}
@@ -75,7 +95,8 @@ def op_note_hints(
                 " event_time = CASE WHEN excluded.event_time >= hints.event_time"
                 " THEN excluded.event_time ELSE hints.event_time END,"
                 " noted = CASE WHEN excluded.noted > hints.noted"
-                " THEN excluded.noted ELSE hints.noted + 1 END"
+                " THEN excluded.noted ELSE hints.noted + 1 END,"
+                " done = NULL"
                 " RETURNING noted",
                 (watch, relpath, kind, etag, size, event_time, noted),
             ).fetchone()
@@ -88,15 +109,16 @@ def op_note_hints(
 def op_take_hints(
     watch: str, after: str | None = None, limit: int = 10_000, *, noted_before: int | None = None
 ) -> Callable[[sqlite3.Connection], list[HintRow]]:
-    """The watch's hint rows in key order after `after`, at most `limit`; with
-    `noted_before`, only rows last noted before that stamp (left by a daemon that died,
-    or whose drop failed). A read, run as an op so that it goes through whichever ledger
-    engine the daemon has."""
+    """The watch's live hint rows (not looked at) in key order after `after`, at most
+    `limit`; with `noted_before`, only rows last noted before that stamp (left by a
+    daemon that died, or whose drop failed). A read, run as an op so that it goes
+    through whichever ledger engine the daemon has."""
 
     def op(conn: sqlite3.Connection) -> list[HintRow]:
         rows = conn.execute(
             "SELECT relpath, kind, etag, size, event_time, noted FROM hints"
-            " WHERE watch = ? AND relpath > ? AND noted < ? ORDER BY relpath LIMIT ?",
+            " WHERE watch = ? AND relpath > ? AND noted < ? AND done IS NULL"
+            " ORDER BY relpath LIMIT ?",
             (watch, after or "", noted_before if noted_before is not None else 2**63 - 1, limit),
         ).fetchall()
         return [HintRow(*row) for row in rows]
@@ -105,8 +127,9 @@ def op_take_hints(
 
 
 def op_hinted(watch: str, relpaths: Sequence[str]) -> Callable[[sqlite3.Connection], set[str]]:
-    """Of `relpaths`, those with a hint row now: named by a message some daemon
-    received and has not planned yet."""
+    """Of `relpaths`, those with a hint row, live or done: named by a message some
+    daemon received, whether it has planned the key since or not (done rows are kept
+    DONE_KEEP)."""
 
     def op(conn: sqlite3.Connection) -> set[str]:
         found: set[str] = set()
@@ -123,15 +146,39 @@ def op_hinted(watch: str, relpaths: Sequence[str]) -> Callable[[sqlite3.Connecti
     return op
 
 
-def op_drop_hint(watch: str, relpath: str, noted: int) -> Callable[[sqlite3.Connection], bool]:
-    """Forget a hint that was looked at, unless it was noted again after `noted`."""
+def op_drop_hint(
+    watch: str, relpath: str, noted: int, now: float | None = None
+) -> Callable[[sqlite3.Connection], bool]:
+    """Mark a hint looked at (done at `now`), unless it was noted again after `noted`.
+    The row stays DONE_KEEP as the record that the queue named the key."""
+    at = time.time() if now is None else now
 
     def op(conn: sqlite3.Connection) -> bool:
         cur = conn.execute(
-            "DELETE FROM hints WHERE watch = ? AND relpath = ? AND noted <= ?",
-            (watch, relpath, noted),
+            "UPDATE hints SET done = ?"
+            " WHERE watch = ? AND relpath = ? AND noted <= ? AND done IS NULL",
+            (at, watch, relpath, noted),
         )
         return cur.rowcount > 0
+
+    return op
+
+
+def op_clean_hints(
+    watch: str, done_before: float, limit: int = CLEAN_BATCH
+) -> Callable[[sqlite3.Connection], int]:
+    """Delete up to `limit` of the watch's rows done before `done_before` (through the
+    partial index on done rows, so a round costs what it deletes); returns how many.
+    Any daemon may run it: a row noted again meanwhile is live and stays."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        cur = conn.execute(
+            "DELETE FROM hints WHERE watch = ? AND relpath IN"
+            " (SELECT relpath FROM hints WHERE watch = ? AND done IS NOT NULL AND done < ?"
+            " LIMIT ?) AND done IS NOT NULL AND done < ?",
+            (watch, watch, done_before, limit, done_before),
+        )
+        return max(cur.rowcount, 0)
 
     return op
 
@@ -152,5 +199,8 @@ def op_clear_queue_problem(watch: str, now: float) -> Callable[[sqlite3.Connecti
 
 
 def hint_count(conn: sqlite3.Connection, watch: str) -> int:
-    row = conn.execute("SELECT count(*) FROM hints WHERE watch = ?", (watch,)).fetchone()
+    """The watch's live hint rows: keys named and not looked at yet."""
+    row = conn.execute(
+        "SELECT count(*) FROM hints WHERE watch = ? AND done IS NULL", (watch,)
+    ).fetchone()
     return int(row[0])

@@ -2,9 +2,10 @@
 
 The order keeps every hint through a crash: the feed (sources/queues) hands a batch's
 hints to `record`, which commits them to the ledger's `hints` table; only then does the
-feed delete the messages. At start every row of the watch is taken again. A row is
-dropped once its key is planned or judged gone, unless a newer message named the key
-meanwhile.
+feed delete the messages. At start every live row of the watch is taken again. A row is
+marked done once its key is planned or judged gone, unless a newer message named the
+key meanwhile; done rows are kept a while (ledger/hints.py) as the record of what the
+queue named.
 
 Settling a hinted object: it is looked at (HEAD) when the hint arrives; it is ready when
 its last-modified is at least `settle` ago, or when a second look `settle` after the
@@ -28,7 +29,7 @@ the bucket holds now; no listing is needed.
 
 A full listing still runs every `poll_interval` (1 h by default with a queue) and at
 start: it repairs anything a message never named, and it is how a queue that does not
-receive the bucket's events is noticed (`listed`, `pass_done`).
+receive the bucket's events is noticed (QueueJudge: `listed`, `pass_done`, `run`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ingestd.core.model import Entry
@@ -51,6 +53,7 @@ from ingestd.ledger import (
     op_note_hints,
     op_take_hints,
 )
+from ingestd.ledger.hints import CLEAN_BATCH, DONE_KEEP, op_clean_hints
 from ingestd.pipeline.work import PlanWork
 from ingestd.sources.queues import Hint
 
@@ -60,10 +63,17 @@ if TYPE_CHECKING:
 LOOKS_AT_ONCE = 16  # HEADs in flight per watch
 LOOK_BATCH = 256  # keys looked at per round
 RETRY_LOOK = 5.0  # seconds before a key whose HEAD failed is looked at again
-# An object the listing finds that no message named is counted against the queue only
-# when it is older than this plus `settle`: its message may still be on its way.
+# A bucket sends an object's event within this of writing it (S3: usually in a second).
+# It is also how long a receiver has to record a batch before its keys count as unnamed
+# (the SQS default visibility timeout: a receiver that died with a batch has it back on
+# the queue by then, for another to record).
 UNANNOUNCED_GRACE = 30.0
 RECENT_KEYS = 200_000  # keys named by messages, remembered to judge the listing
+JUDGE_EVERY = 5.0  # seconds between looks at the listing's suspects
+# Suspects are checked against the hint rows at least this often while they wait, far
+# more often than done rows are kept (DONE_KEEP), so no naming can slip between checks.
+CHECK_EVERY = 60.0
+assert CHECK_EVERY * 5 <= DONE_KEEP
 # Rows noted longer ago than this that this daemon does not hold are taken and looked
 # at: their recorder died (or could not drop them). Several leases, so that a live
 # daemon's backlog is not looked at twice; at least a minute.
@@ -96,6 +106,7 @@ class QueueHints:
             asyncio.create_task(self._look_loop(), name=f"hints:{name}"),
             asyncio.create_task(self._gone_loop(), name=f"hints-gone:{name}"),
             asyncio.create_task(self._adopt_loop(), name=f"hints-adopt:{name}"),
+            asyncio.create_task(self.judge.run(), name=f"queue-judge:{name}"),
         ]
 
     def __len__(self) -> int:
@@ -174,19 +185,27 @@ class QueueHints:
         return taken
 
     async def _adopt_loop(self) -> None:
-        # Rows whose recorder died hold keys no message will name again.
+        # Rows whose recorder died hold keys no message will name again; done rows past
+        # DONE_KEEP are cleaned on the same round, by every daemon running the watch.
         while True:
             await asyncio.sleep(self.adopt_age / 2)
             cutoff = time.time_ns() - int(self.adopt_age * 1e9)
             try:
                 taken = await self._load(noted_before=cutoff)
+                await self._clean()
             except Exception:  # the ledger's own problem is shown; try again next round
-                self.log.debug("cannot read old hint rows")
+                self.log.debug("cannot read or clean old hint rows")
                 continue
             if taken:
                 self.log.info(
                     "old hint rows taken (recorded by a daemon that stopped)", hints=taken
                 )
+
+    async def _clean(self) -> None:
+        r = self.runner
+        before = time.time() - DONE_KEEP
+        while await r.ledger.write(op_clean_hints(r.watch.name, before)) >= CLEAN_BATCH:
+            await asyncio.sleep(0)  # a batch per commit: the writers in between go on
 
     def _next_stamp(self) -> int:
         self._stamp = max(self._stamp + 1, time.time_ns())
@@ -295,7 +314,8 @@ class QueueHints:
             await self._drop(e.relpath, stamps[e.relpath])
 
     async def _drop(self, rel: str, stamp: int) -> None:
-        """The hint was acted on: forget it, unless a newer one came meanwhile."""
+        """The hint was acted on: forget it and mark its row done (kept a while as the
+        record that the queue named the key), unless a newer one came meanwhile."""
         r = self.runner
         if self.noted.get(rel) == stamp:
             del self.noted[rel]
@@ -349,25 +369,49 @@ class QueueHints:
         return {rel for rel, yes in zip(rels, found, strict=True) if yes}
 
 
+@dataclass(slots=True)
+class Suspect:
+    """An object a listing found new that no message had named (yet)."""
+
+    due: float  # wall time from which its message can no longer be merely on its way
+    found: int  # complete passes before the one that found it
+    drained: float | None = None  # a receive found the queue empty at this time, ≥ due
+
+
 class QueueJudge:
     """Whether the queue receives the bucket's events, judged by the listing: objects a
     listing found new, written since the queue was first read, that no message named.
 
-    With a shared ledger the messages spread over the daemons, and this one knows only
-    those it received; a key another daemon was named is in the ledger once planned, so
-    the listing finds it new only while that daemon has not planned it yet. There an
-    object counts only if it was already older than the grace when listed (every daemon
-    had that long to plan it) and has no hint row when judged (no daemon holds it)."""
+    A message is named by whichever daemon received it, and that one may plan the key
+    (so a later listing no longer finds it new) long before this one judges. So the
+    record of what was named is the hint rows, live or done (ledger/hints.py keeps done
+    rows DONE_KEEP), and a suspect is checked against them every CHECK_EVERY while it
+    waits: whoever was named it, at any time up to the judgement, it is seen.
+
+    When to judge, so that a queue that lags far behind the bucket is not called deaf:
+    once every message sent for the suspect must have reached some receiver, and that
+    receiver had time to record it. A receive that found the queue empty, begun after
+    the object's event was due (its last-modified plus UNANNOUNCED_GRACE), shows the
+    first; UNANNOUNCED_GRACE more shows the second (and by then a batch whose receiver
+    died is back on the queue, under SQS's default visibility timeout, and recorded by
+    another). A queue that really receives nothing is always empty, so it is named
+    within about a minute. A queue so busy that it is never empty gets a judgement at
+    the end of the next complete pass instead (a `poll_interval` later, an hour by
+    default): a backlog older than that is worth naming anyway, and the problem says
+    the queue may be lagging rather than missing events.
+
+    Never judged while the queue's own receive or delete fails (that is its problem)."""
 
     def __init__(self, hints: QueueHints) -> None:
         self.hints = hints
         self.feed = hints.feed
         self.settle = hints.settle
-        self.shared = bool(getattr(hints.runner.ledger, "shared", False))
         self._recent: OrderedDict[str, None] = OrderedDict()
-        # Objects a listing found new that no message had named: key -> last-modified.
-        # Judged once older than the grace, by the pass that ends after that.
-        self._suspects: OrderedDict[str, float] = OrderedDict()
+        self._suspects: OrderedDict[str, Suspect] = OrderedDict()
+        self.passes = 0  # complete passes so far
+        self._checked = 0.0  # when every suspect was last checked against the rows
+        self._problem: str | None = None  # as this daemon named it, while it holds
+        self._named_at = 0  # feed.messages then
 
     def named(self, relpath: str) -> None:
         self._recent[relpath] = None
@@ -378,53 +422,118 @@ class QueueJudge:
 
     def listed(self, changed: list[Entry]) -> None:
         """A listing found these new or changed: those written since the queue was
-        first read that no message named are suspects, judged by `pass_done` once
+        first read that no message named here are suspects, judged by `run` once
         their message can no longer be merely late."""
         # S3 gives last-modified in whole seconds, truncated: an object written in the
         # second the queue was first read may look older than that moment.
         since = math.floor(self.feed.started_at)
-        young = time.time() - UNANNOUNCED_GRACE - self.settle if self.shared else None
         held = self.hints.noted
         for e in changed:
             t = e.mtime_ns / 1e9
             if t < since or e.relpath in self._recent or e.relpath in held:
                 continue
-            if young is not None and t > young:
-                continue  # another daemon may be planning it now
-            self._suspects[e.relpath] = t
+            due = t + 1.0 + UNANNOUNCED_GRACE + self.settle  # + the truncated second
+            known = self._suspects.get(e.relpath)
+            if known is not None and known.due == due:
+                continue  # listed again, unchanged: it keeps the pass that found it
+            self._suspects[e.relpath] = Suspect(due, self.passes)
+            self._suspects.move_to_end(e.relpath)
             while len(self._suspects) > RECENT_KEYS:
                 self._suspects.popitem(last=False)
 
     async def pass_done(self, *, complete: bool) -> None:
-        """After a full pass: name a queue that is not receiving the bucket's events."""
+        """After a full pass (which cleared the watch's problem): judge what is due. The
+        problem is named again while it holds: until nothing is suspected any more and
+        the queue has delivered since it was named (a queue that still delivers
+        nothing stays named, however quiet the bucket)."""
         if not complete or self.feed.problem is not None:
             return
-        upto = time.time() - UNANNOUNCED_GRACE - self.settle
-        judged = [k for k, t in self._suspects.items() if t <= upto]
-        for k in judged:
-            del self._suspects[k]
-        if judged and self.shared:
-            # Named to another daemon, which has not planned it yet.
-            r = self.hints.runner
-            try:
-                hinted = await r.ledger.write(op_hinted(r.watch.name, judged))
-            except Exception:  # the ledger's own problem is shown; judge at the next pass
-                return
-            judged = [k for k in judged if k not in hinted]
-        n, examples = len(judged), judged[:3]
-        if not n:
-            await self.hints.report(None)
+        self.passes += 1
+        try:
+            unnamed = await self.judge()
+        except Exception:  # the ledger's own problem is shown; judged again soon
+            self.hints.log.debug("cannot judge the queue now")
             return
+        if unnamed:
+            return
+        if self._problem is not None:
+            if self._suspects or self.feed.messages <= self._named_at:
+                await self.hints.report(self._problem)
+                return
+            self._problem = None
+        if not self._suspects:
+            await self.hints.report(None)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(JUDGE_EVERY)
+            if not self._suspects:
+                continue
+            try:
+                await self.judge()
+            except Exception:  # the ledger's own problem is shown; judged again soon
+                self.hints.log.debug("cannot judge the queue now")
+
+    async def judge(self) -> int:
+        """Drop suspects some daemon was named; name the queue for those due that none
+        was. Returns how many it named the queue for."""
+        if self.feed.problem is not None:
+            return 0
+        now = time.time()
+        drained = self.feed.drained_at
+        due: list[str] = []
+        lagging = False
+        for k, s in self._suspects.items():
+            if now < s.due:
+                continue
+            if s.drained is None and drained is not None and drained >= s.due:
+                s.drained = drained
+            if s.drained is not None and now >= s.drained + UNANNOUNCED_GRACE:
+                due.append(k)
+            elif self.passes >= s.found + 2:  # a whole pass ended after the finding one
+                due.append(k)
+                lagging = True
+        every = now >= self._checked + CHECK_EVERY
+        check = list(self._suspects) if every else due
+        if not check:
+            return 0
+        named = await self._hinted(check)
+        if every:
+            self._checked = now
+        for k in named:
+            self._suspects.pop(k, None)
+        unnamed = [k for k in due if k not in named]
+        for k in unnamed:
+            del self._suspects[k]
+        if unnamed:
+            await self._name(unnamed, lagging)
+        return len(unnamed)
+
+    async def _hinted(self, keys: list[str]) -> set[str]:
+        r = self.hints.runner
+        return await r.ledger.write(op_hinted(r.watch.name, keys))
+
+    async def _name(self, unnamed: list[str], lagging: bool) -> None:
+        n, examples = len(unnamed), unnamed[:3]
         heard = (
             f"{self.feed.messages} messages since the start"
             if self.feed.messages
             else "no message at all since the start, not even S3's test event"
         )
+        when = (
+            "; the queue has not been empty since they were written, so it may instead be"
+            " lagging more than a listing interval behind the bucket"
+            if lagging
+            else ", and the queue has been empty since"
+        )
         problem = (
             f"queue not receiving: {self.feed.url} named none of {n} objects the listing "
             f"found new (e.g. {', '.join(examples)}) though they were written after it was "
-            f"first read ({heard}); check the bucket's event notifications to this queue "
-            "(docs/bucket-events.md). The listing syncs them meanwhile"
+            f"first read{when} ({heard}); check the bucket's event notifications to this "
+            "queue (docs/bucket-events.md). The listing syncs them meanwhile"
         )
-        self.hints.log.error("queue misses the bucket's events", objects=n, examples=examples)
+        self.hints.log.error(
+            "queue misses the bucket's events", objects=n, examples=examples, lagging=lagging
+        )
+        self._problem, self._named_at = problem, self.feed.messages
         await self.hints.report(problem)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -81,20 +82,23 @@ class AzureQueue:
         self.bucket = bucket
         self.options = options
         self.describe = f"Azure Blob events (Event Grid) from {url}"
+        self.batch = BATCH
         self._client: Any = None
+        self._making = threading.Lock()  # receivers run in threads (threads.py): one client
 
     def _queue(self) -> Any:
-        if self._client is None:
-            from azure.storage.queue import QueueClient
+        with self._making:
+            if self._client is None:
+                from azure.storage.queue import QueueClient
 
-            self._client = QueueClient.from_queue_url(
-                self.url,
-                credential=credential_for(self.url, self.options),
-                connection_timeout=5,
-                read_timeout=20,
-                retry_total=2,
-            )
-        return self._client
+                self._client = QueueClient.from_queue_url(
+                    self.url,
+                    credential=credential_for(self.url, self.options),
+                    connection_timeout=5,
+                    read_timeout=20,
+                    retry_total=2,
+                )
+            return self._client
 
     async def receive(self) -> list[tuple[Any, str]]:
         def call() -> list[tuple[Any, str]]:

@@ -8,6 +8,22 @@ queue's visibility timeout and are recorded again, which is harmless (a hint onl
 "look at this key"; the ledger decides by ETag). A failed receive or delete is reported
 as the watch's problem through `report`, in words naming the queue and the fix, and
 retried with backoff; `report(None)` when receiving works again.
+
+Receives in flight: one while the queue is quiet, up to RECEIVERS while it has a backlog
+(a receive came back full). A queue consumed one receive at a time falls behind a busy
+bucket: each round is a receive, a ledger commit and a delete, one after the other. And
+a queue that grows gets slower to read on some servers (moto's SQS scans the whole queue
+on every receive and on every delete: 20,000 objects took 1,063 s in
+tests/e2e/test_many_daemons.py with one receive at a time), so falling behind feeds on
+itself. Each receiver records and deletes its own batch as soon as it has it; SQS and
+Storage queues hand concurrent receivers different messages. The extra receivers go
+back to waiting as soon as one of them gets less than a full batch, so a quiet queue
+costs one long poll at a time.
+
+`drained_at`: when the last receive that came back empty began (wall time). The
+queue's judge (pipeline/queue_hints.py) reads it: every message sent before then had
+been handed to some receiver, so a key still unnamed some time later was not merely
+late.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ Report = Callable[[str | None], Awaitable[None]]
 
 BACKOFF_BASE = 1.0  # seconds after a failed receive, doubling (jittered)...
 BACKOFF_CAP = 60.0  # ...up to this
+RECEIVERS = 4  # receives in flight per watch while the queue has a backlog
 
 
 class QueueError(SourceError):
@@ -42,6 +59,7 @@ class QueueClient(Protocol):
 
     url: str
     describe: str  # e.g. "S3 event notifications from <url>"
+    batch: int  # the most messages one receive returns: a full one means more wait
 
     async def receive(self) -> list[tuple[Any, str]]:
         """Up to a batch of (receipt, body); may wait (long polling) when empty."""
@@ -55,27 +73,44 @@ class QueueClient(Protocol):
 
 
 class QueueFeed:
-    def __init__(self, client: QueueClient, watch: str) -> None:
+    def __init__(self, client: QueueClient, watch: str, receivers: int = RECEIVERS) -> None:
         self.client = client
         self.url = client.url
         self.describe = client.describe
         self.log = log.bind(watch=watch, queue=client.url)
+        self.receivers = max(1, receivers)
         self.started_at = time.time()
         self.messages = 0  # received since the start
         self.test_events = 0
         self.last_message_at: float | None = None
+        self.drained_at: float | None = None  # a receive came back empty (wall time)
         self.problem: str | None = None
+        self._failures = 0
+        self._failed_at = 0.0  # monotonic: only a receive started later clears a problem
+        self._backlog = asyncio.Event()  # set: the extra receivers run
 
     async def run(self, record: RecordHints, report: Report) -> None:
-        failures = 0
+        async with asyncio.TaskGroup() as group:
+            for n in range(self.receivers):
+                group.create_task(self._receive_loop(n, record, report))
+
+    async def _receive_loop(self, n: int, record: RecordHints, report: Report) -> None:
+        """Receiver 0 always runs (and alone probes a failing queue, with backoff); the
+        others only while the queue has a backlog."""
         while True:
+            if n:
+                await self._backlog.wait()
+            started = time.monotonic()
             try:
-                await self._once(record)
+                got = await self._once(record)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                failures += 1
-                delay = max(BACKOFF_BASE, full_jitter(failures, BACKOFF_BASE, BACKOFF_CAP))
+                self._backlog.clear()
+                self._failures += 1
+                self._failed_at = time.monotonic()
+                delay = full_jitter(self._failures, BACKOFF_BASE, BACKOFF_CAP)
+                delay = max(BACKOFF_BASE, delay)
                 problem = self._problem_of(e, delay)
                 if problem != self.problem:
                     self.log.error("queue failed; retried with backoff", problem=problem)
@@ -83,16 +118,24 @@ class QueueFeed:
                 await report(problem)
                 await asyncio.sleep(delay)
                 continue
-            if failures or self.problem:
-                failures = 0
+            if got >= self.client.batch:
+                self._backlog.set()
+            elif n:
+                self._backlog.clear()
+            if (self._failures or self.problem) and started > self._failed_at:
+                self._failures = 0
                 self.problem = None
                 self.log.info("queue works again")
                 await report(None)
 
-    async def _once(self, record: RecordHints) -> None:
+    async def _once(self, record: RecordHints) -> int:
+        began = time.time()
         batch = await self.client.receive()
         if not batch:
-            return
+            # Its start, not its end: a storage queue's receive does not wait, so only
+            # at the start is the queue known to have held nothing visible.
+            self.drained_at = max(self.drained_at or 0.0, began)
+            return 0
         self.messages += len(batch)
         self.last_message_at = time.time()
         hints: list[Hint] = []
@@ -108,6 +151,7 @@ class QueueFeed:
             await record(hints)  # committed to the ledger when this returns
         await self.client.delete([receipt for receipt, _ in batch])
         self.log.debug("messages taken", messages=len(batch), hints=len(hints))
+        return len(batch)
 
     def _problem_of(self, e: Exception, delay: float) -> str:
         if isinstance(e, SourceError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,9 +59,18 @@ class SqsQueue:
         self.bucket = bucket
         self.options = options
         self.describe = f"S3 event notifications from {url}"
+        self.batch = BATCH
         self._client: Any = None
+        # Receivers run in threads of their own (threads.py); boto3 makes clients from a
+        # session that is not thread-safe, so the first calls must not race to make one.
+        # The client itself is thread-safe.
+        self._making = threading.Lock()
 
     def _sqs(self) -> Any:
+        with self._making:
+            return self._client or self._make()
+
+    def _make(self) -> Any:
         if self._client is None:
             try:
                 import boto3
