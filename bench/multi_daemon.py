@@ -9,15 +9,18 @@ Two parts, each case in turn within every run (so load drifts hit all alike):
   record them, until nothing is due. "claims/s": each item recorded by an op of its own
   (the per-item path: op_retry_later, handing it back); "synced items/s": one
   op_synced_many per batch (the group path).
-- End to end. `--files` small files in one local folder, `ingestd serve` as the backend
-  (a fresh store per case), and k `ingestd sync` processes, each with its own state_dir
-  and the same watch (name, folder) on the shared ledger; "synced files/s" is the files
-  over the time from starting them to the last one's exit, and the server must then hold
-  every file. Each process lists and plans the folder (a local watch is listed by every
-  daemon that has it: the second plans find every item unchanged) and claims through
-  leases, so the sink, the planning and the ledger share this machine's cores.
+- End to end, as several daemons are deployed: one bucket watch (moto's S3 from the test
+  services, `transfer: copy`, `ingestd serve` as the backend with a fresh store per
+  case) and k `ingestd run` processes with their own state dirs on the shared ledger.
+  The daemon holding the watch's listing lease lists and plans the prefix; the items are
+  spread over the k daemons by their claims. "synced files/s": `--files` objects over
+  the time from starting the daemons to the server holding every one (its
+  `ingestd_serve_items_total`). The baseline is one daemon on SQLite on the same
+  bucket, and the peer is the emulator's own speed: a GET of every object with boto3
+  from `workers` threads, in the same run.
 
-    .venv/bin/python bench/multi_daemon.py [--items N] [--files F] [--runs R]
+    . .ci/services.sh && start_services   # moto (and a PostgreSQL the bench does not use)
+    flock /tmp/heavy.lock .venv/bin/python bench/multi_daemon.py [--items N] [--files F] [--runs R]
 
 Starts its own PostgreSQL (tests/support/postgres.py: Debian's postgresql package).
 """
@@ -32,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,9 +46,11 @@ sys.path.insert(0, str(REPO / "daemon"))
 
 from ingestd.core.model import ItemPlan, PlannedFile, PlannedSlot  # noqa: E402
 from ingestd.ledger import Ledger, LedgerAt  # noqa: E402
+from ingestd.ledger.ops import Planning, op_apply_plans  # noqa: E402
 from ingestd.plan.metadata import type_conflicts, value_type  # noqa: E402
 
 from tests.support.daemon import INGESTD  # noqa: E402
+from tests.support.emulators import S3Emulator, from_env  # noqa: E402
 from tests.support.postgres import PostgresServer, fresh_schema  # noqa: E402
 from tests.support.serve import Server  # noqa: E402
 
@@ -53,16 +60,14 @@ TOKEN = "tok-multi-daemon-bench-0123456789"
 
 def fill(at: LedgerAt, n: int) -> None:
     lg = Ledger(at)
-    ops = []
+    planned: list[Planning] = []
     for i in range(n):
         rel = f"d{i // 1000:03}/f{i:06}.jpg"
         slot = PlannedSlot("0", "image", (PlannedFile(rel, rel, 1, 1),))
-        plan = ItemPlan(rel, "/", rel, (slot,), {}, f"fp{i}")
-        ops.append(Ledger.op_apply_plan("w", "ds", plan, [], type_conflicts, value_type, 0.0))
-        if len(ops) == 2000:
-            lg.transaction(ops)
-            ops = []
-    lg.transaction(ops)
+        planned.append((ItemPlan(rel, "/", rel, (slot,), {}, f"fp{i}"), []))
+    for i in range(0, n, 2000):
+        chunk = planned[i : i + 2000]
+        lg.transaction([op_apply_plans("w", "ds", chunk, type_conflicts, value_type, 0.0)])
     lg.close()
 
 
@@ -98,58 +103,117 @@ def measure(at: LedgerAt, daemons: int, n: int, record: bool) -> tuple[float, in
     return time.monotonic() - t0, got
 
 
-def end_to_end(tmp: Path, dsn: str | None, daemons: int, files: int) -> float:
-    """Synced files/s of `daemons` one-pass syncs of one folder through `ingestd serve`."""
-    drop = tmp / "drop"
-    drop.mkdir()
-    for i in range(files):
-        d = drop / f"d{i // 500:02}"
-        d.mkdir(exist_ok=True)
-        (d / f"f{i:05}.txt").write_bytes(f"file {i} ".encode() * 100)
+WORKERS = 4
+
+
+def fill_bucket(emu: S3Emulator, files: int) -> str:
+    """A bucket holding `files` objects of about 1 KB under in/ (once per bench)."""
+    bucket = emu.create_bucket("bench")
+    emu.put_many(
+        bucket,
+        ((f"in/d{i // 500:02}/f{i:05}.txt", f"file {i} ".encode() * 100) for i in range(files)),
+    )
+    return bucket
+
+
+def peer_gets(emu: S3Emulator, bucket: str, files: int) -> float:
+    """Objects/s of a GET of every object from WORKERS threads: the emulator's own speed."""
+    keys = [f"in/d{i // 500:02}/f{i:05}.txt" for i in range(files)]
+    local = threading.local()
+
+    def get(key: str) -> int:
+        if not hasattr(local, "client"):
+            local.client = emu.client()
+        return len(local.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        got = sum(1 for n in pool.map(get, keys) if n > 0)
+    secs = time.monotonic() - t0
+    assert got == files, got
+    return files / secs
+
+
+def end_to_end(
+    tmp: Path, dsn: str | None, daemons: int, emu: S3Emulator, bucket: str, files: int
+) -> float:
+    """Synced files/s of `daemons` `ingestd run`s sharing one bucket watch, through
+    `ingestd serve`, from their start to the server holding every object."""
     server = Server(tmp, TOKEN)
     server.start()
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        configs = []
+        watch = {
+            "name": "b",
+            "source": emu.url(bucket, "in"),
+            "source_options": emu.source_options,
+            "dataset": "ds",
+            "settle": "0s",
+            "transfer": "copy",
+            # one listing, at start: the rest of the run is planning and syncing it
+            "poll_interval": "1h",
+        }
+        state: dict[str, object] = {} if dsn is None else {"state": {"ledger": dsn}}
+        env = {**os.environ, **emu.env, "PYTHONPATH": str(REPO), "BENCH_TOKEN": TOKEN}
+        logs = []
+        t0 = time.monotonic()
         for k in range(daemons):
             cfg = tmp / f"d{k}.yaml"
-            state: dict[str, object] = {} if dsn is None else {"state": {"ledger": dsn}}
             cfg.write_text(
                 json.dumps(
                     {
                         "state_dir": str(tmp / f"state{k}"),
                         "log": {"level": "warning", "format": "json"},
                         "status": {"listen": None},
-                        "workers": 4,
+                        "workers": WORKERS,
                         "backend": {"kind": "http", "url": server.url, "token_env": "BENCH_TOKEN"},
-                        "watches": [
-                            {"name": "w", "source": str(drop), "dataset": "ds", "settle": "0s"}
-                        ],
+                        "watches": [watch],
                         **state,
                     }
                 )
             )
-            configs.append(cfg)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_TOKEN": TOKEN}
-        t0 = time.monotonic()
-        procs = [
-            subprocess.Popen(
-                [*INGESTD, "sync", "-c", str(c)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+            log = open(tmp / f"d{k}.log", "wb")  # noqa: SIM115 - the daemon writes it until stopped
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [*INGESTD, "run", "-c", str(cfg)],
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
             )
-            for c in configs
-        ]
-        errs = [p.communicate(timeout=900)[1] for p in procs]
+        deadline = t0 + 900
+        while created(server) < files:
+            for k, p in enumerate(procs):
+                if p.poll() is not None:
+                    tail = (tmp / f"d{k}.log").read_bytes()[-2000:].decode(errors="replace")
+                    raise RuntimeError(f"daemon {k} exited ({p.returncode}):\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not synced in 900 s: {created(server)} of {files}")
+            time.sleep(0.25)  # poll interval, not a wait for readiness
         secs = time.monotonic() - t0
-        for p, err in zip(procs, errs, strict=True):
-            assert p.returncode == 0, err.decode(errors="replace")[-2000:]
         held = server_items(server)
         assert held == files, (held, files)
         return files / secs
     finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         server.stop()
+
+
+def created(server: Server) -> float:
+    return sum(
+        v
+        for k, v in server.metrics().items()
+        if k.startswith("ingestd_serve_items_total{") and 'result="created"' in k
+    )
 
 
 def server_items(server: Server) -> int:
@@ -175,28 +239,35 @@ def ledger_alone(dsn: str | None, k: int, n: int, record: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=20_000)
+    ap.add_argument("--items", type=int, default=5_000)
     ap.add_argument("--files", type=int, default=2_000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    emu = from_env("s3")
+    if not isinstance(emu, S3Emulator):
+        raise SystemExit("no S3 emulator: `. .ci/services.sh && start_services` first")
+    bucket = fill_bucket(emu, args.files)
     server = PostgresServer()
     server.start()
     cases = [("SQLite, 1 daemon", None, 1)] + [
         (f"PostgreSQL, {k} daemon{'s' if k > 1 else ''}", server.dsn, k) for k in (1, 2, 3)
     ]
     rates: dict[str, dict[str, list[float]]] = {c[0]: {} for c in cases}
+    peer: list[float] = []
     try:
         for run in range(args.runs):
+            peer.append(peer_gets(emu, bucket, args.files))
+            print(f"run {run + 1} peer: {peer[-1]:,.0f} GETs/s", flush=True)
             for name, dsn, k in cases:
                 got = rates[name]
                 got.setdefault("claims", []).append(ledger_alone(dsn, k, args.items, False))
                 got.setdefault("synced", []).append(ledger_alone(dsn, k, args.items, True))
                 with tempfile.TemporaryDirectory() as tmp:
                     if dsn is None:
-                        e2e = end_to_end(Path(tmp), None, k, args.files)
+                        e2e = end_to_end(Path(tmp), None, k, emu, bucket, args.files)
                     else:
                         with fresh_schema(dsn) as sdsn:
-                            e2e = end_to_end(Path(tmp), sdsn, k, args.files)
+                            e2e = end_to_end(Path(tmp), sdsn, k, emu, bucket, args.files)
                 got.setdefault("files", []).append(e2e)
                 print(
                     f"run {run + 1} {name}: {got['claims'][-1]:,.0f} claims/s,"
@@ -207,16 +278,21 @@ def main() -> None:
         server.remove()
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rates.items()}
     base = med[cases[0][0]]
+    gets = statistics.median(peer)
     print(
         f"\nledger alone: {args.items:,} items, batches of {BATCH}; end to end: {args.files:,}"
-        f" files through `ingestd serve`; medians of {args.runs} runs\n"
+        f" objects of one bucket watch (moto S3, transfer: copy) through `ingestd serve`;"
+        f" peer: {gets:,.0f} GETs/s ({WORKERS} threads); medians of {args.runs} runs\n"
     )
-    print("| ledger | claims/s | synced items/s | synced files/s end to end | files/s vs SQLite |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| ledger | claims/s | synced items/s | synced files/s end to end"
+        " | files/s vs SQLite | files/s vs the peer's GETs/s |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, m in med.items():
         print(
             f"| {name} | {m['claims']:,.0f} | {m['synced']:,.0f} | {m['files']:,.0f}"
-            f" | {m['files'] / base['files']:.2f}× |"
+            f" | {m['files'] / base['files']:.2f}× | {m['files'] / gets:.2f}× |"
         )
 
 
