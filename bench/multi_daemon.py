@@ -39,6 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -134,13 +135,73 @@ def peer_gets(emu: S3Emulator, bucket: str, files: int) -> float:
     return files / secs
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) these processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def tree_of(pid: int) -> list[int]:
+    """A process and its children (PostgreSQL's backends, one per connection)."""
+    found = [pid]
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+def moto_pids(endpoint: str) -> list[int]:
+    """The moto server answering at `endpoint` (the test services run it)."""
+    port = str(urlsplit(endpoint).port)
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"moto.server" in argv and port.encode() in argv:
+                found.append(int(d.name))
+    return found
+
+
+def busy_cpus() -> float:
+    """CPU seconds the whole machine has been busy (every process, other sessions too)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / TICK
+
+
 def end_to_end(
-    tmp: Path, dsn: str | None, daemons: int, emu: S3Emulator, bucket: str, files: int
-) -> float:
+    tmp: Path,
+    pg: PostgresServer | None,
+    dsn: str | None,
+    daemons: int,
+    emu: S3Emulator,
+    bucket: str,
+    files: int,
+    code: Path | None = None,
+) -> tuple[float, dict[str, float]]:
     """Synced files/s of `daemons` `ingestd run`s sharing one bucket watch, through
-    `ingestd serve`, from their start to the server holding every object."""
+    `ingestd serve`, from their start to the server holding every object; and the CPU
+    milliseconds per file each part used meanwhile ("machine": the whole machine's,
+    other sessions' work included)."""
     server = Server(tmp, TOKEN)
-    server.start()
+    serve_proc = server.start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         watch = {
@@ -154,8 +215,14 @@ def end_to_end(
             "poll_interval": "1h",
         }
         state: dict[str, object] = {} if dsn is None else {"state": {"ledger": dsn}}
-        env = {**os.environ, **emu.env, "PYTHONPATH": str(REPO), "BENCH_TOKEN": TOKEN}
+        path = str(REPO) if code is None else f"{code}:{REPO}"  # the daemons' code
+        env = {**os.environ, **emu.env, "PYTHONPATH": path, "BENCH_TOKEN": TOKEN}
         logs = []
+        others = {"serve": [serve_proc.pid], "moto": moto_pids(emu.endpoint)}
+        if pg is not None and pg.proc is not None:
+            others["postgresql"] = tree_of(pg.proc.pid)
+        before = {part: cpu_of(pids) for part, pids in others.items()}
+        machine0 = busy_cpus()
         t0 = time.monotonic()
         for k in range(daemons):
             cfg = tmp / f"d{k}.yaml"
@@ -193,9 +260,14 @@ def end_to_end(
                 raise RuntimeError(f"not synced in 900 s: {created(server)} of {files}")
             time.sleep(0.25)  # poll interval, not a wait for readiness
         secs = time.monotonic() - t0
+        if pg is not None and pg.proc is not None:
+            others["postgresql"] = tree_of(pg.proc.pid)  # the daemons' backends too
+        used = {part: cpu_of(pids) - before.get(part, 0.0) for part, pids in others.items()}
+        used["daemons"] = cpu_of([p.pid for p in procs])
+        used["machine"] = busy_cpus() - machine0
         held = server_items(server)
         assert held == files, (held, files)
-        return files / secs
+        return files / secs, {part: 1000 * c / files for part, c in used.items()}
     finally:
         for p in procs:
             p.terminate()
@@ -242,6 +314,12 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=5_000)
     ap.add_argument("--files", type=int, default=2_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--old-code",
+        type=Path,
+        help="an older tree's daemon/ folder: 1 daemon on each engine runs it too, end to"
+        " end only, in every run (a same-run A/B of the daemon's code)",
+    )
     args = ap.parse_args()
     emu = from_env("s3")
     if not isinstance(emu, S3Emulator):
@@ -254,6 +332,7 @@ def main() -> None:
     ]
     rates: dict[str, dict[str, list[float]]] = {c[0]: {} for c in cases}
     peer: list[float] = []
+    old: dict[str, list[float]] = {}
     try:
         for run in range(args.runs):
             peer.append(peer_gets(emu, bucket, args.files))
@@ -264,16 +343,30 @@ def main() -> None:
                 got.setdefault("synced", []).append(ledger_alone(dsn, k, args.items, True))
                 with tempfile.TemporaryDirectory() as tmp:
                     if dsn is None:
-                        e2e = end_to_end(Path(tmp), None, k, emu, bucket, args.files)
+                        e2e, cpu = end_to_end(Path(tmp), None, None, k, emu, bucket, args.files)
                     else:
                         with fresh_schema(dsn) as sdsn:
-                            e2e = end_to_end(Path(tmp), sdsn, k, emu, bucket, args.files)
+                            e2e, cpu = end_to_end(
+                                Path(tmp), server, sdsn, k, emu, bucket, args.files
+                            )
                 got.setdefault("files", []).append(e2e)
+                for part, ms in cpu.items():
+                    got.setdefault(f"cpu {part}", []).append(ms)
                 print(
                     f"run {run + 1} {name}: {got['claims'][-1]:,.0f} claims/s,"
-                    f" {got['synced'][-1]:,.0f} synced items/s, {e2e:,.0f} files/s",
+                    f" {got['synced'][-1]:,.0f} synced items/s, {e2e:,.0f} files/s;"
+                    " CPU ms per file: " + ", ".join(f"{p} {ms:.1f}" for p, ms in cpu.items()),
                     flush=True,
                 )
+            if args.old_code is not None:
+                for name, pg in (("SQLite", None), ("PostgreSQL", server)):
+                    with tempfile.TemporaryDirectory() as tmp, fresh_schema(server.dsn) as sdsn:
+                        dsn = None if pg is None else sdsn
+                        e2e, _ = end_to_end(
+                            Path(tmp), pg, dsn, 1, emu, bucket, args.files, args.old_code
+                        )
+                    old.setdefault(name, []).append(e2e)
+                    print(f"run {run + 1} {name}, 1 daemon, old code: {e2e:,.0f} files/s")
     finally:
         server.remove()
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rates.items()}
@@ -294,6 +387,14 @@ def main() -> None:
             f"| {name} | {m['claims']:,.0f} | {m['synced']:,.0f} | {m['files']:,.0f}"
             f" | {m['files'] / base['files']:.2f}× | {m['files'] / gets:.2f}× |"
         )
+    parts = ("daemons", "serve", "moto", "postgresql", "machine")
+    print("\n| ledger | CPU ms per synced file: " + " | ".join(parts) + " |")
+    print("| --- |" + " ---: |" * len(parts))
+    for name, m in med.items():
+        row = " | ".join(f"{m[f'cpu {p}']:.1f}" if f"cpu {p}" in m else "-" for p in parts)
+        print(f"| {name} | {row} |")
+    for name, rs in old.items():
+        print(f"old code ({args.old_code}), {name}, 1 daemon: {statistics.median(rs):,.0f} files/s")
 
 
 if __name__ == "__main__":
