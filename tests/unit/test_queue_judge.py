@@ -154,6 +154,12 @@ class Daemon:
         rows = self.ledger.sync.conn.execute("SELECT relpath FROM entries WHERE watch='b'")
         return {r[0] for r in rows.fetchall()}
 
+    def done_rows(self) -> list[str]:
+        rows = self.ledger.sync.conn.execute(
+            "SELECT relpath FROM hints WHERE watch='b' AND done IS NOT NULL"
+        )
+        return [r[0] for r in rows.fetchall()]
+
     def live_rows(self) -> int:
         return hint_count(self.ledger.sync.conn, "b")  # type: ignore[arg-type]
 
@@ -259,8 +265,8 @@ async def test_a_key_another_daemon_was_named_and_planned_while_the_queue_lagged
     await asyncio.sleep(3 * GRACE)  # lagging longer than the grace: not judged yet
     assert a.problem() is None
     queue.release()  # B gets the message, looks, plans and is done with the row
-    await wait_until(lambda: b.hints.noted == {} and b.live_rows() == 0, 10, what="B done")
-    assert "late.bin" in b.entries()
+    await wait_until(lambda: b.done_rows() == ["late.bin"], 10, what="B done with its row")
+    assert "late.bin" in b.entries() and b.live_rows() == 0
     await a.listing()  # the key is planned now: not listed; the earlier suspect is judged
     await wait_until(lambda: not a.hints.judge._suspects, 10, what="the suspect judged")
     await asyncio.sleep(0.3)
