@@ -22,3 +22,22 @@ def ledger_at(engine: str, state_dir: Path, *, lease: float = 60.0) -> Iterator[
         return
     with fresh_schema(pg_dsn()) as dsn:
         yield LedgerAt(state_dir, dsn=dsn, lease=lease)
+
+
+class CountingConn:
+    """A connection that counts the statements sent through it (round trips)."""
+
+    def __init__(self, conn: object) -> None:
+        self.conn = conn
+        self.sent: list[str] = []
+
+    def execute(self, sql: str, params: object = ()) -> object:
+        self.sent.append(sql.split()[0].upper())
+        return self.conn.execute(sql, params)  # type: ignore[attr-defined]
+
+    def executemany(self, sql: str, rows: object) -> object:
+        self.sent.append(sql.split()[0].upper())
+        return self.conn.executemany(sql, rows)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)

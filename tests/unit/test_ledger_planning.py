@@ -14,7 +14,7 @@ from ingestd.ledger import Ledger
 from ingestd.ledger.ops import PlanFailure, Planning, op_apply_plans
 from ingestd.plan.metadata import type_conflicts, value_type
 
-from tests.support.ledgers import ENGINES, ledger_at
+from tests.support.ledgers import ENGINES, CountingConn, ledger_at
 
 NOW = 1_000.0
 
@@ -196,28 +196,9 @@ def test_a_batch_failing_whole_leaves_nothing_of_it(two: tuple[Ledger, Ledger]) 
     assert lg.item_row("w", "b.jpg") is None and lg.item_row("w", "a.jpg") is not None
 
 
-class _Counting:
-    """A connection that counts the statements sent through it (round trips)."""
-
-    def __init__(self, conn: object) -> None:
-        self.conn = conn
-        self.sent: list[str] = []
-
-    def execute(self, sql: str, params: object = ()) -> object:
-        self.sent.append(sql.split()[0].upper())
-        return self.conn.execute(sql, params)  # type: ignore[attr-defined]
-
-    def executemany(self, sql: str, rows: object) -> object:
-        self.sent.append(sql.split()[0].upper())
-        return self.conn.executemany(sql, rows)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.conn, name)
-
-
 def _statements(lg: Ledger, planned: Sequence[Planning]) -> list[str]:
     real = lg.conn
-    lg.conn = counting = _Counting(real)
+    lg.conn = counting = CountingConn(real)
     try:
         lg.transaction([op_apply_plans("w", "ds", planned, type_conflicts, value_type, NOW)])
     finally:

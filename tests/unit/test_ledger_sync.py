@@ -22,7 +22,7 @@ from ingestd.plan.metadata import type_conflicts, value_type
 from ingestd.sinks.memory import MemorySink
 from ingestd.sources.local import LocalFolderSource
 
-from tests.support.ledgers import ENGINES, ledger_at
+from tests.support.ledgers import ENGINES, CountingConn, ledger_at
 
 
 def make_plan(
@@ -191,30 +191,11 @@ def test_one_failing_op_does_not_roll_back_the_others(ledger: Ledger, bad: objec
     assert ledger.counts()["w"].synced == 1 and ledger.counts()["w"].failed == 1
 
 
-class _Counting:
-    """A connection that counts the statements sent through it (round trips)."""
-
-    def __init__(self, conn: object) -> None:
-        self.conn = conn
-        self.sent: list[str] = []
-
-    def execute(self, sql: str, params: object = ()) -> object:
-        self.sent.append(sql.split()[0].upper())
-        return self.conn.execute(sql, params)  # type: ignore[attr-defined]
-
-    def executemany(self, sql: str, rows: object) -> object:
-        self.sent.append(sql.split()[0].upper())
-        return self.conn.executemany(sql, rows)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.conn, name)
-
-
 def test_a_claimed_batch_costs_a_few_statements_not_a_few_per_item(ledger: Ledger) -> None:
     for i in range(64):
         apply(ledger, make_plan(f"f{i:02}.jpg", 1, 1))
     real = ledger.conn
-    ledger.conn = counting = _Counting(real)
+    ledger.conn = counting = CountingConn(real)
     try:
         claims = ledger.due(time.time() + 1, 64, [], ["w"])
         assert len(claims) == 64
