@@ -148,12 +148,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ingestd.config import parse_config_bytes, read_config_file
     from ingestd.runtime import logs
     from ingestd.runtime.app import App, run_app
+    from ingestd.runtime.config_watch import digest_of
 
-    config, path = _load(args)
+    path = find_config(args.config)
+    # The bytes the config came from: an edit made before the config watcher starts
+    # (while the daemon waits for its ledger, say) is then still seen as an edit.
+    content = read_config_file(path)
+    config = parse_config_bytes(path, content)
     logs.setup(config.log.level, config.log.format)
-    rc = run_app(App(config, path))
+    rc = run_app(App(config, path, loaded=digest_of(content)))
     _exit_without_stragglers(rc)
     return rc
 

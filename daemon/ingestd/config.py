@@ -938,14 +938,18 @@ def _duplicate_names(watches: Any) -> list[Problem]:
 
 
 def load_config(path: Path, *, check_paths: bool = True) -> Config:
+    return parse_config_bytes(path, read_config_file(path), check_paths=check_paths)
+
+
+def read_config_file(path: Path) -> bytes:
+    """The config file's bytes, or ConfigError saying why they cannot be read."""
     path = Path(path)
     try:
-        content = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(path, [Problem("", f"{path}: no such file")]) from None
     except OSError as e:
         raise ConfigError(path, [Problem("", f"{path}: cannot read: {e.strerror}")]) from None
-    return parse_config_bytes(path, content, check_paths=check_paths)
 
 
 def parse_config_bytes(path: Path, content: bytes, *, check_paths: bool = True) -> Config:

@@ -77,7 +77,9 @@ async def test_config_watcher_sees_renames_and_in_place_writes(tmp_path: Path) -
     cfg = tmp_path / "ingestd.yaml"
     cfg.write_text("workers: 1\n")
     changes: list[float] = []
-    watcher = ConfigWatcher(cfg, lambda _content: changes.append(time.monotonic()))
+    watcher = ConfigWatcher(
+        cfg, lambda _content: changes.append(time.monotonic()), content_digest(cfg)
+    )
     await watcher.start()
     try:
         # an editor's save: a new file renamed over the old one
@@ -99,7 +101,9 @@ async def test_config_watcher_ignores_content_already_loaded(tmp_path: Path) -> 
     cfg = tmp_path / "ingestd.yaml"
     cfg.write_text("workers: 1\n")
     changes: list[str] = []
-    watcher = ConfigWatcher(cfg, lambda content: changes.append(content.decode()))
+    watcher = ConfigWatcher(
+        cfg, lambda content: changes.append(content.decode()), content_digest(cfg)
+    )
     await watcher.start()
     try:
         # A touch and a rewrite of the same bytes come first; the only change reported
@@ -111,3 +115,20 @@ async def test_config_watcher_ignores_content_already_loaded(tmp_path: Path) -> 
     finally:
         await watcher.stop()
     assert changes == ["workers: 5\n"]
+
+
+async def test_an_edit_before_the_watcher_started_is_seen(tmp_path: Path) -> None:
+    """The daemon loaded the file, then (while it started: a ledger to wait for, a
+    slow first pass) the file was edited, before the watcher was there to hear it."""
+    cfg = tmp_path / "ingestd.yaml"
+    cfg.write_text("workers: 1\n")
+    loaded = content_digest(cfg)
+    cfg.write_text("workers: 6\n")
+    changes: list[str] = []
+    watcher = ConfigWatcher(cfg, lambda content: changes.append(content.decode()), loaded)
+    await watcher.start()
+    try:
+        await _wait(lambda: changes)
+    finally:
+        await watcher.stop()
+    assert changes == ["workers: 6\n"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 import time
 from collections.abc import Callable, Coroutine
@@ -22,7 +23,7 @@ from ingestd.pipeline.outcome import Outcome
 from ingestd.pipeline.pool import SyncPool
 from ingestd.pipeline.runner import WatchRunner, make_runner, runner_stats
 from ingestd.runtime.backend import build_sink, deid_key, sides
-from ingestd.runtime.config_watch import ConfigWatcher
+from ingestd.runtime.config_watch import ConfigWatcher, content_digest
 from ingestd.runtime.reload import Reloader
 from ingestd.runtime.service import Notifier, PidLock, install_signals, watchdog_loop
 from ingestd.sinks.base import Sink
@@ -42,9 +43,11 @@ class App:
     """The running daemon (and what the one-pass forms open). For the control endpoint
     it is the `ControlTarget`: status, retry, counters and sync outcomes."""
 
-    def __init__(self, config: Config, config_path: Path) -> None:
+    def __init__(self, config: Config, config_path: Path, loaded: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        # What the config file held when `config` was read: an edit during the start is seen.
+        self.loaded = loaded if loaded is not None else content_digest(config_path)
         self.ledger = AsyncLedger(ledger_at(config))
         self.sink: Sink | None = None
         self.pool: SyncPool | None = None
@@ -298,9 +301,8 @@ class App:
     async def watch_config_file(self) -> None:
         """Follow edits of the config file while `watch_config` says so."""
         if self.config.watch_config and self.config_watcher is None:
-            self.config_watcher = ConfigWatcher(
-                self.config_path, lambda content: self.request_reload("config file edited", content)
-            )
+            edited = functools.partial(self.request_reload, "config file edited")
+            self.config_watcher = ConfigWatcher(self.config_path, edited, self.loaded)
             await self.config_watcher.start()
         elif not self.config.watch_config and self.config_watcher is not None:
             await self.config_watcher.stop()

@@ -84,10 +84,10 @@ class ConfigWatcher:
     """Calls `on_change(content)` (on the event loop) when the config file's content
     changed, with the bytes it read, so that the reload reads the file no second time."""
 
-    def __init__(self, path: Path, on_change: Callable[[bytes], None]) -> None:
+    def __init__(self, path: Path, on_change: Callable[[bytes], None], loaded: str | None) -> None:
         self.path = Path(path).absolute()
         self.on_change = on_change
-        self.loaded = content_digest(self.path)
+        self.loaded = loaded  # the digest of the bytes the running config came from
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._hint = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -123,6 +123,9 @@ class ConfigWatcher:
             )
             return
         self._observer = observer
+        # One look now: the file may have been edited between its load and this watch
+        # (no event will come for that edit).
+        self._hint.set()
         self._task = asyncio.create_task(self._loop(), name="config-watch")
 
     async def _loop(self) -> None:

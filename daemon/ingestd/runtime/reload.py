@@ -92,8 +92,9 @@ class Reloader:
         content, self._content = self._content, None
         if content is None:
             content = await asyncio.to_thread(read_content, app.config_path)
+        app.loaded = None if content is None else digest_of(content)
         if app.config_watcher is not None:
-            app.config_watcher.mark_loaded(None if content is None else digest_of(content))
+            app.config_watcher.mark_loaded(app.loaded)
         try:
             if content is None:  # load_config says why (no such file, permission...)
                 new = await asyncio.to_thread(load_config, app.config_path)
