@@ -37,6 +37,13 @@ def _connect(scheme: str) -> Emulator:
     return emu
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `longest` first: with one pytest worker per core (.ci/run), the
+    first worker starts on them while the other takes the rest, instead of one of them
+    starting minutes before the end."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
 @pytest.fixture(scope="session")
 def s3_emulator() -> S3Emulator:
     emu = _connect("s3")

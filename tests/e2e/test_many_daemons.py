@@ -14,11 +14,10 @@ Two variants:
   1 h interval otherwise), so what is written after the start arrives through messages
   spread over the daemons, their hint rows in the shared ledger.
 
-Scaled down from the issue's 20,000 objects to N = 1,500 in CI (at 3,000 the two took
-~85 s each and the suite passed 15 minutes): moto writes a few hundred objects a second
-while three daemons, the server and PostgreSQL share the two cores, and the suite must
-stay within 15 minutes. INGESTD_MANY_OBJECTS=20000 runs the queue variant at the issue's
-size (not in CI).
+Sizes: the queue variant runs at the issue's 20,000 objects, in CI too (~7 minutes on 2
+cores: .ci/run's other pytest worker runs the rest of the suite beside it, the test is
+collected first for that). The listing variant, which the issue does not ask for, runs
+at 1,500. INGESTD_MANY_OBJECTS=N runs the queue variant at another size.
 
 First run at 20,000, 2026-12-05 (commit d9f134a): 1,063 s, converged with uploads exact,
 but FAILED the last check: status named the queue "not receiving" for 92 objects.
@@ -64,7 +63,8 @@ from tests.support.postgres import fresh_schema, pg_dsn
 from tests.support.wait import wait_for
 
 N_LISTING = 1500
-N_QUEUE = int(os.environ.get("INGESTD_MANY_OBJECTS") or 1500)
+# The issue's size. INGESTD_MANY_OBJECTS=1500 for a quick run by hand (~30 s).
+N_QUEUE = int(os.environ.get("INGESTD_MANY_OBJECTS") or 20_000)
 LEASE = "5s"  # short, so the killed daemon's claims and listing move on quickly
 # The queue variant's: 5 s is shorter than a live daemon's stalls here (two cores, three
 # daemons, moto, PostgreSQL, the server): a lease that lapsed while its item was in
@@ -171,6 +171,9 @@ def test_three_daemons_share_one_bucket_watch(
                 e.kill()
 
 
+# ~7 minutes on 2 cores: started first (tests/conftest.py), so that the rest of the
+# suite runs beside it on the other pytest worker.
+@pytest.mark.longest
 @pytest.mark.timeout(400 + N_QUEUE // 10)
 def test_three_daemons_share_one_bucket_watch_through_its_queue(
     tmp_path: Path, s3_emulator: S3Emulator, make_server: Any, monkeypatch: pytest.MonkeyPatch
