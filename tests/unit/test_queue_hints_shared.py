@@ -105,7 +105,9 @@ class Daemon:
         return dict(self.query("SELECT source_id, status FROM items WHERE watch='b'"))  # type: ignore[arg-type]
 
     def rows(self) -> list[str]:
-        return [r[0] for r in self.query("SELECT relpath FROM hints WHERE watch='b' AND done IS NULL")]
+        return [
+            r[0] for r in self.query("SELECT relpath FROM hints WHERE watch='b' AND done IS NULL")
+        ]
 
 
 @pytest.fixture(params=ENGINES)

@@ -296,7 +296,10 @@ class QueueHarness:
 
     def hint_rows(self) -> list[str]:
         return [
-            r[0] for r in self.ledger.sync.conn.execute("SELECT relpath FROM hints WHERE watch='b' AND done IS NULL")
+            r[0]
+            for r in self.ledger.sync.conn.execute(
+                "SELECT relpath FROM hints WHERE watch='b' AND done IS NULL"
+            )
         ]
 
     def problem(self) -> str | None:
