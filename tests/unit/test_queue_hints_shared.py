@@ -13,24 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ingestd.config import Watch, parse_bucket_url
+from ingestd.config import parse_bucket_url
 from ingestd.ledger import (
-    AsyncLedger,
     LedgerAt,
     op_drop_hint,
     op_hinted,
     op_note_hints,
     op_take_hints,
 )
-from ingestd.pipeline.queue_hints import QueueHints
-from ingestd.pipeline.runner import WatchRunner
-from ingestd.sources.bucket_poll import StoreHandle
-from ingestd.sources.bucket_source import BucketSource
 from ingestd.sources.objects import MemoryObjectStore
-from ingestd.sources.queues import QueueFeed
 from ingestd.sources.queues.messages import Parsed, parse_s3
 
 from tests.support.ledgers import ENGINES, ledger_at
+from tests.support.queue_runner import QUEUE_URL, QueueRunner
 from tests.support.wait import wait_until
 
 URL = parse_bucket_url("s3://bkt/pre")
@@ -40,7 +35,7 @@ OLD = time.time_ns() - 3600 * 10**9
 class Queue:
     """An SQS double: S3 notification bodies, each received until deleted."""
 
-    url = "http://queue.invalid/1/q"
+    url = QUEUE_URL
     describe = f"S3 event notifications from {url}"
     batch = 10
 
@@ -71,29 +66,11 @@ class Queue:
         return None
 
 
-class Daemon:
+class Daemon(QueueRunner):
     """One watch runner with a queue, on a ledger that may be shared."""
 
     def __init__(self, at: LedgerAt, store: MemoryObjectStore, queue: Queue) -> None:
-        watch = Watch.model_validate(
-            {
-                "name": "b",
-                "source": "s3://bkt/pre",
-                "dataset": "ds",
-                "settle": "0.2s",
-                "on_delete": "delete",
-                "max_delete": "100%",
-                "queue": {"url": Queue.url},
-            }
-        )
-        self.ledger = AsyncLedger(at)
-        source = BucketSource(StoreHandle.of(store), watch.poll_interval, QueueFeed(queue, "b"))
-        self.runner = WatchRunner(watch, self.ledger, lambda: None, source=source)
-
-    @property
-    def hints(self) -> QueueHints:
-        assert self.runner.queue_hints is not None
-        return self.runner.queue_hints
+        super().__init__(at, store, queue, settle="0.2s", on_delete="delete", max_delete="100%")
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         return list(self.ledger.sync.conn.execute(sql).fetchall())
