@@ -149,15 +149,22 @@ def _configure(
         )
 
 
+def _backend_and_bucket(
+    s3_emulator: S3Emulator, make_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, str]:
+    """The daemons' environment (the emulator's credentials, the server's token), the
+    `ingestd serve` backend and a new bucket."""
+    for k, v in s3_emulator.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MANY_TEST_TOKEN", TOKEN)
+    return make_server(token=TOKEN), s3_emulator.create_bucket()
+
+
 @pytest.mark.timeout(400)
 def test_three_daemons_share_one_bucket_watch(
     tmp_path: Path, s3_emulator: S3Emulator, make_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for k, v in s3_emulator.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MANY_TEST_TOKEN", TOKEN)
-    server = make_server(token=TOKEN)
-    bucket = s3_emulator.create_bucket()
+    server, bucket = _backend_and_bucket(s3_emulator, make_server, monkeypatch)
     with fresh_schema(pg_dsn()) as dsn:
         envs = [Env(tmp_path / f"d{i}") for i in range(3)]
 
@@ -178,11 +185,7 @@ def test_three_daemons_share_one_bucket_watch(
 def test_three_daemons_share_one_bucket_watch_through_its_queue(
     tmp_path: Path, s3_emulator: S3Emulator, make_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for k, v in s3_emulator.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MANY_TEST_TOKEN", TOKEN)
-    server = make_server(token=TOKEN)
-    bucket = s3_emulator.create_bucket()
+    server, bucket = _backend_and_bucket(s3_emulator, make_server, monkeypatch)
     started = time.monotonic()
     url = ""
     with fresh_schema(pg_dsn()) as dsn:
